@@ -1,0 +1,26 @@
+# The two commands a user needs:  make run  (set up and run the experiment)  and  make test.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: tests/requirements.txt $(VENV)/.runtime
+	$(BIN)/python -m pip install --quiet -r tests/requirements.txt
+	touch $@
+
+run: $(VENV)/.runtime  ## train, measure, write figures/ (pass flags with ARGS="--quick")
+	$(BIN)/python main.py $(ARGS)
+
+test: $(VENV)/.dev  ## the whole test suite
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

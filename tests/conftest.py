@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny float64 models with smooth activations, and their data.
+
+Curvature fixtures use Tanh: ReLU's second derivative is zero almost everywhere, which
+would hide errors in the second-order terms.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+settings.register_profile("repo", deadline=None, max_examples=25, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repo"))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_mlp(seed: int = 0, widths=(4, 5, 3), activation=nn.Tanh, dtype=torch.float64) -> nn.Sequential:
+    """A plain MLP (the fast paths apply) with random float64 weights drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        lin = nn.Linear(a, b)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(b, a, generator=g))
+            lin.bias.copy_(0.5 * torch.randn(b, generator=g))
+        layers.append(lin)
+        if i < len(widths) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers).to(dtype)
+
+
+class Wrapped(nn.Module):
+    """The same function as `inner`, but not a plain Sequential: forces the general code paths."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def tiny_data(seed: int = 0, n: int = 12, d: int = 4, classes: int = 3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1000 + seed)
+    return torch.randn(n, d, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.fixture
+def mlp_and_data():
+    return tiny_mlp(0), *tiny_data(0)

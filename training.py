@@ -1,0 +1,121 @@
+"""Training and evaluation on in-memory tensors.
+
+`train` runs mini-batch SGD (with heavy-ball momentum) over tensors already in
+memory: no DataLoader, no per-sample transforms. Shuffling draws from a
+`torch.Generator` seeded by the caller, so the same seed and the same initial
+weights give bit-identical trained weights on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["Evaluation", "TrainHistory", "TrainingDiverged", "evaluate", "train"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became non-finite."""
+
+    def __init__(self, seed: int, epoch: int, step: int, loss: float, lr: float) -> None:
+        self.seed, self.epoch, self.step, self.loss = seed, epoch, step, loss
+        super().__init__(
+            f"training seed {seed} diverged at epoch {epoch}, step {step} (loss {loss}); "
+            f"lower the learning rate (now {lr}, try {lr / 2:g})"
+        )
+
+
+@dataclass
+class TrainHistory:
+    """Per-step training losses (on the mini-batch, before the update) and per-epoch means."""
+
+    step_losses: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    callback_seconds: float = 0.0
+
+
+@dataclass
+class Evaluation:
+    """Mean cross-entropy and accuracy of a model over a data set."""
+
+    loss: float
+    accuracy: float
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float = 0.9,
+    batch_size: int = 128,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    progress: bool = False,
+    callback: Callable[[nn.Module, int], None] | None = None,
+    callback_every: int = 0,
+    desc: str = "train",
+) -> TrainHistory:
+    """Train `model` in place with SGD on cross-entropy; `callback(model, step)` runs every `callback_every` steps."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    history = TrainHistory()
+    n = x.shape[0]
+    steps_per_epoch = math.ceil(n / batch_size)
+    model.train()
+    start = time.perf_counter()
+    with tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False) as bar:
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            epoch_sum = 0.0
+            for i in range(steps_per_epoch):
+                idx = order[i * batch_size : (i + 1) * batch_size]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise TrainingDiverged(seed, epoch + 1, history.steps + 1, value, lr)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                history.steps += 1
+                history.step_losses.append(value)
+                epoch_sum += value * idx.numel()
+                if callback is not None and callback_every and history.steps % callback_every == 0:
+                    t0 = time.perf_counter()
+                    callback(model, history.steps)
+                    history.callback_seconds += time.perf_counter() - t0
+                bar.update(1)
+            history.epoch_losses.append(epoch_sum / n)
+            bar.set_postfix(loss=f"{history.epoch_losses[-1]:.4f}")
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 8192) -> Evaluation:
+    """Mean cross-entropy and accuracy of `model` on (x, y), in chunks; the model's mode is left as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum, correct = 0.0, 0
+        for start in range(0, x.shape[0], batch_size):
+            logits = model(x[start : start + batch_size])
+            target = y[start : start + batch_size]
+            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == target).sum().item()
+    finally:
+        model.train(was_training)
+    return Evaluation(loss=loss_sum / x.shape[0], accuracy=correct / x.shape[0])
