@@ -92,12 +92,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=meta["help"])
+            parser.add_argument(flag, action="store_true", default=None, help=f"{meta['help']} (default: off)")
             continue
         kind = {"int": int, "float": float, "str": str, "tuple[int, ...]": int, "tuple[float, ...]": float}[f.type]
         nargs = "+" if f.type.startswith("tuple") else None

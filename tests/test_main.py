@@ -1,0 +1,99 @@
+"""End to end: `main --quick` writes every figure and a complete metrics.json; bad flags exit 2 with one line."""
+
+import json
+import math
+
+import pytest
+
+import main
+import plotting
+
+MODEL_FIELDS = {"seed", "parameters", "training", "train", "test", "generalization_gap", "sharpness", "flatness",
+                "gradient_noise"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    assert main.main(["--quick", "--quiet", "--out", str(out)]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_quick_run_writes_all_figures_and_metrics(quick_run):
+    out, metrics = quick_run
+    for name in plotting.FIGURES:
+        assert (out / name).stat().st_size > 10_000, name
+    assert set(metrics) >= {"config", "data", "environment", "models", "connectivity", "surface", "timings", "warnings"}
+    assert list(metrics["models"]) == ["0", "42"]
+    for m in metrics["models"].values():
+        assert set(m) >= MODEL_FIELDS
+        assert set(m["sharpness"]) >= {"eigenvalue", "iterations", "converged", "residual"}
+        assert set(m["gradient_noise"]) >= {"b_simple", "trace_cov", "grad_norm_sq"}
+        assert len(m["flatness"]["mean_increase"]) == len(metrics["config"]["flatness_sigmas"])
+    assert metrics["config"]["quick"] and metrics["config"]["epochs"] == 1
+    assert metrics["data"]["n_train"] == 1000 and len(metrics["data"]["sha256"]) == 64
+    assert {"torch", "numpy", "python", "threads"} <= set(metrics["environment"])
+    c = metrics["connectivity"]
+    assert len(c["alphas"]) == len(c["train"]["losses"]) == 11
+    assert c["train"]["losses"][0] == pytest.approx(metrics["models"]["0"]["train"]["loss"], rel=1e-5)
+    surface = metrics["surface"]
+    assert len(surface["losses"]) == 5 and surface["alphas"][2] == 0.0
+    assert surface["losses"][2][2] == pytest.approx(metrics["models"]["0"]["train"]["loss"], rel=1e-5)
+    for stage in ("load_data", "train[seed=0]", "sharpness[seed=0]", "flatness[seed=42]", "connectivity", "surface",
+                  "plots"):
+        assert metrics["timings"][stage] >= 0
+
+
+def test_figures_redraw_from_saved_metrics(quick_run, tmp_path):
+    _, metrics = quick_run
+    written = plotting.plot_all(metrics, tmp_path)
+    assert sorted(p.name for p in written) == sorted(plotting.FIGURES)
+
+
+def test_summary_table_lists_every_seed(quick_run):
+    text = plotting.format_summary(quick_run[1])
+    assert "seed 0" in text and "seed 42" in text and "sharpness" in text
+
+
+def test_flags_override_defaults_and_quick_budgets():
+    cfg = main.parse_args(["--quick", "--epochs", "3", "--seeds", "1", "2", "3"])
+    assert cfg.epochs == 3 and cfg.seeds == (1, 2, 3) and cfg.surface_steps == main.QUICK["surface_steps"]
+    assert main.parse_args([]) == main.Config()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--epochs", "-3"], "--epochs must be a positive integer, got -3"),
+    (["--epochs", "two"], "--epochs"),
+    (["--seeds", "0", "0"], "--seeds must be distinct"),
+    (["--surface-steps", "1"], "--surface-steps"),
+    (["--surface-span", "0"], "--surface-span"),
+    (["--flatness-sigmas", "-0.1"], "--flatness-sigmas"),
+    (["--dataset", "cifar"], "--dataset"),
+    (["--lr", "nan"], "--lr"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, flag, capsys, tmp_path):
+    assert main.main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and flag in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_lists_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        main.build_parser().parse_args(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for f in main.Config.__dataclass_fields__:
+        assert "--" + f.replace("_", "-") in text
+    assert "default: 0 42" in text
+
+
+def test_unwritable_output_folder_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main.main(["--quick", "--out", str(blocker / "sub")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_json_has_no_non_finite_numbers():
+    assert main._json_safe({"a": [math.inf, 1.0], "b": math.nan}) == {"a": [None, 1.0], "b": None}

@@ -1,0 +1,162 @@
+"""Properties every measurement must have: the model is left untouched, fast and general paths agree,
+chunking under a small memory budget changes nothing, and bad models are refused."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import Wrapped, tiny_data, tiny_mlp
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import models
+import utils
+
+
+def snapshot(model):
+    return ([p.detach().clone() for p in model.parameters()], [None if p.grad is None else p.grad.clone()
+                                                              for p in model.parameters()],
+            model.training, [p.requires_grad for p in model.parameters()])
+
+
+def assert_unchanged(model, snap):
+    params, grads, training, requires = snap
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    for p, g in zip(model.parameters(), grads):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    assert model.training == training and [p.requires_grad for p in model.parameters()] == requires
+
+
+ALL_MEASUREMENTS = [
+    lambda m, x, y: utils.hessian_vector_product(m, x, y, torch.ones_like(utils.flat_parameters(m))),
+    lambda m, x, y: utils.top_hessian_eigenvalue(m, x, y, max_iter=5),
+    lambda m, x, y: utils.top_hessian_eigenvalue(m, x, y, max_iter=5, method="power"),
+    lambda m, x, y: utils.perturbation_flatness(m, x, y, [0.0, 0.1], samples=2),
+    lambda m, x, y: utils.perturbation_flatness(m, x, y, [0.1], samples=2, adaptive=True),
+    lambda m, x, y: utils.gradient_noise_scale(m, x, y),
+    lambda m, x, y: utils.linear_interpolation(m, m, x, y, [0.0, 0.5, 1.0]),
+    lambda m, x, y: utils.loss_surface_2d(m, x, y, steps=3),
+]
+
+
+@pytest.mark.parametrize("measure", ALL_MEASUREMENTS)
+@pytest.mark.parametrize("kind", ["mlp", "wrapped", "cnn"])
+def test_no_measurement_changes_the_model(measure, kind):
+    if kind == "cnn":
+        model = models.SmallCNN((2, 3), generator=torch.Generator().manual_seed(0)).double()
+        x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+        y = torch.arange(6) % 10
+    else:
+        model = tiny_mlp(1) if kind == "mlp" else Wrapped(tiny_mlp(1))
+        x, y = tiny_data(1)
+    model.train()
+    for p in model.parameters():  # a stale .grad must survive untouched
+        p.grad = torch.full_like(p, 0.25)
+    snap = snapshot(model)
+    measure(model, x, y)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(5), nn.Dropout(0.5)])
+def test_stochastic_layers_in_training_mode_are_refused(layer):
+    model = nn.Sequential(nn.Linear(4, 5), layer, nn.Linear(5, 3)).double()
+    x, y = tiny_data(0)
+    with pytest.raises(ValueError, match="model.eval"):
+        utils.gradient_noise_scale(model, x, y)
+    model.eval()
+    assert math.isfinite(utils.gradient_noise_scale(model, x, y).b_simple)
+
+
+def test_non_finite_parameters_are_refused():
+    model = tiny_mlp(0)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        utils.top_hessian_eigenvalue(model, *tiny_data(0))
+
+
+ACTIVATIONS = [nn.Tanh, nn.ReLU, nn.Sigmoid, nn.GELU, nn.SiLU]
+
+
+@given(seed=st.integers(0, 10_000), hidden=st.lists(st.integers(1, 6), min_size=0, max_size=3),
+       act=st.sampled_from(ACTIVATIONS), bias=st.booleans(), k=st.integers(1, 3), p=st.integers(1, 7))
+def test_fast_and_general_paths_give_the_same_losses(seed, hidden, act, bias, k, p):
+    g = torch.Generator().manual_seed(seed)
+    widths = [4, *hidden, 3]
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(widths) - 2:
+            layers.append(act())
+    model = nn.Sequential(nn.Flatten(), *layers).double()
+    x, y = tiny_data(seed % 7, n=9)
+    theta = utils.flat_parameters(model)
+    dirs = torch.randn(k, theta.numel(), generator=g, dtype=torch.float64)
+    coeffs = torch.randn(p, k, generator=g, dtype=torch.float64)
+    fast = utils.losses_at_points(model, x, y, theta, dirs, coeffs, path="fast")
+    general = utils.losses_at_points(model, x, y, theta, dirs, coeffs, path="general")
+    torch.testing.assert_close(fast.losses, general.losses, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.accuracies, general.accuracies, rtol=0, atol=0)
+    n_fast, g_fast = utils.per_example_gradient_norms_sq(model, x, y, path="fast")
+    n_gen, g_gen = utils.per_example_gradient_norms_sq(model, x, y, path="general")
+    torch.testing.assert_close(n_fast, n_gen, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(g_fast, g_gen, rtol=1e-10, atol=1e-14)
+
+
+def test_a_tiny_memory_budget_chunks_without_changing_any_number():
+    model = tiny_mlp(3)
+    x, y = tiny_data(3, n=40)
+    v = torch.randn(utils.flat_parameters(model).numel(), dtype=torch.float64)
+    big, small = 1 << 30, 2048
+    torch.testing.assert_close(utils.hessian_operator(model, x, y, memory_budget=small)(v),
+                               utils.hessian_operator(model, x, y, memory_budget=big)(v), rtol=1e-12, atol=1e-14)
+    assert len(utils.hessian_operator(model, x, y, memory_budget=small).chunks) > 1
+    for m in (model, Wrapped(model)):
+        a = utils.loss_surface_2d(m, x, y, steps=5, memory_budget=small)
+        b = utils.loss_surface_2d(m, x, y, steps=5, memory_budget=big)
+        np.testing.assert_allclose(a.losses, b.losses, rtol=1e-12)
+        na, _ = utils.per_example_gradient_norms_sq(m, x, y, memory_budget=small)
+        nb, _ = utils.per_example_gradient_norms_sq(m, x, y, memory_budget=big)
+        torch.testing.assert_close(na, nb, rtol=1e-12, atol=0)
+
+
+def test_lanczos_residual_is_the_true_residual_of_the_returned_pair():
+    model = tiny_mlp(2)
+    x, y = tiny_data(2)
+    result = utils.top_hessian_eigenvalue(model, x, y, tol=1e-3)
+    v = result.eigenvector
+    assert v.norm().item() == pytest.approx(1.0, abs=1e-12)
+    true = (utils.hessian_vector_product(model, x, y, v) - result.eigenvalue * v).norm().item()
+    assert true == pytest.approx(result.residual, rel=1e-6, abs=1e-12)
+    assert result.converged and result.residual <= 1e-3 * abs(result.eigenvalue)
+
+
+def test_unconverged_solver_says_so():
+    model = tiny_mlp(2, widths=(4, 8, 8, 3))
+    x, y = tiny_data(2)
+    result = utils.top_hessian_eigenvalue(model, x, y, tol=1e-14, max_iter=2)
+    assert not result.converged and result.iterations == 2
+
+
+@given(steps=st.integers(2, 60), span=st.floats(1e-3, 1e3))
+def test_grid_is_symmetric_and_contains_zero_when_odd(steps, span):
+    grid = utils.symmetric_grid(steps, span)
+    assert len(grid) == steps and grid[0] == -span and grid[-1] == span
+    np.testing.assert_array_equal(grid, -grid[::-1])
+    assert (0.0 in grid) == (steps % 2 == 1)
+    assert np.all(np.diff(grid) > 0)
+
+
+@pytest.mark.parametrize("steps, span", [(1, 1.0), (5, 0.0), (5, -1.0)])
+def test_degenerate_grids_are_refused(steps, span):
+    with pytest.raises(ValueError, match="grid"):
+        utils.symmetric_grid(steps, span)
+
+
+def test_interpolating_different_architectures_is_refused():
+    x, y = tiny_data(0)
+    with pytest.raises(ValueError, match="same parameter"):
+        utils.linear_interpolation(tiny_mlp(0), tiny_mlp(0, widths=(4, 6, 3)), x, y, [0.5])
