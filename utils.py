@@ -547,7 +547,10 @@ def filter_normalize(direction: torch.Tensor, model: nn.Module) -> torch.Tensor:
             continue
         w = reference[name].detach()
         d_rows, w_rows = d.reshape(d.shape[0], -1), w.reshape(w.shape[0], -1)
-        scale = w_rows.norm(dim=1, keepdim=True) / (d_rows.norm(dim=1, keepdim=True) + 1e-10)
+        d_norms = d_rows.norm(dim=1, keepdim=True)
+        # exact rescaling (Li et al.'s code adds 1e-10 to the norm, which is wrong for small directions);
+        # an all-zero row has no direction to rescale and stays zero
+        scale = torch.where(d_norms > 0, w_rows.norm(dim=1, keepdim=True) / d_norms.clamp_min(torch.finfo(d.dtype).tiny), 0.0)
         out.append((d_rows * scale).reshape(-1))
     return torch.cat(out)
 

@@ -1,0 +1,95 @@
+"""Plain baselines for the benchmark: the obvious way to compute each measurement.
+
+Each is correct and written the way a careful researcher would write it first: a loop over
+grid points, over α, over directions and σ, over examples; power iteration with PyHessian's
+stopping rule on a gradient graph kept alive. `bench.py` times our functions against these
+in the same process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+
+def _params_from_flat(model, flat):
+    out, offset = {}, 0
+    for name, p in model.named_parameters():
+        out[name] = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return out
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@torch.no_grad()
+def loss_at(model, theta, x, y) -> float:
+    return F.cross_entropy(functional_call(model, _params_from_flat(model, theta), (x,)), y).item()
+
+
+def top_eigenvalue_pyhessian_rule(model, x, y, *, tol=1e-3, max_iter=100, seed=0):
+    """PyHessian's algorithm: one gradient graph (create_graph) kept for every HVP, power iteration
+    normalised with ‖v‖ + 1e-6, stopped when |λ_t − λ_{t−1}| / (|λ_{t−1}| + 1e-6) < tol."""
+    params = [p for p in model.parameters()]
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    g = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=g) for p in params]
+    norm = torch.sqrt(sum((t * t).sum() for t in v)) + 1e-6
+    v = [t / norm for t in v]
+    value, hvps = None, 0
+    for _ in range(max_iter):
+        hv = torch.autograd.grad(grads, params, v, retain_graph=True)
+        hvps += 1
+        new = sum((a * b).sum() for a, b in zip(hv, v)).item()
+        norm = torch.sqrt(sum((t * t).sum() for t in hv)) + 1e-6
+        v = [t.detach() / norm for t in hv]
+        if value is not None and abs(new - value) / (abs(value) + 1e-6) < tol:
+            value = new
+            break
+        value = new
+    return value, hvps
+
+
+def surface_loop(model, x, y, d1, d2, grid):
+    """One forward pass per grid point."""
+    theta = flat(model)
+    out = torch.empty(len(grid), len(grid), dtype=torch.float64)
+    for i, a in enumerate(grid):
+        for j, b in enumerate(grid):
+            out[i, j] = loss_at(model, theta + float(a) * d1 + float(b) * d2, x, y)
+    return out
+
+
+def interpolation_loop(model_a, model_b, x, y, alphas):
+    """One forward pass per α."""
+    ta, tb = flat(model_a), flat(model_b)
+    return [loss_at(model_a, (1 - a) * ta + a * tb, x, y) for a in alphas]
+
+
+def flatness_loop(model, x, y, directions, sigmas):
+    """One forward pass per direction and σ; returns the mean increase per σ."""
+    theta = flat(model)
+    base = loss_at(model, theta, x, y)
+    rows = [[loss_at(model, theta + s * d, x, y) - base for s in sigmas] for d in directions]
+    return torch.tensor(rows, dtype=torch.float64).mean(dim=0)
+
+
+def noise_scale_loop(model, x, y):
+    """One backward pass per example; B_simple = tr(Σ)/|G|² with the 1/(N−1) covariance."""
+    params = [p for p in model.parameters()]
+    n = x.shape[0]
+    grad_sum = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    norm_sum = 0.0
+    for i in range(n):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)]).double()
+        grad_sum += g
+        norm_sum += float(g @ g)
+    mean = grad_sum / n
+    grad_norm_sq = float(mean @ mean)
+    trace = n / (n - 1) * (norm_sum / n - grad_norm_sq)
+    return trace / grad_norm_sq
