@@ -22,5 +22,12 @@ run: $(VENV)/.runtime  ## train, measure, write figures/ (pass flags with ARGS="
 test: $(VENV)/.dev  ## the whole test suite
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
+$(VENV)/.bench: bench/requirements.txt $(VENV)/.runtime
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	touch $@
+
+bench: $(VENV)/.bench  ## time every stage against its baseline and the field's tools; writes bench/RESULTS.md
+	$(BIN)/python bench/bench.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,272 @@
+"""Side-by-side benchmark: every measurement against its plain baseline and the field's tools.
+
+Reference workload: the 5,000 real MNIST digits of the offline fallback (4,000 train /
+1,000 test), SmallMLP 784-128-128-10 trained 5 epochs with seeds 0 and 42, 2 CPU threads.
+Each stage runs our function and its baseline (bench/baselines.py) in alternating order,
+`--reps` times; the table gives medians with min-max and the ratio ours / baseline, plus the
+error of each against an exact float64 answer. The field's tools (PyHessian, loss-landscapes,
+from bench/requirements.txt) run beside them when installed. Finally a whole
+`python main.py` run is timed, with the share of each stage.
+
+    make bench                      # or: .venv/bin/python bench/bench.py --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import baselines  # noqa: E402
+import data  # noqa: E402
+import models  # noqa: E402
+import training  # noqa: E402
+import utils  # noqa: E402
+
+GOALS = {"top eigenvalue": 0.5, "41x41 surface": 0.2, "noise scale": 0.02, "interpolation": 0.33, "flatness": 0.33}
+
+
+def alternate(functions: dict, reps: int) -> dict:
+    """Run each function `reps` times, rotating the order every round; returns name -> (times, last result)."""
+    times = {name: [] for name in functions}
+    results = {}
+    names = list(functions)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            results[name] = functions[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: (times[name], results[name]) for name in names}
+
+
+def describe(times: list[float]) -> str:
+    return f"{statistics.median(times):.3f} s ({min(times):.3f}-{max(times):.3f})"
+
+
+def trained_models(ds):
+    out = []
+    for seed in (0, 42):
+        model = models.SmallMLP(generator=torch.Generator().manual_seed(seed))
+        training.train(model, ds.x_train, ds.y_train, epochs=5, lr=0.1, momentum=0.9, batch_size=128, seed=seed)
+        out.append(model.eval())
+    return out
+
+
+def stage_eigenvalue(model, ds, reps):
+    x, y = ds.x_train, ds.y_train
+    exact = utils.top_hessian_eigenvalue(copy.deepcopy(model).double(), x.double(), y, tol=1e-12, max_iter=300)
+    runs = alternate({
+        "baseline": lambda: baselines.top_eigenvalue_pyhessian_rule(model, x, y),
+        "ours": lambda: utils.top_hessian_eigenvalue(model, x, y),
+    }, reps)
+    row = {"stage": "top eigenvalue", "exact": exact.eigenvalue, **_ratio(runs)}
+    row["baseline_error"] = abs(runs["baseline"][1][0] - exact.eigenvalue) / exact.eigenvalue
+    row["ours_error"] = abs(runs["ours"][1].eigenvalue - exact.eigenvalue) / exact.eigenvalue
+    row["note"] = (f"HVPs: baseline {runs['baseline'][1][1]}, ours {runs['ours'][1].iterations}; "
+                   f"exact λ_max {exact.eigenvalue:.6f} (float64, residual {exact.residual:.1e})")
+    peer = _pyhessian_eigenvalue(model, x, y, reps)
+    if peer:
+        row["peer"] = f"PyHessian {describe(peer[0])}, rel. error {abs(peer[1] - exact.eigenvalue) / exact.eigenvalue:.1e}"
+    return row
+
+
+def _pyhessian_eigenvalue(model, x, y, reps):
+    try:
+        from pyhessian import hessian
+    except ImportError:
+        return None
+    times, value = [], None
+    for _ in range(reps):
+        m = copy.deepcopy(model)
+        m.zero_grad(set_to_none=True)  # PyHessian accumulates into .grad: stale gradients double every result
+        start = time.perf_counter()
+        values, _ = hessian(m, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False).eigenvalues()
+        times.append(time.perf_counter() - start)
+        value = values[0]
+    return times, value
+
+
+def stage_surface(model, ds, reps, steps=41):
+    x, y = ds.x_test, ds.y_test
+    g = torch.Generator().manual_seed(0)
+    d1, d2 = utils.random_direction(model, g), utils.random_direction(model, g)
+    grid = utils.symmetric_grid(steps, 1.0)
+    runs = alternate({
+        "baseline": lambda: baselines.surface_loop(model, x, y, d1, d2, grid),
+        "ours": lambda: utils.loss_surface_2d(model, x, y, steps=steps, directions=(d1, d2)),
+    }, reps)
+    exact = utils.loss_surface_2d(copy.deepcopy(model).double(), x.double(), y, steps=steps,
+                                  directions=(d1.double(), d2.double()), ).losses
+    row = {"stage": f"{steps}x{steps} surface", **_ratio(runs)}
+    row["baseline_error"] = float(np.abs(runs["baseline"][1].numpy() - exact).max())
+    row["ours_error"] = float(np.abs(runs["ours"][1].losses - exact).max())
+    row["note"] = f"1,000 test; max |ours − loop| {np.abs(runs['ours'][1].losses - runs['baseline'][1].numpy()).max():.1e}"
+    peer = _loss_landscapes_plane(model, x, y, steps, reps)
+    if peer:
+        row["peer"] = f"loss-landscapes random_plane {describe(peer)} (grid shifted, never contains θ)"
+    return row
+
+
+def _loss_landscapes_plane(model, x, y, steps, reps):
+    try:
+        import loss_landscapes
+        import loss_landscapes.metrics
+    except ImportError:
+        return None
+    metric = loss_landscapes.metrics.Loss(torch.nn.CrossEntropyLoss(), x, y)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        loss_landscapes.random_plane(model, metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def stage_noise(model, ds, reps):
+    x, y = ds.x_train, ds.y_train
+    exact = utils.gradient_noise_scale(copy.deepcopy(model).double(), x.double(), y, path="general").b_simple
+    runs = alternate({
+        "baseline": lambda: baselines.noise_scale_loop(model, x, y),
+        "ours": lambda: utils.gradient_noise_scale(model, x, y),
+    }, max(1, reps // 2))
+    row = {"stage": "noise scale", **_ratio(runs)}
+    row["baseline_error"] = abs(runs["baseline"][1] - exact) / exact
+    row["ours_error"] = abs(runs["ours"][1].b_simple - exact) / exact
+    row["note"] = f"4,000 train; B_simple {exact:.4f} (float64 exact)"
+    return row
+
+
+def stage_interpolation(model_a, model_b, ds, reps, points=51):
+    x, y = ds.x_test, ds.y_test
+    alphas = np.linspace(0, 1, points)
+    runs = alternate({
+        "baseline": lambda: baselines.interpolation_loop(model_a, model_b, x, y, alphas),
+        "ours": lambda: utils.linear_interpolation(model_a, model_b, x, y, alphas),
+    }, reps)
+    exact = utils.linear_interpolation(copy.deepcopy(model_a).double(), copy.deepcopy(model_b).double(),
+                                       x.double(), y, alphas).losses
+    row = {"stage": "interpolation", **_ratio(runs)}
+    row["baseline_error"] = float(np.abs(np.array(runs["baseline"][1]) - exact).max())
+    row["ours_error"] = float(np.abs(np.array(runs["ours"][1].losses) - exact).max())
+    row["note"] = f"{points} points, 1,000 test"
+    peer = _loss_landscapes_line(model_a, model_b, x, y, points, reps)
+    if peer:
+        row["peer"] = f"loss-landscapes linear_interpolation {describe(peer)} (never evaluates α = 0)"
+    return row
+
+
+def _loss_landscapes_line(model_a, model_b, x, y, points, reps):
+    try:
+        import loss_landscapes
+        import loss_landscapes.metrics
+    except ImportError:
+        return None
+    metric = loss_landscapes.metrics.Loss(torch.nn.CrossEntropyLoss(), x, y)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        loss_landscapes.linear_interpolation(model_a, model_b, metric, steps=points, deepcopy_model=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def stage_flatness(model, ds, reps, sigmas=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5), samples=20):
+    x, y = ds.x_train, ds.y_train
+    g = torch.Generator().manual_seed(0)
+    directions = [utils.random_direction(model, g) for _ in range(samples)]  # the ones perturbation_flatness draws
+    runs = alternate({
+        "baseline": lambda: baselines.flatness_loop(model, x, y, directions, sigmas),
+        "ours": lambda: utils.perturbation_flatness(model, x, y, sigmas, samples=samples, seed=0),
+    }, reps)
+    exact = np.array(utils.perturbation_flatness(copy.deepcopy(model).double(), x.double(), y, sigmas,
+                                                 samples=samples, seed=0).mean_increase)
+    row = {"stage": "flatness", **_ratio(runs)}
+    row["baseline_error"] = float(np.abs(runs["baseline"][1].numpy() - exact).max())
+    row["ours_error"] = float(np.abs(np.array(runs["ours"][1].mean_increase) - exact).max())
+    row["note"] = f"{len(sigmas)} σ × {samples} directions, 4,000 train"
+    return row
+
+
+def _ratio(runs) -> dict:
+    base, ours = runs["baseline"][0], runs["ours"][0]
+    return {"baseline_time": describe(base), "ours_time": describe(ours),
+            "ratio": statistics.median(ours) / statistics.median(base)}
+
+
+def whole_run() -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "main.py"), "--quiet", "--out", out], check=True, cwd=ROOT)
+        wall = time.perf_counter() - start
+        timings = json.loads((Path(out) / "metrics.json").read_text())["timings"]
+    return {"wall": wall, "timings": timings}
+
+
+def render(rows, run, meta) -> str:
+    lines = [f"# Benchmark results ({meta['date']})", "",
+             f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} threads. "
+             "Medians over alternating repetitions (min-max); ratio = ours / baseline; "
+             "errors are against an exact float64 computation (relative for the eigenvalue and the noise scale, "
+             "max absolute loss difference otherwise).", "",
+             "| stage | baseline | ours | ratio | goal | baseline error | our error | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        goal = GOALS.get(r["stage"])
+        met = "" if goal is None else (f"≤ {goal} {'✓' if r['ratio'] <= goal else '✗'}")
+        notes = r["note"] + (f"; {r['peer']}" if r.get("peer") else "")
+        lines.append(f"| {r['stage']} | {r['baseline_time']} | {r['ours_time']} | {r['ratio']:.3f} | {met} | "
+                     f"{r['baseline_error']:.1e} | {r['ours_error']:.1e} | {notes} |")
+    if run:
+        total = sum(v for k, v in run["timings"].items())
+        shares = ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in run["timings"].items())
+        lines += ["", f"Whole `python main.py` (defaults, offline data cached): {run['wall']:.1f} s wall "
+                      f"(goal ≤ 20 s). Stages: {shares}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=5, help="alternating repetitions per stage")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-run", action="store_true", help="skip timing a whole main.py run")
+    parser.add_argument("--write", type=Path, default=ROOT / "bench" / "RESULTS.md", help="where to write the table")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ds = data.load_dataset("mnist", download=False)
+    model_a, model_b = trained_models(ds)
+    rows = []
+    for stage in (lambda: stage_eigenvalue(model_a, ds, args.reps),
+                  lambda: stage_surface(model_a, ds, args.reps),
+                  lambda: stage_noise(model_a, ds, args.reps),
+                  lambda: stage_interpolation(model_a, model_b, ds, args.reps),
+                  lambda: stage_flatness(model_a, ds, args.reps)):
+        rows.append(stage())
+        print(f"{rows[-1]['stage']}: ratio {rows[-1]['ratio']:.3f}", flush=True)
+    run = None if args.no_run else whole_run()
+    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+            "torch": torch.__version__, "threads": args.threads}
+    text = render(rows, run, meta)
+    print(text)
+    args.write.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
