@@ -153,10 +153,10 @@ def _is_integer_labels(y: torch.Tensor) -> bool:
     return not y.is_floating_point() and y.dim() == 1
 
 
-def _loss_and_correct(logits: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_correct(logits, y, loss_fn, count_correct: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss and number of correct argmax predictions of a (n, C) logit block."""
     loss = loss_fn(logits, y) * y.shape[0]
-    correct = (logits.argmax(dim=-1) == y).sum() if _is_integer_labels(y) else torch.tensor(float("nan"))
+    correct = (logits.argmax(dim=-1) == y).sum() if count_correct else torch.tensor(float("nan"))
     return loss, correct
 
 
@@ -179,13 +179,16 @@ def losses_at_points(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     path: str = "auto",
+    accuracy: bool = True,
 ) -> PointLosses:
     """Loss and accuracy at θ_p = base + Σ_k coefficients[p, k]·directions[k] for every p, in batched passes.
 
     Shapes: base (D,), directions (K, D), coefficients (P, K). `path` is "auto" (fast when
-    the model is a plain MLP), "fast" or "general"; both give the same numbers.
+    the model is a plain MLP), "fast" or "general"; both give the same numbers. With accuracy=False
+    (or targets that are not class labels) the accuracies are NaN and cost nothing.
     """
     x, y = _prepare(model, x, y)
+    count_correct = accuracy and _is_integer_labels(y)
     p0 = next(model.parameters())
     base = base.to(p0)
     directions = directions.to(p0).reshape(-1, base.numel())
@@ -198,14 +201,16 @@ def losses_at_points(
         raise ValueError(f"path must be 'auto', 'fast' or 'general', got {path!r}")
     with torch.no_grad():
         if layers is not None and path != "general":
-            sums, correct = _mlp_points(model, layers, x, y, base, directions, coefficients, loss_fn, memory_budget)
+            sums, correct = _mlp_points(model, layers, x, y, base, directions, coefficients, loss_fn, memory_budget,
+                                        count_correct)
         else:
-            sums, correct = _general_points(model, x, y, base, directions, coefficients, loss_fn, memory_budget)
+            sums, correct = _general_points(model, x, y, base, directions, coefficients, loss_fn, memory_budget,
+                                            count_correct)
     n = x.shape[0]
     return PointLosses(losses=sums / n, accuracies=correct / n)
 
 
-def _general_points(model, x, y, base, directions, coefficients, loss_fn, budget):
+def _general_points(model, x, y, base, directions, coefficients, loss_fn, budget, count_correct):
     """One functional forward per point (and per row chunk): works for any model."""
     rows = budget // max(1.0, _graph_bytes_per_example(model, x, y, loss_fn))
     sums = torch.zeros(coefficients.shape[0], dtype=torch.float64)
@@ -214,7 +219,7 @@ def _general_points(model, x, y, base, directions, coefficients, loss_fn, budget
         params = _split(base + c @ directions, model)
         for rows_slice in _row_chunks(x.shape[0], rows):
             out = functional_call(model, params, (x[rows_slice],))
-            loss, right = _loss_and_correct(out, y[rows_slice], loss_fn)
+            loss, right = _loss_and_correct(out, y[rows_slice], loss_fn, count_correct)
             sums[i] += loss.double().item()
             correct[i] += float(right)
     return sums, correct
@@ -262,7 +267,7 @@ _INPLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoi
 _CACHE_BYTES = 4 << 20  # working set per batch of points: small enough to stay in cache, large enough for GEMMs
 
 
-def _mlp_points(model, layers, x, y, base, directions, coefficients, loss_fn, budget):
+def _mlp_points(model, layers, x, y, base, directions, coefficients, loss_fn, budget, count_correct):
     """Batched MLP evaluation: (W + Σ_k c_k D_k)·Xᵀ = W·Xᵀ + Σ_k c_k D_k·Xᵀ, so the first (largest) layer
     costs K+1 GEMMs for all P points together; later layers run as one `bmm` per batch of points.
 
@@ -292,13 +297,26 @@ def _mlp_points(model, layers, x, y, base, directions, coefficients, loss_fn, bu
         for ps in _row_chunks(coefficients.shape[0], per_batch):
             c = coefficients[ps]  # (p, K)
             z = _buffer(buffers, "first", (c.shape[0], h0, nr), base)
-            torch.mm(c, z_dirs, out=z.view(c.shape[0], -1))
-            z += z_base  # (p, h, n)
+            _mix_directions(c, z_dirs, z_base.view(1, -1), out=z.view(c.shape[0], -1))  # (p, h, n)
             logits = _mlp_tail(layers, z, c, rest, rest_dirs, buffers)  # (p, C, n)
-            s, r = _batched_loss_and_correct(logits, yr, loss_fn)
+            s, r = _batched_loss_and_correct(logits, yr, loss_fn, count_correct)
             sums[ps] += s
             correct[ps] += r
     return sums, correct
+
+
+def _mix_directions(c: torch.Tensor, z_dirs: torch.Tensor, z_base: torch.Tensor, *, out: torch.Tensor) -> None:
+    """out = z_base + c·z_dirs, reading only the directions some point uses (a flatness probe uses one)."""
+    used = torch.nonzero(c.any(dim=0)).flatten().tolist()
+    if len(used) == c.shape[1] or len(used) > 4:
+        torch.addmm(z_base, c, z_dirs, out=out)
+        return
+    if not used:
+        out.copy_(z_base.expand_as(out))
+        return
+    torch.addmm(z_base, c[:, used[0] : used[0] + 1], z_dirs[used[0] : used[0] + 1], out=out)
+    for k in used[1:]:
+        out.addmm_(c[:, k : k + 1], z_dirs[k : k + 1])
 
 
 def _buffer(buffers: dict, key, shape, like: torch.Tensor) -> torch.Tensor:
@@ -320,20 +338,21 @@ def _mlp_tail(layers, z, c, rest, rest_dirs, buffers):
         linear_index += 1
         w_p = w + (c @ dw.reshape(dw.shape[0], -1)).reshape(-1, *w.shape)  # (p, out, in)
         out = _buffer(buffers, i, (z.shape[0], w.shape[0], z.shape[2]), z)
-        z = torch.bmm(w_p, z, out=out)  # (p, out, n)
-        if b is not None:
-            z += (b + c @ db)[:, :, None]
+        if b is None:
+            z = torch.bmm(w_p, z, out=out)  # (p, out, n)
+        else:
+            z = torch.baddbmm((b + c @ db)[:, :, None], w_p, z, out=out)
     return z
 
 
-def _batched_loss_and_correct(logits, y, loss_fn):
+def _batched_loss_and_correct(logits, y, loss_fn, count_correct: bool):
     """Summed loss and correct count per point for feature-major logits (p, C, n)."""
     p, _, n = logits.shape
     if loss_fn is F.cross_entropy:
         sums = F.cross_entropy(logits, y.expand(p, n), reduction="none").sum(dim=1).double()
     else:
         sums = torch.stack([loss_fn(logits[i].T, y) for i in range(p)]).double() * n
-    if _is_integer_labels(y):
+    if count_correct:
         correct = (logits.transpose(1, 2).contiguous().argmax(dim=-1) == y).sum(dim=1).double()
     else:
         correct = torch.full((p,), float("nan"), dtype=torch.float64)
@@ -672,7 +691,8 @@ def random_direction(model: nn.Module, generator: torch.Generator, *, normalizat
     """A Gaussian direction in parameter space: "filter"-normalised (Li et al. 2018), "adaptive"
     (each entry scaled by |θ|, Kwon et al. 2021) or "none"."""
     theta = flat_parameters(model)
-    d = torch.randn(theta.numel(), generator=generator, dtype=torch.float64).to(theta)
+    # drawn in float32 whatever the model's dtype: the same seed gives the same directions in float64
+    d = torch.randn(theta.numel(), generator=generator, dtype=torch.float32).to(theta)
     if normalization == "filter":
         return filter_normalize(d, model)
     if normalization == "adaptive":
@@ -717,7 +737,7 @@ def perturbation_flatness(
     for k in range(samples):
         coefficients[1 + k * len(sigmas) : 1 + (k + 1) * len(sigmas), k] = torch.tensor(sigmas, dtype=torch.float64)
     result = losses_at_points(model, x, y, flat_parameters(model), directions, coefficients,
-                              loss_fn=loss_fn, memory_budget=memory_budget)
+                              loss_fn=loss_fn, memory_budget=memory_budget, accuracy=False)
     base = result.losses[0]
     increases = (result.losses[1:] - base).reshape(samples, len(sigmas)).numpy()
     std = increases.std(axis=0, ddof=1) if samples > 1 else np.zeros(len(sigmas))
