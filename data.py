@@ -93,6 +93,9 @@ class Dataset:
     def is_full(self) -> bool:
         return not self.hint
 
+    def splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {"train": (self.x_train, self.y_train), "test": (self.x_test, self.y_test)}
+
 
 def load_dataset(
     name: str = "mnist",

@@ -17,15 +17,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import platform
+import signal
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,8 +74,13 @@ class Config:
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     out: str = field(default="figures", metadata={"help": "folder for the figures and metrics.json"})
     data_dir: str = field(default="data", metadata={"help": "folder for data set files"})
+    offline: bool = field(default=False, metadata={"help": "never try to download data: use what is on disk or the offline fallback"})
+    runs_dir: str = field(default="runs", metadata={"help": "folder where finished stages are kept, so a rerun resumes"})
+    fresh: bool = field(default=False, metadata={"help": "recompute every stage instead of loading finished ones"})
+    plot_only: bool = field(default=False, metadata={"help": "redraw the figures from --out/metrics.json, computing nothing"})
     quick: bool = field(default=False, metadata={"help": "whole pipeline on a small slice of the real data with tiny budgets, in seconds"})
-    quiet: bool = field(default=False, metadata={"help": "print only warnings and errors"})
+    quiet: bool = field(default=False, metadata={"help": "print only warnings and errors", "short": "-q"})
+    verbose: bool = field(default=False, metadata={"help": "also print debugging detail (run folder, stage keys)", "short": "-v"})
 
 
 QUICK = dict(  # what --quick changes; flags given explicitly still win
@@ -97,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=f"{meta['help']} (default: off)")
+            names = [meta["short"], flag] if "short" in meta else [flag]
+            parser.add_argument(*names, action="store_true", default=None, help=f"{meta['help']} (default: off)")
             continue
         kind = {"int": int, "float": float, "str": str, "tuple[int, ...]": int, "tuple[float, ...]": float}[f.type]
         nargs = "+" if f.type.startswith("tuple") else None
@@ -151,107 +159,58 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"{message}, got {_show(value)}")
 
 
-# ----------------------------------------------------------------------------- stages
-@contextmanager
-def timed(timings: dict, name: str):
-    start = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - start, 4)
+# ----------------------------------------------------------------------------- the run folder
+# Fields each stage's result depends on; a stage is recomputed when any of them (or the code
+# of the modules it runs) changes. Trained models live in runs/<key of data + training>/.
+TRAINING_FIELDS = ("dataset", "model", "hidden", "epochs", "lr", "momentum", "batch_size", "weight_decay",
+                   "train_subset", "threads")
+STAGE_FIELDS = {
+    "evaluate": ("test_subset",),
+    "sharpness": ("sharpness_method", "sharpness_tol", "sharpness_max_iter", "probe_seed", "memory_budget_mb"),
+    "flatness": ("flatness_sigmas", "flatness_samples", "probe_seed", "memory_budget_mb"),
+    "gradient_noise": ("memory_budget_mb",),
+    "connectivity": ("seeds", "interpolation_points", "test_subset", "memory_budget_mb"),
+    "surface": ("seeds", "surface_steps", "surface_span", "surface_split", "probe_seed", "test_subset",
+                "memory_budget_mb"),
+}
+FAULT_ENV = "LANDSCAPE_FAULT"  # fault injection for the tests: SIGKILL this process at the named point
 
 
-def load_data(cfg: Config) -> data_module.Dataset:
-    """The data set in memory, cut to the configured subsets."""
-    ds = data_module.load_dataset(cfg.dataset, data_dir=_resolve(cfg.data_dir))
-    if cfg.train_subset:
-        ds.x_train, ds.y_train = ds.x_train[: cfg.train_subset], ds.y_train[: cfg.train_subset]
-    if cfg.test_subset:
-        ds.x_test, ds.y_test = ds.x_test[: cfg.test_subset], ds.y_test[: cfg.test_subset]
-    return ds
+def fault_point(name: str) -> None:
+    """Kill the process at `name` when the environment asks for it (used by the crash-and-resume tests)."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _resolve(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else Path.cwd() / p
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_model(cfg: Config, seed: int) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    if cfg.model == "cnn":
-        return models.SmallCNN(generator=generator)
-    return models.SmallMLP(tuple(cfg.hidden), generator=generator)
+def code_digest(*modules) -> str:
+    """A digest of the source of `modules`: editing the code invalidates the results it produced."""
+    return digest(*[Path(m.__file__).read_text() for m in modules])
 
 
-def train_model(cfg: Config, ds: data_module.Dataset, seed: int, progress: bool):
-    model = build_model(cfg, seed)
-    history = training.train(model, ds.x_train, ds.y_train, epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
-                             batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, seed=seed,
-                             progress=progress, desc=f"train seed {seed}")
-    return model, history
-
-
-def measure_model(cfg: Config, model, ds: data_module.Dataset, timings: dict, seed: int) -> dict:
-    """Losses, accuracies, sharpness, flatness and gradient noise of one trained model."""
-    budget = cfg.memory_budget_mb << 20
-    out = {"parameters": sum(p.numel() for p in model.parameters())}
-    with timed(timings, f"evaluate[seed={seed}]"):
-        out["train"] = dataclasses.asdict(training.evaluate(model, ds.x_train, ds.y_train))
-        out["test"] = dataclasses.asdict(training.evaluate(model, ds.x_test, ds.y_test))
-        out["generalization_gap"] = out["test"]["loss"] - out["train"]["loss"]
-    with timed(timings, f"sharpness[seed={seed}]"):
-        eig = utils.top_hessian_eigenvalue(model, ds.x_train, ds.y_train, max_iter=cfg.sharpness_max_iter,
-                                           tol=cfg.sharpness_tol, seed=cfg.probe_seed,
-                                           method=cfg.sharpness_method, memory_budget=budget)
-        out["sharpness"] = {"eigenvalue": eig.eigenvalue, "iterations": eig.iterations, "converged": eig.converged,
-                            "residual": eig.residual, "method": eig.method, "tol": cfg.sharpness_tol}
-    with timed(timings, f"flatness[seed={seed}]"):
-        flat = utils.perturbation_flatness(model, ds.x_train, ds.y_train, cfg.flatness_sigmas,
-                                           samples=cfg.flatness_samples, seed=cfg.probe_seed, memory_budget=budget)
-        out["flatness"] = {"sigmas": flat.sigmas, "mean_increase": flat.mean_increase,
-                           "std_increase": flat.std_increase, "base_loss": flat.base_loss,
-                           "samples": cfg.flatness_samples, "increases": flat.increases.tolist()}
-    with timed(timings, f"gradient_noise[seed={seed}]"):
-        out["gradient_noise"] = dataclasses.asdict(utils.gradient_noise_scale(model, ds.x_train, ds.y_train,
-                                                                              memory_budget=budget))
-    return out
-
-
-def measure_connectivity(cfg: Config, model_a, model_b, ds: data_module.Dataset) -> dict:
-    """Loss and accuracy along the straight line between two models, on train and test."""
-    alphas = np.linspace(0.0, 1.0, cfg.interpolation_points).tolist()
-    out = {"alphas": alphas}
-    for split, (x, y) in {"train": (ds.x_train, ds.y_train), "test": (ds.x_test, ds.y_test)}.items():
-        r = utils.linear_interpolation(model_a, model_b, x, y, alphas, memory_budget=cfg.memory_budget_mb << 20)
-        out[split] = {"losses": r.losses, "accuracies": r.accuracies, "barrier": r.barrier,
-                      "endpoint_losses": list(r.endpoint_losses)}
-    return out
-
-
-def measure_surface(cfg: Config, model, ds: data_module.Dataset) -> dict:
-    x, y = (ds.x_train, ds.y_train) if cfg.surface_split == "train" else (ds.x_test, ds.y_test)
-    s = utils.loss_surface_2d(model, x, y, steps=cfg.surface_steps, span=cfg.surface_span, seed=cfg.probe_seed,
-                              memory_budget=cfg.memory_budget_mb << 20)
-    return {"split": cfg.surface_split, "alphas": s.alphas.tolist(), "betas": s.betas.tolist(),
-            "losses": s.losses.tolist(), "accuracies": s.accuracies.tolist()}
-
-
-def environment() -> dict:
-    import matplotlib
-    import scipy
-    import torchvision
-
-    return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "matplotlib": matplotlib.__version__, "device": "cpu", "threads": torch.get_num_threads(),
-            "dtype": str(torch.get_default_dtype()).replace("torch.", "")}
+def write_atomic(path: Path, write) -> Path:
+    """Call write(file) on a temporary file in the same folder, flush it to disk, then move it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        fault_point(f"write:{path.name}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def write_json_atomic(payload: dict, path: Path) -> Path:
-    """Write JSON to a temporary file in the same folder, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_json_safe(payload), f, indent=1)
-    os.replace(tmp, path)
-    return path
+    """metrics.json: strict JSON (non-finite numbers become null), written atomically."""
+    return write_atomic(path, lambda f: f.write(json.dumps(_json_safe(payload), indent=1).encode()))
 
 
 def _json_safe(value):
@@ -263,6 +222,205 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+class RunStore:
+    """The finished stages of one configuration, one file each, written atomically and verified on load.
+
+    A file that is damaged, truncated or belongs to other settings is recomputed with a warning.
+    """
+
+    def __init__(self, folder: Path, *, fresh: bool) -> None:
+        self.folder, self.fresh = folder, fresh
+        self.loaded: list[str] = []
+        self.warnings: list[str] = []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _reject(self, path: Path, why: str) -> None:
+        message = f"{path} {why}; recomputing it"
+        log.warning("warning: %s", message)
+        self.warnings.append(message)
+
+    def path(self, name: str, suffix: str) -> Path:
+        """`sharpness[seed=0]` -> runs/<key>/sharpness_seed0.json: stage names made shell-friendly."""
+        return self.folder / (name.replace("[seed=", "_seed").replace("]", "") + suffix)
+
+    def load_json(self, name: str, key: str) -> dict | None:
+        path = self.path(name, ".json")
+        if self.fresh or not path.exists():
+            return None
+        try:
+            payload = json.loads(path.read_text())
+            if payload.get("key") != key:
+                self._reject(path, "was computed with other settings")
+                return None
+            result, seconds = payload["result"], float(payload["seconds"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self._reject(path, "is damaged")
+            return None
+        self.loaded.append(name)
+        return {"result": result, "seconds": seconds}
+
+    def save_json(self, name: str, key: str, result, seconds: float) -> None:
+        payload = json.dumps({"key": key, "seconds": seconds, "result": result})
+        write_atomic(self.path(name, ".json"), lambda f: f.write(payload.encode()))
+
+    def load_model(self, name: str, key: str, model: torch.nn.Module) -> dict | None:
+        path = self.path(name, ".pt")
+        if self.fresh or not path.exists():
+            return None
+        try:
+            payload = torch.load(path, weights_only=True)
+            if payload.get("key") != key:
+                self._reject(path, "was trained with other settings")
+                return None
+            model.load_state_dict(payload["state_dict"], strict=True)
+            history = payload["history"]
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+                pickle.UnpicklingError):
+            self._reject(path, "is damaged or holds another architecture")
+            return None
+        self.loaded.append(name)
+        return history
+
+    def save_model(self, name: str, key: str, model: torch.nn.Module, history: dict) -> None:
+        payload = {"key": key, "state_dict": model.state_dict(), "history": history}
+        write_atomic(self.path(name, ".pt"), lambda f: torch.save(payload, f))
+
+
+# ----------------------------------------------------------------------------- stages
+def _resolve(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path.cwd() / p
+
+
+def load_data(cfg: Config) -> data_module.Dataset:
+    """The data set in memory, cut to the configured subsets."""
+    ds = data_module.load_dataset(cfg.dataset, data_dir=_resolve(cfg.data_dir), download=not cfg.offline)
+    if cfg.train_subset:
+        ds.x_train, ds.y_train = ds.x_train[: cfg.train_subset], ds.y_train[: cfg.train_subset]
+    if cfg.test_subset:
+        ds.x_test, ds.y_test = ds.x_test[: cfg.test_subset], ds.y_test[: cfg.test_subset]
+    return ds
+
+
+def build_model(cfg: Config, seed: int) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    if cfg.model == "cnn":
+        return models.SmallCNN(generator=generator)
+    return models.SmallMLP(tuple(cfg.hidden), generator=generator)
+
+
+class Run:
+    """One configuration's stages, each loaded from the run folder when already finished, else computed and saved."""
+
+    def __init__(self, cfg: Config, ds: data_module.Dataset, progress: bool) -> None:
+        self.cfg, self.ds, self.progress = cfg, ds, progress
+        self.budget = cfg.memory_budget_mb << 20
+        self.timings: dict[str, float] = {}
+        fields = {f: getattr(cfg, f) for f in TRAINING_FIELDS}
+        self.training_key = digest("train", fields, ds.sha256, torch.__version__, torch.get_num_threads(),
+                                   code_digest(models, training))
+        self.store = RunStore(_resolve(cfg.runs_dir) / self.training_key, fresh=cfg.fresh)
+        self.measure_code = code_digest(utils, training)
+
+    def stage(self, name: str, kind: str, compute):
+        """The result of stage `name`: from the run folder if it finished before, else computed now and saved."""
+        key = digest(name, {f: getattr(self.cfg, f) for f in STAGE_FIELDS[kind]}, self.training_key,
+                     self.measure_code)
+        found = self.store.load_json(name, key)
+        if found is not None:
+            log.debug("loaded %s from %s", name, self.store.folder)
+            self.timings[name] = found["seconds"]
+            return found["result"]
+        start = time.perf_counter()
+        result = compute()
+        self.timings[name] = round(time.perf_counter() - start, 4)
+        self.store.save_json(name, key, result, self.timings[name])
+        fault_point(name)
+        return result
+
+    def trained_model(self, seed: int) -> tuple[torch.nn.Module, dict]:
+        name = f"model[seed={seed}]"
+        key = digest(self.training_key, seed)
+        model = build_model(self.cfg, seed)
+        history = self.store.load_model(name, key, model)
+        if history is not None:
+            log.debug("loaded the model of seed %d from %s", seed, self.store.folder)
+            self.timings[f"train[seed={seed}]"] = history["seconds"]
+            return model.eval(), history
+        cfg = self.cfg
+        h = training.train(model, self.ds.x_train, self.ds.y_train, epochs=cfg.epochs, lr=cfg.lr,
+                           momentum=cfg.momentum, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                           seed=seed, progress=self.progress, desc=f"train seed {seed}")
+        history = {"steps": h.steps, "epoch_losses": h.epoch_losses, "seconds": round(h.seconds, 4)}
+        self.store.save_model(name, key, model, history)
+        self.timings[f"train[seed={seed}]"] = history["seconds"]
+        log.info("trained seed %d: %d steps, final epoch loss %.4f", seed, h.steps, h.epoch_losses[-1])
+        fault_point(f"train[seed={seed}]")
+        return model, history
+
+    def measure_model(self, model, seed: int) -> dict:
+        """Losses, accuracies, sharpness, flatness and gradient noise of one trained model."""
+        ds, cfg, budget = self.ds, self.cfg, self.budget
+        out = {"parameters": sum(p.numel() for p in model.parameters())}
+        out.update(self.stage(f"evaluate[seed={seed}]", "evaluate", lambda: evaluation(model, ds)))
+        out["sharpness"] = self.stage(f"sharpness[seed={seed}]", "sharpness", lambda: {
+            **_eigen_dict(utils.top_hessian_eigenvalue(model, ds.x_train, ds.y_train, max_iter=cfg.sharpness_max_iter,
+                                                       tol=cfg.sharpness_tol, seed=cfg.probe_seed,
+                                                       method=cfg.sharpness_method, memory_budget=budget)),
+            "tol": cfg.sharpness_tol})
+        out["flatness"] = self.stage(f"flatness[seed={seed}]", "flatness", lambda: _flatness_dict(
+            utils.perturbation_flatness(model, ds.x_train, ds.y_train, cfg.flatness_sigmas,
+                                        samples=cfg.flatness_samples, seed=cfg.probe_seed, memory_budget=budget)))
+        out["gradient_noise"] = self.stage(f"gradient_noise[seed={seed}]", "gradient_noise", lambda: dataclasses.asdict(
+            utils.gradient_noise_scale(model, ds.x_train, ds.y_train, memory_budget=budget)))
+        return out
+
+    def connectivity(self, model_a, model_b) -> dict:
+        """Loss and accuracy along the straight line between two models, on train and test."""
+        alphas = np.linspace(0.0, 1.0, self.cfg.interpolation_points).tolist()
+        out = {"alphas": alphas}
+        for split, (x, y) in self.ds.splits().items():
+            r = utils.linear_interpolation(model_a, model_b, x, y, alphas, memory_budget=self.budget)
+            out[split] = {"losses": r.losses, "accuracies": r.accuracies, "barrier": r.barrier,
+                          "endpoint_losses": list(r.endpoint_losses)}
+        return out
+
+    def surface(self, model) -> dict:
+        cfg = self.cfg
+        x, y = self.ds.splits()[cfg.surface_split]
+        s = utils.loss_surface_2d(model, x, y, steps=cfg.surface_steps, span=cfg.surface_span, seed=cfg.probe_seed,
+                                  memory_budget=self.budget)
+        return {"split": cfg.surface_split, "alphas": s.alphas.tolist(), "betas": s.betas.tolist(),
+                "losses": s.losses.tolist(), "accuracies": s.accuracies.tolist()}
+
+
+def evaluation(model, ds: data_module.Dataset) -> dict:
+    out = {split: dataclasses.asdict(training.evaluate(model, x, y)) for split, (x, y) in ds.splits().items()}
+    out["generalization_gap"] = out["test"]["loss"] - out["train"]["loss"]
+    return out
+
+
+def _eigen_dict(eig: utils.EigenResult) -> dict:
+    return {"eigenvalue": eig.eigenvalue, "iterations": eig.iterations, "converged": eig.converged,
+            "residual": eig.residual, "method": eig.method}
+
+
+def _flatness_dict(flat: utils.FlatnessResult) -> dict:
+    return {"sigmas": flat.sigmas, "mean_increase": flat.mean_increase, "std_increase": flat.std_increase,
+            "base_loss": flat.base_loss, "samples": flat.increases.shape[0], "increases": flat.increases.tolist()}
+
+
+def environment() -> dict:
+    import matplotlib
+    import scipy
+    import torchvision
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+            "matplotlib": matplotlib.__version__, "device": "cpu", "threads": torch.get_num_threads(),
+            "dtype": str(torch.get_default_dtype()).replace("torch.", "")}
 
 
 def _check_output_folder(out: Path) -> None:
@@ -282,28 +440,27 @@ def run(cfg: Config) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     progress = not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty()
-    timings: dict[str, float] = {}
-    warnings: list[str] = []
-    with timed(timings, "load_data"):
-        ds = load_data(cfg)
+    start = time.perf_counter()
+    ds = load_data(cfg)
+    load_seconds = round(time.perf_counter() - start, 4)
     log.info("data: %s", ds.source)
     if ds.hint:
         log.info("      %s", ds.hint)
-    trained, per_model = {}, {}
+    r = Run(cfg, ds, progress)
+    r.timings["load_data"] = load_seconds
+    log.debug("run folder: %s", r.store.folder)
+    trained, per_model, warnings = {}, {}, []
     for seed in cfg.seeds:
-        with timed(timings, f"train[seed={seed}]"):
-            model, history = train_model(cfg, ds, seed, progress)
+        model, history = r.trained_model(seed)
         trained[seed] = model
-        log.info("trained seed %d: %d steps, final epoch loss %.4f", seed, history.steps, history.epoch_losses[-1])
-        per_model[str(seed)] = {"seed": seed, "training": {"steps": history.steps, "epoch_losses": history.epoch_losses,
-                                                           "seconds": history.seconds}}
-        per_model[str(seed)].update(measure_model(cfg, model, ds, timings, seed))
+        per_model[str(seed)] = {"seed": seed, "training": history, **r.measure_model(model, seed)}
         warnings += _model_warnings(per_model[str(seed)])
     first, second = cfg.seeds[0], cfg.seeds[1]
-    with timed(timings, "connectivity"):
-        connectivity = {"seeds": [first, second], **measure_connectivity(cfg, trained[first], trained[second], ds)}
-    with timed(timings, "surface"):
-        surface = {"seed": first, **measure_surface(cfg, trained[first], ds)}
+    connectivity = {"seeds": [first, second],
+                    **r.stage("connectivity", "connectivity", lambda: r.connectivity(trained[first], trained[second]))}
+    surface = {"seed": first, **r.stage("surface", "surface", lambda: r.surface(trained[first]))}
+    if r.store.loaded:
+        log.info("resumed %d finished stages from %s (--fresh recomputes them)", len(r.store.loaded), r.store.folder)
     metrics = {
         "schema_version": 1,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -311,16 +468,39 @@ def run(cfg: Config) -> dict:
         "data": {"name": ds.name, "source": ds.source, "hint": ds.hint, "n_train": int(ds.x_train.shape[0]),
                  "n_test": int(ds.x_test.shape[0]), "sha256": ds.sha256},
         "environment": environment(),
+        "run_folder": str(r.store.folder),
+        "resumed": r.store.loaded,
         "models": per_model,
         "connectivity": connectivity,
         "surface": surface,
-        "warnings": warnings,
-        "timings": timings,
+        "warnings": r.store.warnings + warnings,
+        "timings": r.timings,
     }
-    with timed(timings, "plots"):
-        paths = plotting.plot_all(metrics, out)
-    metrics["timings"] = timings
+    return write_outputs(metrics, out)
+
+
+def write_outputs(metrics: dict, out: Path) -> dict:
+    """Every figure, then metrics.json (last, so a complete metrics.json means a complete run)."""
+    start = time.perf_counter()
+    paths = plotting.plot_all(metrics, out)
+    metrics["timings"]["plots"] = round(time.perf_counter() - start, 4)
     paths.append(write_json_atomic(metrics, out / "metrics.json"))
+    metrics["written"] = [str(p) for p in paths]
+    return metrics
+
+
+def plot_only(cfg: Config) -> dict:
+    """Redraw every figure from the metrics.json saved in --out, without training or measuring."""
+    out = _resolve(cfg.out)
+    source = out / "metrics.json"
+    try:
+        metrics = json.loads(source.read_text())
+        metrics["models"], metrics["connectivity"], metrics["surface"]  # noqa: B018 (a complete run's keys)
+    except FileNotFoundError:
+        raise data_module.DataError(f"{source} not found: run without --plot-only first") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise data_module.DataError(f"{source} is damaged ({err}): run without --plot-only to recompute it") from None
+    paths = plotting.plot_all(metrics, out)
     metrics["written"] = [str(p) for p in paths]
     return metrics
 
@@ -330,7 +510,7 @@ def _model_warnings(m: dict) -> list[str]:
     if not m["sharpness"]["converged"]:
         found.append(f"seed {m['seed']}: the top-eigenvalue solver did not converge in "
                      f"{m['sharpness']['iterations']} products (residual {m['sharpness']['residual']:.2e}); "
-                     "raise --sharpness-max-iter")
+                     "raise --sharpness-max-iter; the value is not certified")
     if m["gradient_noise"]["note"]:
         found.append(f"seed {m['seed']}: {m['gradient_noise']['note']}")
     return found
@@ -342,15 +522,20 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING if cfg.quiet else logging.INFO, format="%(message)s", force=True)
+    level = logging.WARNING if cfg.quiet else logging.DEBUG if cfg.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", force=True)
     try:
-        metrics = run(cfg)
+        metrics = plot_only(cfg) if cfg.plot_only else run(cfg)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (data_module.DataError, training.TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished stages are saved under {_resolve(cfg.runs_dir)}; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
     for w in metrics["warnings"]:
         log.warning("warning: %s", w)
     if not cfg.quiet:

@@ -15,7 +15,7 @@ MODEL_FIELDS = {"seed", "parameters", "training", "train", "test", "generalizati
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick")
-    assert main.main(["--quick", "--quiet", "--out", str(out)]) == 0
+    assert main.main(["--quick", "--quiet", "--out", str(out), "--runs-dir", str(out / "runs")]) == 0
     return out, json.loads((out / "metrics.json").read_text())
 
 
@@ -97,3 +97,25 @@ def test_unwritable_output_folder_is_refused(tmp_path, capsys):
 
 def test_json_has_no_non_finite_numbers():
     assert main._json_safe({"a": [math.inf, 1.0], "b": math.nan}) == {"a": [None, 1.0], "b": None}
+
+
+def test_plot_only_redraws_from_saved_metrics_without_training_or_measuring(quick_run, monkeypatch):
+    out, _ = quick_run
+    for name in plotting.FIGURES:
+        (out / name).unlink()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("--plot-only must not train or measure")
+
+    monkeypatch.setattr(main.training, "train", forbidden)
+    for name in ("top_hessian_eigenvalue", "perturbation_flatness", "gradient_noise_scale", "linear_interpolation",
+                 "loss_surface_2d"):
+        monkeypatch.setattr(main.utils, name, forbidden)
+    assert main.main(["--plot-only", "--quiet", "--out", str(out)]) == 0
+    for name in plotting.FIGURES:
+        assert (out / name).stat().st_size > 10_000
+
+
+def test_plot_only_without_saved_results_says_what_to_do(tmp_path, capsys):
+    assert main.main(["--plot-only", "--out", str(tmp_path)]) == 1
+    assert "run without --plot-only first" in capsys.readouterr().err
