@@ -428,8 +428,9 @@ class MLPHessianOperator:
         self.weights = [(m.weight.detach(), None if m.bias is None else m.bias.detach()) for m in self.linears]
         self.dim = sum(p.numel() for p in model.parameters())
         self.matvecs = 0
-        widths = sum(m.out_features for m in self.linears) + x.flatten(1).shape[1]
-        self.chunks = _row_chunks(x.shape[0], memory_budget // (6 * widths * x.element_size()))
+        # per row, the cache holds about five vectors per hidden layer and three per output (the input is a view)
+        per_row = (5 * sum(m.out_features for m in self.linears[:-1]) + 3 * self.linears[-1].out_features)
+        self.chunks = _row_chunks(x.shape[0], memory_budget // (per_row * x.element_size()))
         self._caches = [self._cache(rows) for rows in self.chunks] if len(self.chunks) == 1 else None
 
     @staticmethod
