@@ -218,7 +218,8 @@ def _ratio(runs) -> dict:
 def whole_run() -> dict:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "main.py"), "--quiet", "--out", out], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, str(ROOT / "main.py"), "--quiet", "--out", out, "--runs-dir",
+                        str(Path(out) / "runs")], check=True, cwd=ROOT)  # a fresh run folder: nothing resumed
         wall = time.perf_counter() - start
         timings = json.loads((Path(out) / "metrics.json").read_text())["timings"]
     return {"wall": wall, "timings": timings}
