@@ -9,10 +9,13 @@ Randomness comes from a `torch.Generator` built from the `seed` argument.
 Contents
 1. Plumbing: flat parameter vectors, functional loss, memory-bounded chunking,
    the batched evaluation of many parameter points (`losses_at_points`).
-2. Curvature: `hessian_operator`, `hessian_vector_product`, `top_hessian_eigenvalue`
-   (Lanczos with full reorthogonalisation, or power iteration).
+2. Curvature: `hessian_operator`, `hessian_vector_product`, `exact_hessian`, Lanczos with full
+   reorthogonalisation (`top_hessian_eigenvalue`, also by power iteration; `hessian_eigenpairs`),
+   stochastic traces (`trace_estimate`, `hessian_trace`: Hutchinson, Hutch++), the spectral density
+   (`hessian_spectral_density`, stochastic Lanczos quadrature) and per-layer blocks (`layer_curvature`).
 3. Flatness: `filter_normalize`, `random_direction`, `perturbation_flatness`.
-4. Gradient noise: `per_example_gradient_norms_sq`, `gradient_noise_scale`.
+4. Gradient noise: `per_example_gradient_norms_sq`, `gradient_noise_scale` (B_simple, B_noise),
+   `two_batch_noise_scale`, `noise_temperature`.
 5. Connectivity: `barrier_height`, `linear_interpolation`.
 6. Surfaces: `symmetric_grid`, `loss_surface_2d`.
 
@@ -38,26 +41,39 @@ from torch.func import functional_call
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "EigenResult",
+    "EigenpairsResult",
     "FlatnessResult",
     "InterpolationResult",
+    "LayerCurvature",
     "NoiseScaleResult",
     "PointLosses",
+    "SpectralDensity",
     "SurfaceResult",
+    "TraceResult",
+    "TwoBatchNoiseResult",
     "barrier_height",
     "check_measurable",
+    "exact_hessian",
     "filter_normalize",
     "flat_parameters",
     "gradient_noise_scale",
+    "hessian_eigenpairs",
     "hessian_operator",
+    "hessian_spectral_density",
+    "hessian_trace",
     "hessian_vector_product",
+    "layer_curvature",
     "linear_interpolation",
     "loss_surface_2d",
     "losses_at_points",
+    "noise_temperature",
     "per_example_gradient_norms_sq",
     "perturbation_flatness",
     "random_direction",
     "symmetric_grid",
     "top_hessian_eigenvalue",
+    "trace_estimate",
+    "two_batch_noise_scale",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -363,7 +379,8 @@ def _batched_loss_and_correct(logits, y, loss_fn, count_correct: bool):
 
 
 class HessianOperator:
-    """v -> H·v for the mean loss over (x, y), H the Hessian w.r.t. all parameters (flat, `parameters()` order).
+    """V -> H·V for the mean loss over (x, y), H the Hessian w.r.t. all parameters (rows of V flat, in
+    `parameters()` order), by autograd's double backward, which every loss and model supports.
 
     When the double-backward graph fits in the memory budget it is built once and every
     product is one backward pass through it (about 1.25x a forward+backward); otherwise
@@ -380,38 +397,60 @@ class HessianOperator:
         self._grads = self._gradient_graph(self.chunks[0]) if len(self.chunks) == 1 else None
 
     def _gradient_graph(self, rows: slice) -> tuple[torch.Tensor, ...]:
-        loss = _functional_loss(self.model, self.params, self.x[rows], self.y[rows], self.loss_fn)
-        return torch.autograd.grad(loss, list(self.params.values()), create_graph=True, materialize_grads=True)
+        with torch.enable_grad():
+            loss = _functional_loss(self.model, self.params, self.x[rows], self.y[rows], self.loss_fn)
+            return torch.autograd.grad(loss, list(self.params.values()), create_graph=True, materialize_grads=True)
 
-    def _hvp(self, grads, v_parts, retain: bool) -> torch.Tensor:
+    def _products(self, grads, vs: torch.Tensor, retain: bool) -> torch.Tensor:
         live = [i for i, g in enumerate(grads) if g.requires_grad]  # a gradient that is constant has no Hessian
-        hv = torch.autograd.grad([grads[i] for i in live], list(self.params.values()), [v_parts[i] for i in live],
-                                 retain_graph=retain, allow_unused=True)
-        return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
-                          for h, p in zip(hv, self.params.values())])
+        parts = [_split_rows(vs, self.model)[i] for i in live]
+        params = list(self.params.values())
+        outputs = [grads[i] for i in live]
+        try:
+            hv = torch.autograd.grad(outputs, params, parts, retain_graph=True, allow_unused=True, is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: one product at a time
+            rows = [torch.autograd.grad(outputs, params, [p[b] for p in parts], retain_graph=True, allow_unused=True)
+                    for b in range(vs.shape[0])]
+            hv = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(params))]
+        if not retain:
+            torch.autograd.grad(outputs, params, [torch.zeros_like(o) for o in outputs], allow_unused=True)
+        return torch.cat([(h if h is not None else torch.zeros((vs.shape[0], *p.shape), dtype=p.dtype)
+                           ).reshape(vs.shape[0], -1) for h, p in zip(hv, params)], dim=1)
+
+    def matmat(self, vs: torch.Tensor) -> torch.Tensor:
+        """H·vᵢ for every row vᵢ of vs (b, D)."""
+        self.matvecs += vs.shape[0]
+        vs = vs.detach()
+        if self._grads is not None:
+            return self._products(self._grads, vs, retain=True).detach()
+        total = torch.zeros_like(vs)
+        for rows in self.chunks:
+            total += (rows.stop - rows.start) / self.x.shape[0] * self._products(self._gradient_graph(rows), vs,
+                                                                                 retain=False).detach()
+        return total
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        self.matvecs += 1
-        v_parts = list(_split(v.detach(), self.model).values())
-        if self._grads is not None:
-            return self._hvp(self._grads, v_parts, retain=True).detach()
-        n = self.x.shape[0]
-        total = torch.zeros_like(v)
-        for rows in self.chunks:
-            weight = (rows.stop - rows.start) / n
-            total += weight * self._hvp(self._gradient_graph(rows), v_parts, retain=False).detach()
-        return total
+        return self.matmat(v[None])[0]
+
+
+def _split_rows(vs: torch.Tensor, model: nn.Module) -> list[torch.Tensor]:
+    """Rows of flat vectors (b, D) as per-parameter tensors (b, *shape)."""
+    out, offset = [], 0
+    for _, shape in _shapes(model):
+        n = math.prod(shape)
+        out.append(vs[:, offset : offset + n].reshape(vs.shape[0], *shape))
+        offset += n
+    return out
 
 
 class MLPHessianOperator:
-    """Closed-form v -> H·v for a plain MLP: Pearlmutter's R-operator, a forward then a backward pass.
+    """Closed-form V -> H·V for a plain MLP: Pearlmutter's R-operator, a forward then a backward pass.
 
     For Linear layers z_l = a_l·W_lᵀ + b_l with a_{l+1} = φ_l(z_l) element-wise, the direction
     v = (V_l, c_l) gives Rz_l = Ra_l·W_lᵀ + a_l·V_lᵀ + c_l and Ra_{l+1} = φ_l'(z_l)⊙Rz_l; backwards,
     Rδ_last = ∇²_z L·Rz_last (the loss Hessian in the logits, by autograd on an (N, C) graph),
     Rδ_{l−1} = φ'⊙(Rδ_l·W_l + δ_l·V_l) + φ''⊙Rz_{l−1}⊙(δ_l·W_l), and H·v = (Rδ_lᵀ·a_l + δ_lᵀ·Ra_l, ΣRδ_l).
-    The activations, φ', φ'' and δ are computed once; each product costs two GEMMs with the
-    input and a few small ones, about 60% of autograd's double backward.
+    The activations, φ', φ'' and δ are computed once; b directions at a time share every GEMM.
     """
 
     def __init__(self, model, layers, x, y, loss_fn, memory_budget):
@@ -467,42 +506,57 @@ class MLPHessianOperator:
         return {"a": a, "d1": d1s, "d2": d2s, "deltas": deltas, "grad_inputs": grad_inputs,
                 "logits": logits, "grad_logits": grad_logits}
 
-    def _product(self, cache: dict, directions) -> list[torch.Tensor]:
-        a, d1, d2, deltas = cache["a"], cache["d1"], cache["d2"], cache["deltas"]
+    def _r_forward(self, cache: dict, directions, b: int) -> tuple[list, list]:
+        """Rz_l and Ra_l for b directions at once, laid out (n, b, features)."""
+        a, d1 = cache["a"], cache["d1"]
+        n = a[0].shape[0]
         rz, ra = [], [None]
         for l, ((w, _), (dw, db)) in enumerate(zip(self.weights, directions)):
-            z = a[l] @ dw.T  # (n, out)
+            z = (a[l] @ dw.reshape(-1, w.shape[1]).T).view(n, b, w.shape[0])  # a_l·V_lᵀ
             if l > 0:
                 z += ra[l] @ w.T
             if db is not None:
                 z += db
             rz.append(z)
             if l < len(self.weights) - 1:
-                ra.append(d1[l] * z)
-        r_delta = torch.autograd.grad(cache["grad_logits"], cache["logits"], rz[-1], retain_graph=True)[0]
-        out = []
-        for l in range(len(self.weights) - 1, -1, -1):
-            w, dw = self.weights[l][0], directions[l][0]
-            grad_w = r_delta.T @ a[l]
-            if l > 0:
-                grad_w += deltas[l].T @ ra[l]
-            out = [grad_w, *([] if self.weights[l][1] is None else [r_delta.sum(dim=0)]), *out]
-            if l > 0:
-                r_delta_prev = d1[l - 1] * (r_delta @ w + deltas[l] @ dw)
-                if d2[l - 1] is not None:
-                    r_delta_prev += d2[l - 1] * rz[l - 1] * cache["grad_inputs"][l]
-                r_delta = r_delta_prev
-        return out
+                ra.append(d1[l][:, None, :] * z)
+        return rz, ra
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        self.matvecs += 1
-        directions = _linear_parts(self.linears, v.detach())
-        total = torch.zeros_like(v)
+    def _product(self, cache: dict, directions, b: int) -> torch.Tensor:
+        a, d1, d2, deltas = cache["a"], cache["d1"], cache["d2"], cache["deltas"]
+        n = a[0].shape[0]
+        rz, ra = self._r_forward(cache, directions, b)
+        r_delta = torch.autograd.grad(cache["grad_logits"], cache["logits"], rz[-1].transpose(0, 1),
+                                      retain_graph=True, is_grads_batched=True)[0].transpose(0, 1)  # (n, b, C)
+        grads = []
+        for l in range(len(self.weights) - 1, -1, -1):
+            (w, bias), dw = self.weights[l], directions[l][0]
+            out_f, in_f = w.shape
+            grad_w = (r_delta.reshape(n, b * out_f).T @ a[l]).view(b, out_f, in_f)
+            if l > 0:
+                grad_w += (deltas[l].T @ ra[l].reshape(n, b * in_f)).view(out_f, b, in_f).transpose(0, 1)
+            grads = [grad_w.reshape(b, -1), *([] if bias is None else [r_delta.sum(dim=0)]), *grads]
+            if l > 0:
+                r_prev = r_delta @ w + (deltas[l] @ dw.transpose(0, 1).reshape(out_f, b * in_f)).view(n, b, in_f)
+                r_prev *= d1[l - 1][:, None, :]
+                if d2[l - 1] is not None:
+                    r_prev += d2[l - 1][:, None, :] * rz[l - 1] * cache["grad_inputs"][l][:, None, :]
+                r_delta = r_prev
+        return torch.cat(grads, dim=1)
+
+    def matmat(self, vs: torch.Tensor) -> torch.Tensor:
+        """H·vᵢ for every row vᵢ of vs (b, D)."""
+        self.matvecs += vs.shape[0]
+        directions = _linear_parts(self.linears, vs.detach())
+        total = torch.zeros_like(vs)
         with torch.no_grad():
             for i, rows in enumerate(self.chunks):
                 cache = self._caches[i] if self._caches is not None else self._cache(rows)
-                total += torch.cat([t.reshape(-1) for t in self._product(cache, directions)])
+                total += self._product(cache, directions, vs.shape[0])
         return total
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v[None])[0]
 
 
 def hessian_operator(
@@ -514,7 +568,7 @@ def hessian_operator(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     path: str = "auto",
 ) -> HessianOperator | MLPHessianOperator:
-    """The exact Hessian of the mean loss as a matrix-free operator v -> H·v (flat, `parameters()` order).
+    """The exact Hessian of the mean loss as a matrix-free operator: `op(v)` = H·v, `op.matmat(V)` = rows H·vᵢ.
 
     path="auto" uses the closed-form R-operator for plain MLPs and autograd's double backward
     (reverse-over-reverse, which every loss supports) for any other model; "fast"/"general" force one.
@@ -537,6 +591,93 @@ def hessian_vector_product(
     return hessian_operator(model, x, y, loss_fn=loss_fn)(v.to(next(model.parameters())))
 
 
+def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn | None = None,
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    """The dense Hessian (D, D) of the mean loss, column block by column block (for small models)."""
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    like = flat_parameters(model)
+    columns = max(1, min(op.dim, memory_budget // max(1, 8 * op.dim * like.element_size())))
+    blocks = [op.matmat(torch.eye(op.dim, dtype=like.dtype, device=like.device)[s : s + columns])
+              for s in range(0, op.dim, columns)]
+    dense = torch.cat(blocks)
+    return (dense + dense.T) / 2  # symmetric up to rounding; make it exactly so
+
+
+# ----------------------------------------------------------------------------- Lanczos
+
+
+@dataclass
+class _Lanczos:
+    """One Lanczos run: the tridiagonal T (alphas on the diagonal, betas off it) and the orthonormal basis."""
+
+    alphas: list = field(default_factory=list)
+    betas: list = field(default_factory=list)
+    beta_next: float = 0.0
+    basis: torch.Tensor | None = None  # (m, D) after the run
+    finished: bool = False
+
+    def ritz(self, k: int, which: str):
+        """The k wanted Ritz values (largest first / most negative first), their vectors, residual estimates
+        β_m·|s_m| (exact in exact arithmetic, reliable with full reorthogonalisation) and max |θ|."""
+        values, vectors = np.linalg.eigh(np.diag(self.alphas) + np.diag(self.betas, 1) + np.diag(self.betas, -1))
+        order = (np.argsort(-values) if which == "largest" else np.argsort(values))[: min(k, len(values))]
+        residuals = abs(self.beta_next) * np.abs(vectors[-1, order])
+        ritz_vectors = torch.from_numpy(np.ascontiguousarray(vectors[:, order].T)).to(self.basis) @ self.basis
+        return values[order], ritz_vectors, residuals, float(np.abs(values).max())
+
+    def converged(self, k: int, which: str, tol: float) -> bool:
+        values, vectors = np.linalg.eigh(np.diag(self.alphas) + np.diag(self.betas, 1) + np.diag(self.betas, -1))
+        order = (np.argsort(-values) if which == "largest" else np.argsort(values))[:k]
+        scale = max(float(np.abs(values).max()), 1e-30)  # ≈ ‖H‖: eigenvalues near zero cannot stall the test
+        residuals = abs(self.beta_next) * np.abs(vectors[-1, order])
+        return len(order) == k and bool(np.all(residuals <= tol * np.maximum(np.abs(values[order]), 1e-8 * scale)))
+
+
+def _lanczos_runs(matmat, starts: torch.Tensor, *, max_steps, done=lambda run: False, project=None) -> list[_Lanczos]:
+    """Independent Lanczos runs with full reorthogonalisation, advanced in lockstep so that each step is one
+    batched product H·[q_1 ... q_R]. Run r stops after max_steps (an int, or one per run), when `done(run)` says
+    so, or at breakdown (β ≈ 0: its Krylov space is invariant and its Ritz values are exact).
+    `project(products, active)` restricts the products of the active runs (used for diagonal blocks)."""
+    n_runs, dim = starts.shape
+    limits = [min(m, dim) for m in (max_steps if isinstance(max_steps, (list, tuple)) else [max_steps] * n_runs)]
+    basis = torch.empty((n_runs, min(max(limits), 16) + 1, dim), dtype=starts.dtype, device=starts.device)
+    basis[:, 0] = starts / starts.norm(dim=1, keepdim=True)
+    runs = [_Lanczos() for _ in range(n_runs)]
+    for j in range(max(limits)):
+        active = [r for r in range(n_runs) if not runs[r].finished]
+        if not active:
+            break
+        products = matmat(basis[active, j])
+        if project is not None:
+            products = project(products, active)
+        for w, r in zip(products, active):
+            run, q = runs[r], basis[r, : j + 1]
+            run.alphas.append(float(w @ basis[r, j]))
+            for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
+                w = w - q.T @ (q @ w)
+            run.beta_next = float(w.norm())
+            scale = max(abs(a) for a in run.alphas) + max(run.betas, default=0.0)
+            if run.beta_next <= 1e-12 * max(scale, 1e-30) or j + 1 == limits[r] or done(run):
+                run.finished = True
+                continue
+            if j + 1 >= basis.shape[1] - 1:
+                basis = torch.cat([basis, torch.empty_like(basis)], dim=1)
+            basis[r, j + 1] = w / run.beta_next
+            run.betas.append(run.beta_next)
+    for r, run in enumerate(runs):
+        run.basis = basis[r, : len(run.alphas)].clone()
+    return runs
+
+
+def _rademacher(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(like)
+
+
+def _start_vector(dim: int, seed: int, like: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, generator=generator, dtype=torch.float64).to(like)
+
+
 @dataclass
 class EigenResult:
     """An eigenpair estimate with its convergence certificate ‖H·v − λ·v‖ (v of unit norm)."""
@@ -547,60 +688,6 @@ class EigenResult:
     converged: bool
     residual: float
     method: str
-
-
-@dataclass
-class _Ritz:
-    values: np.ndarray
-    vectors: torch.Tensor  # (k, D)
-    residuals: np.ndarray
-    steps: int
-    converged: bool
-
-
-def _lanczos(matvec, start: torch.Tensor, *, k: int, which: str, tol: float, max_iter: int) -> _Ritz:
-    """Lanczos with full reorthogonalisation; stops when every wanted Ritz pair has ‖Hv − θv‖ ≤ tol·|θ|.
-
-    The residual of a Ritz pair (θ, Q s) is β_m·|s_m| (last component of the T-eigenvector),
-    exact in exact arithmetic and reliable with full reorthogonalisation.
-    """
-    dim = start.numel()
-    max_iter = min(max_iter, dim)
-    basis = torch.empty((min(max_iter, 32) + 1, dim), dtype=start.dtype, device=start.device)
-    basis[0] = start / start.norm()
-    alphas, betas = [], []
-    for j in range(max_iter):
-        w = matvec(basis[j])
-        alphas.append(float(w @ basis[j]))
-        q = basis[: j + 1]
-        for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
-            w = w - q.T @ (q @ w)
-        beta = float(w.norm())
-        ritz = _ritz_from_tridiagonal(alphas, betas, beta, k=k, which=which)
-        scale = max(ritz[3], 1e-30)  # ≈ ‖H‖, so eigenvalues near zero cannot stall the relative test
-        done = bool(np.all(ritz[2] <= tol * np.maximum(np.abs(ritz[0]), 1e-8 * scale))) and j + 1 >= k
-        if done or beta <= 1e-12 * scale or j + 1 == max_iter:
-            converged = done or beta <= 1e-12 * scale
-            return _Ritz(ritz[0], ritz[1].T.to(basis) @ basis[: j + 1], ritz[2], j + 1, converged)
-        if j + 1 >= basis.shape[0] - 1:
-            basis = torch.cat([basis, torch.empty_like(basis)])
-        basis[j + 1] = w / beta
-        betas.append(beta)
-    raise AssertionError("unreachable")
-
-
-def _ritz_from_tridiagonal(alphas, betas, beta_next, *, k, which):
-    """Ritz values (sorted as requested), T-eigenvectors (m, k), residual norms of the k wanted pairs, max |Ritz|."""
-    values, vectors = _eigh_tridiagonal(np.asarray(alphas), np.asarray(betas))
-    order = np.argsort(-values) if which == "largest" else np.argsort(values)
-    order = order[: min(k, len(values))]
-    residuals = abs(beta_next) * np.abs(vectors[-1, order])
-    return values[order], torch.from_numpy(np.ascontiguousarray(vectors[:, order])), residuals, np.abs(values).max()
-
-
-def _eigh_tridiagonal(diagonal: np.ndarray, off_diagonal: np.ndarray):
-    t = np.diag(diagonal) + np.diag(off_diagonal, 1) + np.diag(off_diagonal, -1)
-    return np.linalg.eigh(t)
 
 
 def _power_iteration(matvec, start: torch.Tensor, *, tol: float, max_iter: int):
@@ -619,11 +706,6 @@ def _power_iteration(matvec, start: torch.Tensor, *, tol: float, max_iter: int):
             return 0.0, v, i, True, 0.0
         v = w / norm
     return value, v, max_iter, False, residual
-
-
-def _start_vector(dim: int, seed: int, like: torch.Tensor) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(dim, generator=generator, dtype=torch.float64).to(like)
 
 
 def top_hessian_eigenvalue(
@@ -652,9 +734,10 @@ def top_hessian_eigenvalue(
     like = flat_parameters(model)
     v0 = _start_vector(op.dim, seed, like) if start is None else start.detach().to(like)
     if method == "lanczos":
-        ritz = _lanczos(op, v0, k=1, which="largest", tol=tol, max_iter=max_iter)
-        return EigenResult(float(ritz.values[0]), ritz.vectors[0], op.matvecs, ritz.converged,
-                           float(ritz.residuals[0]), "lanczos")
+        run = _lanczos_runs(op.matmat, v0[None], max_steps=max_iter, done=lambda r: r.converged(1, "largest", tol))[0]
+        values, vectors, residuals, _ = run.ritz(1, "largest")
+        return EigenResult(float(values[0]), vectors[0], op.matvecs, run.converged(1, "largest", tol)
+                           or run.beta_next <= 1e-12 * max(abs(values[0]), 1e-30), float(residuals[0]), "lanczos")
     if method != "power":
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     value, vector, _, converged, residual = _power_iteration(op, v0, tol=tol, max_iter=max_iter)
@@ -664,6 +747,246 @@ def top_hessian_eigenvalue(
         mu, vector, _, converged_shifted, residual = _power_iteration(shifted, v0, tol=tol, max_iter=max_iter)
         value, converged = mu + shift, converged and converged_shifted
     return EigenResult(value, vector, op.matvecs, converged, residual, "power")
+
+
+@dataclass
+class EigenpairsResult:
+    """k extreme eigenpairs of the Hessian with their certificates ‖H·v_i − λ_i·v_i‖ (computed, not estimated)."""
+
+    eigenvalues: list[float]  # largest first ("largest") or most negative first ("smallest")
+    eigenvectors: torch.Tensor  # (k, D), orthonormal rows
+    residuals: list[float]
+    converged: bool
+    iterations: int  # Hessian-vector products, the final residual check included
+    which: str
+
+
+def hessian_eigenpairs(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    k: int = 5,
+    which: str = "largest",
+    tol: float = 1e-6,
+    seed: int = 0,
+    max_iter: int = 300,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> EigenpairsResult:
+    """The k largest (or most negative) eigenvalues of the Hessian and their eigenvectors, by Lanczos with full
+    reorthogonalisation, stopped when every wanted pair has ‖Hv − λv‖ ≤ tol·max(|λ|, 1e-8·‖H‖); the residuals
+    are then recomputed with k true products. λ_min < 0 means a saddle, not a minimum (Dauphin et al. 2014)."""
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    if not 1 <= k <= op.dim:
+        raise ValueError(f"k must be between 1 and the number of parameters ({op.dim}), got {k}")
+    v0 = _start_vector(op.dim, seed, flat_parameters(model))
+    run = _lanczos_runs(op.matmat, v0[None], max_steps=max(max_iter, k), done=lambda r: r.converged(k, which, tol))[0]
+    values, vectors, _, scale = run.ritz(k, which)
+    residuals = (op.matmat(vectors) - torch.as_tensor(values).to(vectors)[:, None] * vectors).norm(dim=1)
+    limits = torch.as_tensor(tol * np.maximum(np.abs(values), 1e-8 * scale)).to(residuals)
+    converged = len(values) == k and bool(torch.all(residuals <= limits))
+    return EigenpairsResult(values.tolist(), vectors, residuals.tolist(), converged, op.matvecs, which)
+
+
+# ----------------------------------------------------------------------------- traces and spectra
+
+
+@dataclass
+class TraceResult:
+    """A stochastic trace estimate with its standard error."""
+
+    trace: float
+    stderr: float
+    matvecs: int
+    method: str
+    converged: bool  # the standard error reached rel_stderr·|trace| within max_matvecs
+
+
+def trace_estimate(matmat, dim: int, *, method: str = "hutch++", rel_stderr: float = 0.01,
+                   max_matvecs: int = 1000, seed: int = 0, like: torch.Tensor | None = None,
+                   block: int = 8, sketch: int = 16) -> TraceResult:
+    """tr(A) for a symmetric operator given by `matmat` (rows in, rows out).
+
+    "hutchinson": mean of zᵀAz over Rademacher z, standard error std/√m (Hutchinson 1989).
+    "hutch++": tr(QᵀAQ) exactly on the span Q of A·S for `sketch` Rademacher S, plus Hutchinson on
+    the deflated (I − QQᵀ)A(I − QQᵀ) (Meyer et al. 2021), whose variance the top directions no
+    longer dominate. Both add probes, `block` at a time, until stderr ≤ rel_stderr·|trace|
+    (at least 2 blocks), not until the running mean stops moving.
+    """
+    if method not in ("hutchinson", "hutch++"):
+        raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
+    like = torch.zeros(1) if like is None else like
+    generator = torch.Generator().manual_seed(seed)
+    used, exact_part, q = 0, 0.0, None
+    if method == "hutch++":
+        s = min(sketch, dim, max(1, max_matvecs // 3))
+        q, _ = torch.linalg.qr(matmat(_rademacher((s, dim), generator, like)).T)  # (D, s)
+        exact_part = float(torch.trace(q.T @ matmat(q.T.contiguous()).T))
+        used = 2 * s
+    if q is not None and q.shape[1] == dim:  # the sketch spans everything: tr(QᵀAQ) is the trace
+        return TraceResult(exact_part, 0.0, used, method, True)
+    samples: list[float] = []
+    estimate, stderr = exact_part, math.inf
+    while used < max_matvecs:
+        z = _rademacher((min(block, max_matvecs - used), dim), generator, like)
+        if q is not None:
+            z = z - (z @ q) @ q.T
+        samples += (z * matmat(z)).sum(dim=1).tolist()
+        used += z.shape[0]
+        estimate = exact_part + float(np.mean(samples))
+        stderr = float(np.std(samples, ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else math.inf
+        if len(samples) >= 2 * block and stderr <= rel_stderr * abs(estimate):
+            break
+    return TraceResult(estimate, stderr, used, method, stderr <= rel_stderr * abs(estimate))
+
+
+def hessian_trace(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    method: str = "hutch++",
+    rel_stderr: float = 0.01,
+    max_matvecs: int = 1000,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> TraceResult:
+    """tr(H) of the mean loss by Hutch++ (default) or Hutchinson on exact products, stopped when the standard
+    error reaches rel_stderr·|tr(H)| (PyHessian stops when the running mean moves < 1e-3, ~3% error here)."""
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    return trace_estimate(op.matmat, op.dim, method=method, rel_stderr=rel_stderr, max_matvecs=max_matvecs,
+                          seed=seed, like=flat_parameters(model))
+
+
+@dataclass
+class SpectralDensity:
+    """Smoothed spectral density of the Hessian from stochastic Lanczos quadrature."""
+
+    grid: np.ndarray
+    density: np.ndarray  # integrates to 1 over grid
+    nodes: np.ndarray  # (runs, steps) Ritz values; unused entries (early breakdown) have weight 0
+    weights: np.ndarray  # (runs, steps) squared first components of T's eigenvectors; each row sums to 1
+    sigma: float
+
+
+def hessian_spectral_density(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lanczos_steps: int = 80,
+    runs: int = 10,
+    seed: int = 0,
+    sigma: float | None = None,
+    grid_points: int = 2000,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> SpectralDensity:
+    """Stochastic Lanczos quadrature (Ghorbani et al. 2019): for each of `runs` Rademacher vectors v/‖v‖,
+    m Lanczos steps give T = U·diag(θ)·Uᵀ, and vᵀf(H)v ≈ Σ_i U_1i²·f(θ_i); the density is the average over
+    runs of Σ_i U_1i²·N(t; θ_i, σ²), so it integrates to 1 and its mean is ≈ tr(H)/D. σ defaults to
+    1% of the spectral range. All runs advance in lockstep, one batched product per step."""
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    like = flat_parameters(model)
+    generator = torch.Generator().manual_seed(seed)
+    starts = _rademacher((runs, op.dim), generator, like)
+    per_block = max(1, memory_budget // max(1, (lanczos_steps + 1) * op.dim * like.element_size()))
+    results = [run for s in range(0, runs, per_block)
+               for run in _lanczos_runs(op.matmat, starts[s : s + per_block], max_steps=lanczos_steps)]
+    steps = max(len(r.alphas) for r in results)
+    nodes, weights = np.zeros((runs, steps)), np.zeros((runs, steps))
+    for i, run in enumerate(results):
+        values, vectors = np.linalg.eigh(np.diag(run.alphas) + np.diag(run.betas, 1) + np.diag(run.betas, -1))
+        nodes[i, : len(values)], weights[i, : len(values)] = values, vectors[0] ** 2
+    used = weights > 0
+    low, high = nodes[used].min(), nodes[used].max()
+    sigma = sigma if sigma is not None else max(0.01 * (high - low), 1e-12 * max(abs(high), 1.0))
+    grid = np.linspace(low - 6 * sigma, high + 6 * sigma, grid_points)
+    kernel = np.exp(-0.5 * ((grid[:, None] - nodes[used][None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    density = kernel @ weights[used] / runs
+    return SpectralDensity(grid, density, nodes, weights, sigma)
+
+
+@dataclass
+class LayerCurvature:
+    """Curvature of one parameter tensor's diagonal Hessian block H_bb."""
+
+    name: str
+    size: int
+    top_eigenvalue: float
+    residual: float
+    trace: float
+    trace_stderr: float  # 0 when the trace is exact
+    converged: bool
+
+
+def layer_curvature(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int = 0,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    rel_stderr: float = 0.02,
+    max_probes: int = 200,
+    exact_below: int = 64,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> list[LayerCurvature]:
+    """Per parameter tensor b: the top eigenvalue of its diagonal Hessian block H_bb (Lanczos restricted to the
+    block, stopped at ‖H_bb v − λv‖ ≤ tol·|λ|) and tr(H_bb) (exact for blocks of at most `exact_below` entries,
+    else Hutchinson with block-restricted Rademacher probes until the standard error reaches rel_stderr).
+    All blocks advance together: each Lanczos step and each probe round is one batched product."""
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    like = flat_parameters(model)
+    names, sizes = zip(*[(name, math.prod(shape)) for name, shape in _shapes(model)])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    masks = torch.zeros((len(sizes), op.dim), dtype=like.dtype)
+    for b in range(len(sizes)):
+        masks[b, offsets[b] : offsets[b + 1]] = 1
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randn((len(sizes), op.dim), generator=generator, dtype=torch.float64).to(like) * masks
+    runs = _lanczos_runs(op.matmat, starts, max_steps=[min(max_iter, n) for n in sizes],
+                         done=lambda r: r.converged(1, "largest", tol),
+                         project=lambda products, active: products * masks[active].to(products))
+    traces = _block_traces(op, masks, sizes, offsets, generator, like, rel_stderr, max_probes, exact_below)
+    out = []
+    for b, run in enumerate(runs):
+        values, _, residuals, _ = run.ritz(1, "largest")
+        out.append(LayerCurvature(names[b], sizes[b], float(values[0]), float(residuals[0]), *traces[b],
+                                  run.converged(1, "largest", tol) or len(run.alphas) == sizes[b]))
+    return out
+
+
+def _block_traces(op, masks, sizes, offsets, generator, like, rel_stderr, max_probes, exact_below):
+    """(trace, stderr) of every diagonal block: exact from unit vectors for small blocks, else Hutchinson
+    with probes restricted to the block, all blocks of one round in a single batched product."""
+    out = [None] * len(sizes)
+    for b, size in enumerate(sizes):
+        if size <= exact_below:
+            eye = torch.zeros((size, op.dim), dtype=like.dtype)
+            eye[:, offsets[b] : offsets[b + 1]] = torch.eye(size, dtype=like.dtype)
+            out[b] = (float(torch.diagonal(op.matmat(eye.to(like))[:, offsets[b] : offsets[b + 1]]).sum()), 0.0)
+    pending = [b for b in range(len(sizes)) if out[b] is None]
+    samples = {b: [] for b in pending}
+    while pending and min(len(samples[b]) for b in pending) < max_probes:
+        z = _rademacher((len(pending), op.dim), generator, like) * masks[pending].to(like)
+        for b, value in zip(pending, (z * op.matmat(z)).sum(dim=1).tolist()):
+            samples[b].append(value)
+        still = []
+        for b in pending:
+            s = samples[b]
+            stderr = float(np.std(s, ddof=1) / math.sqrt(len(s))) if len(s) > 1 else math.inf
+            out[b] = (float(np.mean(s)), stderr)
+            if len(s) < 8 or stderr > rel_stderr * abs(out[b][0]):
+                still.append(b)
+        pending = still
+    return out
 
 
 # ============================================================================ 3. flatness
@@ -748,15 +1071,132 @@ def perturbation_flatness(
 # ============================================================================ 4. gradient noise
 
 
-@dataclass
-class NoiseScaleResult:
-    """McCandlish et al. 2018's simple noise scale B_simple = tr(Σ)/|G|²."""
+def _mlp_parts(layers, params, x, y, loss_fn) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Per Linear layer of a plain MLP: its inputs a (n, in), the per-example output gradients δ (n, out) of
+    ℓ_i, and whether it has a bias. Per-example gradients are ∂ℓ_i/∂W = δ_i·a_iᵀ and ∂ℓ_i/∂b = δ_i."""
+    h = x.flatten(1)
+    inputs, outputs, linears, index = [], [], [], 0
+    for m in layers:
+        if type(m) is not nn.Linear:
+            h = m(h)
+            continue
+        w = params[index]
+        b = params[index + 1] if m.bias is not None else None
+        index += 2 if m.bias is not None else 1
+        inputs.append(h.detach())
+        z = F.linear(h, w, b)
+        if not outputs:
+            z.requires_grad_(True)  # the first pre-activation is the leaf of this graph
+        outputs.append(z)
+        linears.append(m)
+        h = z
+    with torch.enable_grad():
+        total = loss_fn(h, y) * x.shape[0]  # Σ_i ℓ_i, so ∂/∂z_i is the per-example output gradient δ_i
+        deltas = torch.autograd.grad(total, outputs)
+    return [(a, d, m.bias is not None) for a, d, m in zip(inputs, deltas, linears)]
 
-    b_simple: float
-    trace_cov: float  # tr(Σ), Σ the per-example gradient covariance with 1/(N−1)
-    grad_norm_sq: float  # |G|², G the mean gradient
-    n: int
-    note: str = ""  # why b_simple is infinite, when it is
+
+def _vmap_gradients(model, x, y, loss_fn) -> torch.Tensor:
+    """Per-example gradients (n, D) of any model, by torch.func.vmap(grad)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def example_loss(p, xi, yi):
+        return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([g.reshape(x.shape[0], -1) for g in grads.values()], dim=1)
+
+
+class _PerExample:
+    """Per-example gradients g_i of ℓ_i, chunk by chunk under the memory budget, never all materialised:
+    closed forms for plain MLPs, torch.func.vmap(grad) otherwise."""
+
+    def __init__(self, model, x, y, loss_fn, memory_budget, path):
+        self.x, self.y = _prepare(model, x, y)
+        self.model, self.loss_fn = model, _loss_fn(loss_fn)
+        self.layers = _mlp_layers(model)
+        if path not in ("auto", "fast", "general"):
+            raise ValueError(f"path must be 'auto', 'fast' or 'general', got {path!r}")
+        if path == "fast" and self.layers is None:
+            raise ValueError("the fast path needs a plain MLP (nn.Sequential of Linear and element-wise layers)")
+        self.closed_form = self.layers is not None and path != "general"
+        self.params = [p.detach() for p in model.parameters()]
+        self.dim = sum(p.numel() for p in self.params)
+        per_row = 4 * _graph_bytes_per_example(model, self.x, self.y, self.loss_fn)
+        if not self.closed_form:
+            per_row += 2 * self.dim * self.x.element_size()
+        self.chunks = _row_chunks(self.x.shape[0], memory_budget // max(1.0, per_row))
+        self._cached = None  # the only chunk's per-example parts, kept when everything fits in one chunk
+
+    def _chunk(self, rows: slice):
+        if self._cached is not None:
+            return self._cached
+        x, y = self.x[rows], self.y[rows]
+        part = (_mlp_parts(self.layers, self.params, x, y, self.loss_fn) if self.closed_form
+                else _vmap_gradients(self.model, x, y, self.loss_fn))
+        if len(self.chunks) == 1:
+            self._cached = part
+        return part
+
+    def norms_and_mean(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖g_i‖² for all i, float64; G = mean g_i, float64)."""
+        norms, total = [], torch.zeros(self.dim, dtype=torch.float64)
+        for rows in self.chunks:
+            part = self._chunk(rows)
+            if self.closed_form:
+                n = torch.zeros(rows.stop - rows.start, dtype=torch.float64)
+                sums = []
+                for a, delta, bias in part:
+                    delta_sq = delta.pow(2).sum(dim=1).double()
+                    n += a.pow(2).sum(dim=1).double() * delta_sq  # ‖δ_i a_iᵀ‖² = ‖a_i‖²‖δ_i‖²
+                    if bias:
+                        n += delta_sq
+                    sums += [(delta.T @ a).reshape(-1), *([delta.sum(dim=0)] if bias else [])]
+                norms.append(n)
+                total += torch.cat(sums).double()
+            else:
+                norms.append(part.pow(2).sum(dim=1).double())
+                total += part.sum(dim=0).double()
+        return torch.cat(norms), total / self.x.shape[0]
+
+    def weighted_sums(self, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_i weights[p, i]·g_i for every row p of weights (P, N), as (P, D) in the model's dtype."""
+        out = torch.zeros((weights.shape[0], self.dim), dtype=self.params[0].dtype)
+        for rows in self.chunks:
+            u = weights[:, rows].to(self.params[0])
+            part = self._chunk(rows)
+            if not self.closed_form:
+                out += u @ part
+                continue
+            pieces = []
+            for a, delta, bias in part:
+                scaled = (u[:, :, None] * delta[None]).transpose(1, 2).reshape(-1, delta.shape[0])  # (P·out, n)
+                pieces += [(scaled @ a).reshape(u.shape[0], -1), *([u @ delta] if bias else [])]
+            out += torch.cat(pieces, dim=1)
+        return out
+
+
+    def dots(self, vectors: torch.Tensor) -> torch.Tensor:
+        """g_iᵀ·v_p for every example i and row p of vectors (P, D), as (P, N) in float64."""
+        out = []
+        for rows in self.chunks:
+            part = self._chunk(rows)
+            if not self.closed_form:
+                out.append((part @ vectors.T).T.double())
+                continue
+            n = rows.stop - rows.start
+            total = torch.zeros((n, vectors.shape[0]), dtype=vectors.dtype)
+            offset = 0
+            for a, delta, bias in part:
+                out_f, in_f = delta.shape[1], a.shape[1]
+                v_w = vectors[:, offset : offset + out_f * in_f].reshape(-1, in_f)  # (P·out, in)
+                offset += out_f * in_f
+                total += ((a @ v_w.T).view(n, -1, out_f) * delta[:, None, :]).sum(dim=2)  # δ_iᵀ·V·a_i
+                if bias:
+                    total += delta @ vectors[:, offset : offset + out_f].T
+                    offset += out_f
+            out.append(total.T.double())
+        return torch.cat(out, dim=1)
 
 
 def per_example_gradient_norms_sq(
@@ -774,64 +1214,23 @@ def per_example_gradient_norms_sq(
     Plain MLPs: ‖∂ℓ_i/∂W‖² = ‖a_i‖²·‖δ_i‖² per Linear layer (input a_i, output gradient δ_i),
     plus ‖δ_i‖² for the bias, all from one backward pass. Other models: torch.func.vmap(grad).
     """
-    x, y = _prepare(model, x, y)
-    loss_fn = _loss_fn(loss_fn)
-    layers = _mlp_layers(model)
-    if path == "fast" and layers is None:
-        raise ValueError("the fast path needs a plain MLP (nn.Sequential of Linear and element-wise layers)")
-    rows = memory_budget // max(1.0, 4 * _graph_bytes_per_example(model, x, y, loss_fn))
-    norms, grad_sum = [], torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    for rs in _row_chunks(x.shape[0], rows):
-        if layers is not None and path != "general":
-            chunk_norms, chunk_sum = _mlp_per_example_norms(model, layers, x[rs], y[rs], loss_fn)
-        else:
-            chunk_norms, chunk_sum = _vmap_per_example_norms(model, x[rs], y[rs], loss_fn)
-        norms.append(chunk_norms)
-        grad_sum += chunk_sum
-    return torch.cat(norms), (grad_sum / x.shape[0])
+    return _PerExample(model, x, y, loss_fn, memory_budget, path).norms_and_mean()
 
 
-def _mlp_per_example_norms(model, layers, x, y, loss_fn):
-    """Closed-form per-example gradient norms of a plain MLP; returns (norms², summed gradient)."""
-    params = list(p.detach() for p in model.parameters())
-    h = x.flatten(1)
-    inputs, outputs, index = [], [], 0
-    for m in layers:
-        if type(m) is not nn.Linear:
-            h = m(h)
-            continue
-        w = params[index]
-        b = params[index + 1] if m.bias is not None else None
-        index += 2 if m.bias is not None else 1
-        inputs.append(h.detach())
-        z = F.linear(h, w, b)
-        if not outputs:
-            z.requires_grad_(True)  # the first pre-activation is the leaf of this graph
-        outputs.append(z)
-        h = z
-    total = loss_fn(h, y) * x.shape[0]  # Σ_i ℓ_i, so ∂/∂z_i is the per-example output gradient δ_i
-    deltas = torch.autograd.grad(total, outputs)
-    norms = torch.zeros(x.shape[0], dtype=torch.float64)
-    grads = []
-    for a, delta, m in zip(inputs, deltas, (m for m in layers if type(m) is nn.Linear)):
-        delta_sq = delta.pow(2).sum(dim=1).double()
-        norms += a.pow(2).sum(dim=1).double() * delta_sq
-        grads.append((delta.T @ a).reshape(-1))
-        if m.bias is not None:
-            norms += delta_sq
-            grads.append(delta.sum(dim=0))
-    return norms, torch.cat(grads).double()
+@dataclass
+class NoiseScaleResult:
+    """McCandlish et al. 2018's noise scales: B_simple = tr(Σ)/|G|² and B_noise = tr(HΣ)/(GᵀHG)."""
 
-
-def _vmap_per_example_norms(model, x, y, loss_fn):
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def example_loss(p, xi, yi):
-        return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-
-    grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))(params, x, y)
-    flat = torch.cat([g.reshape(x.shape[0], -1) for g in grads.values()], dim=1)  # (n, D)
-    return flat.pow(2).sum(dim=1).double(), flat.sum(dim=0).double()
+    b_simple: float
+    trace_cov: float  # tr(Σ), Σ the per-example gradient covariance with 1/(N−1)
+    grad_norm_sq: float  # |G|², G the mean gradient
+    n: int
+    note: str = ""  # why a noise scale is infinite, when it is
+    b_noise: float = math.nan  # NaN when not computed
+    trace_h_cov: float = math.nan  # tr(HΣ)
+    trace_h_cov_stderr: float = math.nan  # 0 when exact
+    g_h_g: float = math.nan  # GᵀHG
+    probes: int = 0  # example-space probes spent on tr(HΣ); 0 when exact
 
 
 def gradient_noise_scale(
@@ -839,26 +1238,127 @@ def gradient_noise_scale(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
+    b_noise: bool = True,
+    rel_stderr: float = 0.05,
+    max_probes: int = 256,
+    exact_below: int = 256,
+    seed: int = 0,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     path: str = "auto",
 ) -> NoiseScaleResult:
-    """B_simple = tr(Σ)/|G|² (McCandlish et al. 2018), exact from per-example gradients g_i over all N examples:
-    G = (1/N) Σ g_i, tr(Σ) = 1/(N−1) Σ ‖g_i − G‖² = N/(N−1)·(mean ‖g_i‖² − |G|²)."""
-    norms_sq, mean_grad = per_example_gradient_norms_sq(model, x, y, loss_fn=loss_fn,
-                                                        memory_budget=memory_budget, path=path)
+    """McCandlish et al. 2018's noise scales, from the exact per-example gradients g_i of all N examples.
+
+    B_simple = tr(Σ)/|G|², G = (1/N) Σ g_i, tr(Σ) = 1/(N−1) Σ ‖g_i − G‖² = N/(N−1)·(mean ‖g_i‖² − |G|²).
+    B_noise = tr(HΣ)/(GᵀHG), the curvature-aware scale, with exact Hessian products: tr(HΣ) =
+    1/(N−1) Σ (g_i − G)ᵀH(g_i − G), exactly when N ≤ exact_below, else by Hutch++ in example space
+    until its standard error reaches rel_stderr·|tr(HΣ)| (b_noise=False skips it).
+    """
+    per_example = _PerExample(model, x, y, loss_fn, memory_budget, path)
+    norms_sq, mean_grad = per_example.norms_and_mean()
     n = norms_sq.numel()
     if n < 2:
         raise ValueError("the gradient noise scale needs at least 2 examples")
     mean_norm_sq = float(norms_sq.mean())
     grad_norm_sq = float(mean_grad @ mean_grad)
     trace_cov = max(0.0, n / (n - 1) * (mean_norm_sq - grad_norm_sq))
-    eps = torch.finfo(next(model.parameters()).dtype).eps
-    if grad_norm_sq <= (100 * eps) ** 2 * mean_norm_sq:
-        note = (f"|G|^2 = {grad_norm_sq:.3g} is numerically zero (below (100 eps)^2 x mean |g_i|^2 = "
-                f"{(100 * eps) ** 2 * mean_norm_sq:.3g}): the mean gradient vanishes at this point, so B_simple is infinite")
-        return NoiseScaleResult(math.inf, trace_cov, grad_norm_sq, n, note)
-    return NoiseScaleResult(trace_cov / grad_norm_sq, trace_cov, grad_norm_sq, n)
+    eps = torch.finfo(per_example.params[0].dtype).eps
+    zero_gradient = grad_norm_sq <= (100 * eps) ** 2 * mean_norm_sq
+    note = (f"|G|^2 = {grad_norm_sq:.3g} is numerically zero (below (100 eps)^2 x mean |g_i|^2 = "
+            f"{(100 * eps) ** 2 * mean_norm_sq:.3g}): the mean gradient vanishes at this point, so the noise "
+            "scales are infinite") if zero_gradient else ""
+    result = NoiseScaleResult(math.inf if zero_gradient else trace_cov / grad_norm_sq, trace_cov, grad_norm_sq, n,
+                              note)
+    if b_noise:
+        _add_b_noise(result, per_example, mean_grad, model, rel_stderr, max_probes, exact_below, seed,
+                     memory_budget, zero_gradient)
+    return result
+
+
+def _add_b_noise(result, per_example, mean_grad, model, rel_stderr, max_probes, exact_below, seed, budget, zero):
+    """tr(HΣ), GᵀHG and B_noise into `result`. With J_c the centred per-example gradients (N, D),
+    tr(HΣ) = tr(M)/(N−1) for M = J_c·H·J_cᵀ (N, N); M·u costs one weighted gradient sum, one Hessian product
+    and one pass of per-example dot products, so tr(M) is estimated by Hutch++ in example space (exact when
+    N ≤ exact_below, from the N unit vectors)."""
+    op = hessian_operator(model, per_example.x, per_example.y, loss_fn=per_example.loss_fn, memory_budget=budget)
+    g = mean_grad.to(per_example.params[0])
+    result.g_h_g = float(g @ op(g))
+    n = result.n
+
+    def m_matmat(u: torch.Tensor) -> torch.Tensor:  # rows u (P, N) -> rows of M·u
+        w = per_example.weighted_sums(u) - u.sum(dim=1, keepdim=True).to(g) * g  # Σ_i u_i (g_i − G)
+        hw = op.matmat(w)
+        return per_example.dots(hw) - (hw @ g).double()[:, None]
+
+    if n <= exact_below:
+        trace, stderr, probes = float(torch.trace(m_matmat(torch.eye(n, dtype=torch.float64)))), 0.0, 0
+    else:
+        estimate = trace_estimate(m_matmat, n, method="hutch++", rel_stderr=rel_stderr, max_matvecs=max_probes,
+                                  seed=seed, like=torch.zeros(1, dtype=torch.float64))
+        trace, stderr, probes = estimate.trace, estimate.stderr, estimate.matvecs
+    result.trace_h_cov, result.trace_h_cov_stderr, result.probes = trace / (n - 1), stderr / (n - 1), probes
+    result.b_noise = math.inf if zero else result.trace_h_cov / result.g_h_g
+
+
+@dataclass
+class TwoBatchNoiseResult:
+    """McCandlish et al. 2018's unbiased two-batch-size estimates, averaged over independent draws."""
+
+    grad_norm_sq: float
+    trace_cov: float
+    b_simple: float
+    grad_norm_sq_stderr: float
+    trace_cov_stderr: float
+    batches: int
+    b_small: int
+    b_big: int
+
+
+def two_batch_noise_scale(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    b_small: int,
+    b_big: int,
+    batches: int = 10,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+) -> TwoBatchNoiseResult:
+    """|G|², tr(Σ) and B_simple from mini-batch gradients only, as one computes them at scale (McCandlish et al.
+    2018, appendix A): with G_B the mean gradient of a batch of B examples drawn without replacement,
+    E|G_B|² = |G|² + tr(Σ)(1/B − 1/N), so per draw tr(Σ) ≈ (|G_s|² − |G_b|²)/(1/b_s − 1/b_b) and
+    |G|² ≈ (b_b|G_b|² − b_s|G_s|²)/(b_b − b_s) + tr(Σ)/N (the last term corrects for the finite data set;
+    both are then unbiased). Small and big batches are drawn independently; B_simple = mean tr(Σ)/mean |G|²."""
+    x, y = _prepare(model, x, y)
+    n = x.shape[0]
+    if not 1 <= b_small < b_big <= n or batches < 2:
+        raise ValueError(f"need 1 <= b_small < b_big <= N = {n} and batches >= 2, got {b_small}, {b_big}, {batches}")
+    loss_fn = _loss_fn(loss_fn)
+    params = {k: v.detach().requires_grad_(True) for k, v in model.named_parameters()}
+    generator = torch.Generator().manual_seed(seed)
+
+    def batch_grad_norm_sq(size: int) -> float:
+        idx = torch.randperm(n, generator=generator)[:size]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(_functional_loss(model, params, x[idx], y[idx], loss_fn),
+                                        list(params.values()), allow_unused=True, materialize_grads=True)
+        return float(sum(g.double().pow(2).sum() for g in grads))
+
+    traces, norms = [], []
+    for _ in range(batches):
+        small, big = batch_grad_norm_sq(b_small), batch_grad_norm_sq(b_big)
+        trace = (small - big) / (1 / b_small - 1 / b_big)
+        traces.append(trace)
+        norms.append((b_big * big - b_small * small) / (b_big - b_small) + trace / n)
+    t, g = float(np.mean(traces)), float(np.mean(norms))
+    return TwoBatchNoiseResult(g, t, t / g if g > 0 else math.inf, float(np.std(norms, ddof=1) / math.sqrt(batches)),
+                               float(np.std(traces, ddof=1) / math.sqrt(batches)), batches, b_small, b_big)
+
+
+def noise_temperature(lr: float, n: int, batch_size: int, momentum: float = 0.0) -> float:
+    """Smith & Le 2018's SGD noise scale g = εN/(B(1 − m)): learning rate ε, N examples, batch B, momentum m."""
+    return lr * n / (batch_size * (1 - momentum))
 
 
 # ============================================================================ 5. connectivity
