@@ -15,6 +15,7 @@ Edit the defaults in `Config` below, or override any of them with a flag (`--hel
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime as dt
 import hashlib
@@ -61,8 +62,28 @@ class Config:
     sharpness_method: str = field(default="lanczos", metadata={"help": "top-eigenvalue solver", "choices": ("lanczos", "power")})
     sharpness_tol: float = field(default=1e-4, metadata={"help": "stop when ||Hv - lambda v|| <= tol |lambda| (power: relative change)"})
     sharpness_max_iter: int = field(default=100, metadata={"help": "most Hessian-vector products for the top eigenvalue"})
+    eigen_k: int = field(default=5, metadata={"help": "how many top Hessian eigenvalues to compute"})
+    eigen_tol: float = field(default=1e-3, metadata={"help": "residual tolerance of the top-k and smallest eigenpairs"})
+    trace_rel_stderr: float = field(default=0.02, metadata={"help": "stop the Hessian trace estimate at this relative standard error"})
+    density_runs: int = field(default=2, metadata={"help": "stochastic Lanczos quadrature runs for the spectral density"})
+    density_steps: int = field(default=40, metadata={"help": "Lanczos steps per spectral-density run"})
+    layer_rel_stderr: float = field(default=0.1, metadata={"help": "relative standard error of the per-layer Hessian traces"})
+    noise_rel_stderr: float = field(default=0.05, metadata={"help": "relative standard error of tr(H Sigma) for B_noise"})
+    two_batch: tuple[int, ...] = field(default=(32, 512), metadata={"help": "small and big batch of the two-batch noise estimate"})
+    track_every: int = field(default=0, metadata={"help": "track sharpness every N training steps (0: as often as a 20%% overhead allows, -1: off)"})
+    track_examples: int = field(default=256, metadata={"help": "training examples the tracked sharpness is measured on"})
+    exact: bool = field(default=False, metadata={"help": "also compute the dense Hessian and report every estimate's error (automatic below 3,000 parameters)"})
     flatness_sigmas: tuple[float, ...] = field(default=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5), metadata={"help": "perturbation sizes (filter-normalised units)"})
     flatness_samples: int = field(default=20, metadata={"help": "random directions per sigma"})
+    sharpness_rho: float = field(default=0.1, metadata={"help": "radius of the absolute worst-case sharpness ball (parameter L2 norm)"})
+    adaptive_rho: float = field(default=0.5, metadata={"help": "radius of the adaptive (|w|-scaled) worst-case sharpness ball"})
+    worst_case_steps: int = field(default=20, metadata={"help": "projected gradient-ascent steps for worst-case sharpness"})
+    pac_bayes_target: float = field(default=0.1, metadata={"help": "training-error increase that defines the PAC-Bayes sigma"})
+    pac_bayes_samples: int = field(default=10, metadata={"help": "noise draws per sigma in the PAC-Bayes bisection"})
+    rescale_alphas: tuple[float, ...] = field(default=(0.5, 2.0), metadata={"help": "alphas of the function-preserving rescaling experiment"})
+    bezier_epochs: int = field(default=5, metadata={"help": "epochs of training the Bezier curve's middle point"})
+    bezier_lr: float = field(default=0.05, metadata={"help": "learning rate for the Bezier curve's middle point"})
+    plane_steps: int = field(default=21, metadata={"help": "grid points per axis of the plane through both models and the curve"})
     interpolation_points: int = field(default=51, metadata={"help": "alphas on [0, 1] between the first two models"})
     surface_steps: int = field(default=41, metadata={"help": "grid points per axis of the 2-D loss surface (odd: includes the model)"})
     surface_span: float = field(default=1.0, metadata={"help": "the surface covers [-span, span]^2 in filter-normalised units"})
@@ -85,8 +106,11 @@ class Config:
 
 QUICK = dict(  # what --quick changes; flags given explicitly still win
     epochs=1, train_subset=1000, test_subset=500, sharpness_max_iter=30, flatness_sigmas=(0.1, 0.3, 0.5),
-    flatness_samples=3, interpolation_points=11, surface_steps=5,
+    flatness_samples=3, interpolation_points=11, surface_steps=5, eigen_k=3, density_runs=1, density_steps=20,
+    trace_rel_stderr=0.1, layer_rel_stderr=0.3, noise_rel_stderr=0.2, two_batch=(16, 128), worst_case_steps=3,
+    pac_bayes_samples=2, rescale_alphas=(2.0,), bezier_epochs=1, plane_steps=5,
 )
+EXACT_AUTO_MAX_PARAMETERS = 3000  # below this many parameters the dense Hessian is cheap: exact mode turns on
 
 
 class UsageError(Exception):
@@ -133,7 +157,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def validate(cfg: Config) -> None:
     """Raise UsageError naming the first flag whose value cannot work."""
-    positive_ints = ("epochs", "batch_size", "sharpness_max_iter", "flatness_samples", "memory_budget_mb")
+    positive_ints = ("epochs", "batch_size", "sharpness_max_iter", "flatness_samples", "memory_budget_mb", "eigen_k",
+                     "density_runs", "density_steps", "track_examples", "worst_case_steps", "pac_bayes_samples",
+                     "bezier_epochs")
     for name in positive_ints:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
@@ -148,6 +174,20 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.momentum < 1, "--momentum must be in [0, 1)", cfg.momentum),
         (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "--weight-decay must be >= 0", cfg.weight_decay),
         (0 < cfg.sharpness_tol < 1, "--sharpness-tol must be in (0, 1)", cfg.sharpness_tol),
+        (0 < cfg.eigen_tol < 1, "--eigen-tol must be in (0, 1)", cfg.eigen_tol),
+        (all(0 < v < 1 for v in (cfg.trace_rel_stderr, cfg.layer_rel_stderr, cfg.noise_rel_stderr)),
+         "--trace-rel-stderr, --layer-rel-stderr and --noise-rel-stderr must be in (0, 1)",
+         (cfg.trace_rel_stderr, cfg.layer_rel_stderr, cfg.noise_rel_stderr)),
+        (len(cfg.two_batch) == 2 and 1 <= cfg.two_batch[0] < cfg.two_batch[1],
+         "--two-batch needs two batch sizes, small < big", cfg.two_batch),
+        (cfg.track_every >= -1, "--track-every must be -1 (off), 0 (auto) or a positive integer", cfg.track_every),
+        (math.isfinite(cfg.sharpness_rho) and cfg.sharpness_rho > 0, "--sharpness-rho must be positive", cfg.sharpness_rho),
+        (math.isfinite(cfg.adaptive_rho) and cfg.adaptive_rho > 0, "--adaptive-rho must be positive", cfg.adaptive_rho),
+        (0 < cfg.pac_bayes_target < 1, "--pac-bayes-target must be in (0, 1)", cfg.pac_bayes_target),
+        (all(math.isfinite(a) and a > 0 for a in cfg.rescale_alphas), "--rescale-alphas must be positive",
+         cfg.rescale_alphas),
+        (math.isfinite(cfg.bezier_lr) and cfg.bezier_lr > 0, "--bezier-lr must be positive", cfg.bezier_lr),
+        (cfg.plane_steps >= 2, "--plane-steps must be at least 2", cfg.plane_steps),
         (all(math.isfinite(s) and s >= 0 for s in cfg.flatness_sigmas), "--flatness-sigmas must be non-negative numbers", cfg.flatness_sigmas),
         (cfg.interpolation_points >= 2, "--interpolation-points must be at least 2", cfg.interpolation_points),
         (cfg.surface_steps >= 2, "--surface-steps must be at least 2", cfg.surface_steps),
@@ -163,12 +203,25 @@ def validate(cfg: Config) -> None:
 # Fields each stage's result depends on; a stage is recomputed when any of them (or the code
 # of the modules it runs) changes. Trained models live in runs/<key of data + training>/.
 TRAINING_FIELDS = ("dataset", "model", "hidden", "epochs", "lr", "momentum", "batch_size", "weight_decay",
-                   "train_subset", "threads")
+                   "train_subset", "threads", "track_every", "track_examples", "probe_seed")
 STAGE_FIELDS = {
     "evaluate": ("test_subset",),
     "sharpness": ("sharpness_method", "sharpness_tol", "sharpness_max_iter", "probe_seed", "memory_budget_mb"),
+    "eigenpairs": ("eigen_k", "eigen_tol", "probe_seed", "memory_budget_mb"),
+    "trace": ("trace_rel_stderr", "probe_seed", "memory_budget_mb"),
+    "density": ("density_runs", "density_steps", "probe_seed", "memory_budget_mb"),
+    "layers": ("layer_rel_stderr", "probe_seed", "memory_budget_mb"),
+    "exact": ("eigen_k", "eigen_tol", "trace_rel_stderr", "layer_rel_stderr", "noise_rel_stderr", "probe_seed"),
     "flatness": ("flatness_sigmas", "flatness_samples", "probe_seed", "memory_budget_mb"),
-    "gradient_noise": ("memory_budget_mb",),
+    "worst_case": ("sharpness_rho", "adaptive_rho", "worst_case_steps", "probe_seed", "memory_budget_mb"),
+    "pac_bayes": ("pac_bayes_target", "pac_bayes_samples", "probe_seed", "memory_budget_mb"),
+    "aligned": ("seeds", "interpolation_points", "test_subset", "memory_budget_mb", "probe_seed"),
+    "bezier": ("seeds", "bezier_epochs", "bezier_lr", "batch_size", "momentum", "test_subset", "probe_seed",
+               "memory_budget_mb", "plane_steps"),
+    "reparametrisation": ("seeds", "rescale_alphas", "sharpness_tol", "sharpness_max_iter", "sharpness_rho",
+                          "adaptive_rho", "worst_case_steps", "flatness_sigmas", "flatness_samples", "probe_seed",
+                          "memory_budget_mb"),
+    "gradient_noise": ("noise_rel_stderr", "two_batch", "probe_seed", "memory_budget_mb"),
     "connectivity": ("seeds", "interpolation_points", "test_subset", "memory_budget_mb"),
     "surface": ("seeds", "surface_steps", "surface_span", "surface_split", "probe_seed", "test_subset",
                 "memory_budget_mb"),
@@ -350,10 +403,20 @@ class Run:
             self.timings[f"train[seed={seed}]"] = history["seconds"]
             return model.eval(), history
         cfg = self.cfg
+        tracker = SharpnessTracker(cfg, self.ds, self.budget)
+        every = tracker.interval(steps=cfg.epochs * math.ceil(self.ds.x_train.shape[0] / cfg.batch_size))
+        if every:
+            tracker(model, 0)
         h = training.train(model, self.ds.x_train, self.ds.y_train, epochs=cfg.epochs, lr=cfg.lr,
                            momentum=cfg.momentum, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                           seed=seed, progress=self.progress, desc=f"train seed {seed}")
-        history = {"steps": h.steps, "epoch_losses": h.epoch_losses, "seconds": round(h.seconds, 4)}
+                           seed=seed, progress=self.progress, desc=f"train seed {seed}",
+                           callback=tracker if every else None, callback_every=every)
+        if every and tracker.records[-1]["step"] != h.steps:
+            tracker(model, h.steps)
+        history = {"steps": h.steps, "epoch_losses": h.epoch_losses, "seconds": round(h.seconds - h.callback_seconds, 4),
+                   "tracking": {"every": every, "examples": tracker.examples, "records": tracker.records,
+                                "seconds": round(tracker.seconds, 4),
+                                "overhead": tracker.seconds / max(h.seconds - h.callback_seconds, 1e-9)}}
         self.store.save_model(name, key, model, history)
         self.timings[f"train[seed={seed}]"] = history["seconds"]
         log.info("trained seed %d: %d steps, final epoch loss %.4f", seed, h.steps, h.epoch_losses[-1])
@@ -370,11 +433,62 @@ class Run:
                                                        tol=cfg.sharpness_tol, seed=cfg.probe_seed,
                                                        method=cfg.sharpness_method, memory_budget=budget)),
             "tol": cfg.sharpness_tol})
+        out["eigenpairs"] = self.stage(f"eigenpairs[seed={seed}]", "eigenpairs", lambda: self.eigenpairs(model))
+        out["trace"] = self.stage(f"trace[seed={seed}]", "trace", lambda: dataclasses.asdict(utils.hessian_trace(
+            model, ds.x_train, ds.y_train, rel_stderr=cfg.trace_rel_stderr, seed=cfg.probe_seed,
+            memory_budget=budget)))
+        out["density"] = self.stage(f"density[seed={seed}]", "density", lambda: _density_dict(
+            utils.hessian_spectral_density(model, ds.x_train, ds.y_train, lanczos_steps=cfg.density_steps,
+                                           runs=cfg.density_runs, seed=cfg.probe_seed, memory_budget=budget)))
+        out["layers"] = self.stage(f"layers[seed={seed}]", "layers", lambda: [dataclasses.asdict(layer) for layer in
+            utils.layer_curvature(model, ds.x_train, ds.y_train, seed=cfg.probe_seed, tol=1e-2,
+                                  rel_stderr=cfg.layer_rel_stderr, max_probes=64, memory_budget=budget)])
         out["flatness"] = self.stage(f"flatness[seed={seed}]", "flatness", lambda: _flatness_dict(
             utils.perturbation_flatness(model, ds.x_train, ds.y_train, cfg.flatness_sigmas,
                                         samples=cfg.flatness_samples, seed=cfg.probe_seed, memory_budget=budget)))
-        out["gradient_noise"] = self.stage(f"gradient_noise[seed={seed}]", "gradient_noise", lambda: dataclasses.asdict(
-            utils.gradient_noise_scale(model, ds.x_train, ds.y_train, memory_budget=budget)))
+        out["adaptive_flatness"] = self.stage(f"adaptive_flatness[seed={seed}]", "flatness", lambda: _flatness_dict(
+            utils.perturbation_flatness(model, ds.x_train, ds.y_train, cfg.flatness_sigmas, adaptive=True,
+                                        samples=cfg.flatness_samples, seed=cfg.probe_seed, memory_budget=budget)))
+        out["worst_case"] = self.stage(f"worst_case[seed={seed}]", "worst_case", lambda: {
+            kind: _worst_dict(utils.worst_case_sharpness(model, ds.x_train, ds.y_train, rho=rho, adaptive=adaptive,
+                                                         steps=cfg.worst_case_steps, seed=cfg.probe_seed,
+                                                         memory_budget=budget))
+            for kind, rho, adaptive in (("absolute", cfg.sharpness_rho, False), ("adaptive", cfg.adaptive_rho, True))})
+        out["pac_bayes"] = self.stage(f"pac_bayes[seed={seed}]", "pac_bayes", lambda: {
+            kind: dataclasses.asdict(utils.pac_bayes_flatness(model, ds.x_train, ds.y_train, magnitude_aware=aware,
+                                                              max_error_increase=cfg.pac_bayes_target,
+                                                              samples=cfg.pac_bayes_samples, seed=cfg.probe_seed,
+                                                              memory_budget=budget))
+            for kind, aware in (("plain", False), ("magnitude_aware", True))})
+        out["gradient_noise"] = self.stage(f"gradient_noise[seed={seed}]", "gradient_noise", lambda: self.noise(model))
+        if self.exact_mode(model):
+            out["exact"] = self.stage(f"exact[seed={seed}]", "exact", lambda: exact_comparison(model, ds, out))
+        return out
+
+    def exact_mode(self, model) -> bool:
+        return self.cfg.exact or sum(p.numel() for p in model.parameters()) <= EXACT_AUTO_MAX_PARAMETERS
+
+    def eigenpairs(self, model) -> dict:
+        """The top-k eigenvalues and λ_min, each with its residuals (no eigenvectors: they are D numbers each)."""
+        x, y, cfg = self.ds.x_train, self.ds.y_train, self.cfg
+        top = utils.hessian_eigenpairs(model, x, y, k=cfg.eigen_k, tol=cfg.eigen_tol, seed=cfg.probe_seed,
+                                       memory_budget=self.budget)
+        bottom = utils.hessian_eigenpairs(model, x, y, k=1, which="smallest", tol=cfg.eigen_tol, seed=cfg.probe_seed,
+                                          memory_budget=self.budget)
+        return {"top": top.eigenvalues, "top_residuals": top.residuals, "top_converged": top.converged,
+                "top_iterations": top.iterations, "lambda_min": bottom.eigenvalues[0],
+                "lambda_min_residual": bottom.residuals[0], "lambda_min_converged": bottom.converged,
+                "lambda_min_iterations": bottom.iterations, "tol": cfg.eigen_tol}
+
+    def noise(self, model) -> dict:
+        x, y, cfg = self.ds.x_train, self.ds.y_train, self.cfg
+        out = dataclasses.asdict(utils.gradient_noise_scale(model, x, y, rel_stderr=cfg.noise_rel_stderr,
+                                                            seed=cfg.probe_seed, memory_budget=self.budget))
+        small, big = cfg.two_batch
+        if big <= x.shape[0]:
+            out["two_batch"] = dataclasses.asdict(utils.two_batch_noise_scale(model, x, y, b_small=small, b_big=big,
+                                                                              batches=20, seed=cfg.probe_seed))
+        out["temperature"] = utils.noise_temperature(cfg.lr, x.shape[0], cfg.batch_size, cfg.momentum)
         return out
 
     def connectivity(self, model_a, model_b) -> dict:
@@ -384,8 +498,71 @@ class Run:
         for split, (x, y) in self.ds.splits().items():
             r = utils.linear_interpolation(model_a, model_b, x, y, alphas, memory_budget=self.budget)
             out[split] = {"losses": r.losses, "accuracies": r.accuracies, "barrier": r.barrier,
-                          "endpoint_losses": list(r.endpoint_losses)}
+                          "endpoint_losses": list(r.endpoint_losses), "barriers": r.barriers}
         return out
+
+    def aligned(self, model_a, model_b) -> dict:
+        """Weight matching (Ainsworth et al. 2022), then the straight line to the aligned model."""
+        matched = utils.weight_matching(model_a, model_b, seed=self.cfg.probe_seed)
+        with torch.no_grad():
+            same = float((matched.model.eval()(self.ds.x_test) - model_b(self.ds.x_test)).abs().max())
+        return {"sweeps": matched.sweeps, "max_output_change": same,
+                "permutations": [p.tolist() for p in matched.permutations],
+                **self.connectivity(model_a, matched.model)}
+
+    def bezier(self, model_a, model_b) -> dict:
+        """A trained quadratic Bézier curve (Garipov et al. 2018), evaluated on train and test, and the loss on
+        the plane through both models and the curve's middle point."""
+        cfg, ds = self.cfg, self.ds
+        curve = utils.bezier_curve(model_a, model_b, ds.x_train, ds.y_train, epochs=cfg.bezier_epochs,
+                                   lr=cfg.bezier_lr, seed=cfg.probe_seed, momentum=cfg.momentum,
+                                   batch_size=cfg.batch_size, points=cfg.interpolation_points,
+                                   memory_budget=self.budget)
+        theta_a, theta_b = utils.flat_parameters(model_a), utils.flat_parameters(model_b)
+        points = utils.bezier_points(theta_a, curve.control, theta_b, curve.ts)
+        coefficients = torch.eye(len(curve.ts), dtype=torch.float64)
+        test = utils.losses_at_points(model_a, ds.x_test, ds.y_test, torch.zeros_like(theta_a), points, coefficients,
+                                      memory_budget=self.budget)
+        plane = utils.loss_plane(model_a, ds.x_train, ds.y_train, (theta_a, theta_b, curve.control),
+                                 steps=cfg.plane_steps, memory_budget=self.budget)
+        u = (theta_b - theta_a) / (theta_b - theta_a).norm()
+        v_raw = (curve.control - theta_a) - ((curve.control - theta_a) @ u) * u
+        v = v_raw / v_raw.norm()
+        path = torch.stack([(points - theta_a) @ u, (points - theta_a) @ v], dim=1)
+        return {"ts": curve.ts, "train_losses": curve.train_losses,
+                "train": {"losses": curve.losses, "accuracies": curve.accuracies},
+                "test": {"losses": test.losses.tolist(), "accuracies": test.accuracies.tolist()},
+                "plane": {"xs": plane.xs.tolist(), "ys": plane.ys.tolist(), "losses": plane.losses.tolist(),
+                          "points": plane.points.tolist(), "curve": path.tolist(), "split": "train"}}
+
+    def reparametrisation(self, model) -> dict:
+        """Dinh et al. 2017: rescaled copies compute the same function; which measures move with α?"""
+        cfg, ds, budget = self.cfg, self.ds, self.budget
+        x, y = ds.x_train, ds.y_train
+        sigma = max(cfg.flatness_sigmas)
+        rows = []
+        for alpha in (1.0, *cfg.rescale_alphas):
+            m = utils.rescaled_copy(model, alpha)
+            rows.append({
+                "alpha": alpha,
+                "max_output_change": float((m(ds.x_test) - model(ds.x_test)).abs().max()),
+                "top_eigenvalue": utils.top_hessian_eigenvalue(m, x, y, tol=cfg.sharpness_tol, seed=cfg.probe_seed,
+                                                               max_iter=cfg.sharpness_max_iter,
+                                                               memory_budget=budget).eigenvalue,
+                "worst_case_absolute": utils.worst_case_sharpness(m, x, y, rho=cfg.sharpness_rho,
+                                                                  steps=cfg.worst_case_steps, seed=cfg.probe_seed,
+                                                                  memory_budget=budget).sharpness,
+                "worst_case_adaptive": utils.worst_case_sharpness(m, x, y, rho=cfg.adaptive_rho, adaptive=True,
+                                                                  steps=cfg.worst_case_steps, seed=cfg.probe_seed,
+                                                                  memory_budget=budget).sharpness,
+                "filter_normalised": utils.perturbation_flatness(m, x, y, [sigma], samples=cfg.flatness_samples,
+                                                                 seed=cfg.probe_seed,
+                                                                 memory_budget=budget).mean_increase[0],
+                "adaptive_average": utils.perturbation_flatness(m, x, y, [sigma], samples=cfg.flatness_samples,
+                                                                seed=cfg.probe_seed, adaptive=True,
+                                                                memory_budget=budget).mean_increase[0],
+            })
+        return {"sigma": sigma, "rows": rows}
 
     def surface(self, model) -> dict:
         cfg = self.cfg
@@ -410,6 +587,89 @@ def _eigen_dict(eig: utils.EigenResult) -> dict:
 def _flatness_dict(flat: utils.FlatnessResult) -> dict:
     return {"sigmas": flat.sigmas, "mean_increase": flat.mean_increase, "std_increase": flat.std_increase,
             "base_loss": flat.base_loss, "samples": flat.increases.shape[0], "increases": flat.increases.tolist()}
+
+
+def _worst_dict(w: utils.WorstCaseResult) -> dict:
+    return {"sharpness": w.sharpness, "rho": w.rho, "adaptive": w.adaptive, "increases": w.increases}
+
+
+def _density_dict(d: utils.SpectralDensity) -> dict:
+    return {"grid": d.grid.tolist(), "density": d.density.tolist(), "nodes": d.nodes.tolist(),
+            "weights": d.weights.tolist(), "sigma": d.sigma}
+
+
+def exact_comparison(model, ds: data_module.Dataset, measured: dict) -> dict:
+    """The dense float64 Hessian's answers beside every estimate of `measured`, with the errors."""
+    model64 = copy.deepcopy(model).double()
+    x, y = ds.x_train.double(), ds.y_train
+    dense = utils.exact_hessian(model64, x, y)
+    eigenvalues = torch.linalg.eigvalsh(dense).numpy()
+    top = eigenvalues[::-1][: len(measured["eigenpairs"]["top"])]
+    offsets = np.cumsum([0] + [layer["size"] for layer in measured["layers"]])
+    blocks = [dense[a:b, a:b].numpy() for a, b in zip(offsets[:-1], offsets[1:])]
+    grads = utils.per_example_gradients(model64, x, y)  # (N, D)
+    mean = grads.mean(dim=0)
+    centred = grads - mean
+    trace_h_cov = float(((centred @ dense) * centred).sum()) / (x.shape[0] - 1)  # tr(HΣ) = tr(J_c H J_cᵀ)/(N−1)
+    exact = {"top": top.tolist(), "lambda_min": float(eigenvalues[0]), "trace": float(np.trace(dense.numpy())),
+             "b_noise": trace_h_cov / float(mean @ dense @ mean), "layer_top": [float(np.linalg.eigvalsh(b)[-1]) for b in blocks],
+             "layer_trace": [float(np.trace(b)) for b in blocks]}
+    est = measured
+    exact["errors"] = {
+        "top": float(np.max(np.abs(np.asarray(est["eigenpairs"]["top"]) - top))),
+        "lambda_min": abs(est["eigenpairs"]["lambda_min"] - exact["lambda_min"]),
+        "trace": abs(est["trace"]["trace"] - exact["trace"]),
+        "trace_in_stderr": abs(est["trace"]["trace"] - exact["trace"]) / max(est["trace"]["stderr"], 1e-300),
+        "sharpness": abs(est["sharpness"]["eigenvalue"] - top[0]),
+        "b_noise": abs(est["gradient_noise"]["b_noise"] - exact["b_noise"]),
+        "layer_top": float(np.max(np.abs(np.asarray([layer["top_eigenvalue"] for layer in est["layers"]]) -
+                                         np.asarray(exact["layer_top"])))),
+        "layer_trace": float(np.max(np.abs(np.asarray([layer["trace"] for layer in est["layers"]]) -
+                                           np.asarray(exact["layer_trace"])))),
+    }
+    return exact
+
+
+class SharpnessTracker:
+    """Training callback: λ_max (warm-started Lanczos), tr(H) (Hutchinson) and B_simple on a fixed subset of
+    the training data, recorded every few steps; compared with the stability thresholds 2/η and 2(1+β)/η
+    (Cohen et al. 2021). It leaves the model's parameters untouched."""
+
+    HVPS, PROBES, OVERHEAD = 4, 2, 0.2  # products per check, trace probes per check, target share of training
+
+    def __init__(self, cfg: Config, ds: data_module.Dataset, budget: int) -> None:
+        self.cfg, self.budget = cfg, budget
+        self.examples = min(cfg.track_examples, ds.x_train.shape[0])
+        self.x, self.y = ds.x_train[: self.examples], ds.y_train[: self.examples]
+        self.vector = None
+        self.records: list[dict] = []
+        self.seconds = 0.0
+
+    def interval(self, steps: int) -> int:
+        """Steps between checks: as given, or (0) as often as the overhead target allows. A check costs about
+        (HVPS + PROBES + 2) passes over `examples`, a training step one pass over a batch."""
+        if self.cfg.track_every:
+            return max(self.cfg.track_every, 0)
+        cost = (self.HVPS + self.PROBES + 2) * self.examples / (self.OVERHEAD * self.cfg.batch_size)
+        return max(1, min(steps, math.ceil(cost)))
+
+    def __call__(self, model, step: int) -> None:
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            op = utils.hessian_operator(model, self.x, self.y, memory_budget=self.budget)
+            eig = utils.top_hessian_eigenvalue(model, self.x, self.y, tol=1e-2, max_iter=self.HVPS,
+                                               seed=self.cfg.probe_seed, start=self.vector, operator=op)
+            trace = utils.hessian_trace(model, self.x, self.y, method="hutchinson", rel_stderr=0.5,
+                                        max_matvecs=self.PROBES, seed=self.cfg.probe_seed + step, operator=op)
+            noise = utils.gradient_noise_scale(model, self.x, self.y, b_noise=False, memory_budget=self.budget)
+        finally:
+            model.train(was_training)
+        self.vector = eig.eigenvector
+        self.records.append({"step": step, "lambda_max": eig.eigenvalue, "residual": eig.residual,
+                             "trace": trace.trace, "b_simple": noise.b_simple})
+        self.seconds += time.perf_counter() - start
 
 
 def environment() -> dict:
@@ -458,6 +718,10 @@ def run(cfg: Config) -> dict:
     first, second = cfg.seeds[0], cfg.seeds[1]
     connectivity = {"seeds": [first, second],
                     **r.stage("connectivity", "connectivity", lambda: r.connectivity(trained[first], trained[second]))}
+    connectivity["aligned"] = r.stage("aligned", "aligned", lambda: r.aligned(trained[first], trained[second]))
+    connectivity["bezier"] = r.stage("bezier", "bezier", lambda: r.bezier(trained[first], trained[second]))
+    reparametrisation = {"seed": first, **r.stage("reparametrisation", "reparametrisation",
+                                                  lambda: r.reparametrisation(trained[first]))}
     surface = {"seed": first, **r.stage("surface", "surface", lambda: r.surface(trained[first]))}
     if r.store.loaded:
         log.info("resumed %d finished stages from %s (--fresh recomputes them)", len(r.store.loaded), r.store.folder)
@@ -472,6 +736,7 @@ def run(cfg: Config) -> dict:
         "resumed": r.store.loaded,
         "models": per_model,
         "connectivity": connectivity,
+        "reparametrisation": reparametrisation,
         "surface": surface,
         "warnings": r.store.warnings + warnings,
         "timings": r.timings,
@@ -511,6 +776,12 @@ def _model_warnings(m: dict) -> list[str]:
         found.append(f"seed {m['seed']}: the top-eigenvalue solver did not converge in "
                      f"{m['sharpness']['iterations']} products (residual {m['sharpness']['residual']:.2e}); "
                      "raise --sharpness-max-iter; the value is not certified")
+    e = m["eigenpairs"]
+    for which, ok, count in (("top-k", e["top_converged"], e["top_iterations"]),
+                             ("smallest", e["lambda_min_converged"], e["lambda_min_iterations"])):
+        if not ok:
+            found.append(f"seed {m['seed']}: the {which} eigenpairs did not reach --eigen-tol {e['tol']} in {count} "
+                         "products; their residuals say how far they are")
     if m["gradient_noise"]["note"]:
         found.append(f"seed {m['seed']}: {m['gradient_noise']['note']}")
     return found

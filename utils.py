@@ -13,11 +13,13 @@ Contents
    reorthogonalisation (`top_hessian_eigenvalue`, also by power iteration; `hessian_eigenpairs`),
    stochastic traces (`trace_estimate`, `hessian_trace`: Hutchinson, Hutch++), the spectral density
    (`hessian_spectral_density`, stochastic Lanczos quadrature) and per-layer blocks (`layer_curvature`).
-3. Flatness: `filter_normalize`, `random_direction`, `perturbation_flatness`.
+3. Flatness: `filter_normalize`, `random_direction`, `perturbation_flatness` (filter-normalised or
+   adaptive), `worst_case_sharpness`, `pac_bayes_flatness`, `rescaled_copy` (Dinh et al.'s rescaling).
 4. Gradient noise: `per_example_gradient_norms_sq`, `gradient_noise_scale` (B_simple, B_noise),
    `two_batch_noise_scale`, `noise_temperature`.
-5. Connectivity: `barrier_height`, `linear_interpolation`.
-6. Surfaces: `symmetric_grid`, `loss_surface_2d`.
+5. Connectivity: `barrier_height`, `barrier_definitions`, `linear_interpolation`, `weight_matching`
+   (`permute_hidden_units`), `bezier_curve` (`bezier_points`).
+6. Surfaces: `symmetric_grid`, `loss_surface_2d`, `loss_plane` (through three points).
 
 Fast paths: for a plain MLP (an `nn.Sequential` of Linear layers and element-wise
 activations, such as `models.SmallMLP`) the batched evaluation uses the linearity
@@ -28,6 +30,7 @@ that both paths agree.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -39,6 +42,7 @@ from torch import nn
 from torch.func import functional_call
 
 __all__ = [
+    "BezierResult",
     "DEFAULT_MEMORY_BUDGET",
     "EigenResult",
     "EigenpairsResult",
@@ -46,12 +50,19 @@ __all__ = [
     "InterpolationResult",
     "LayerCurvature",
     "NoiseScaleResult",
+    "PacBayesResult",
+    "PlaneResult",
     "PointLosses",
     "SpectralDensity",
     "SurfaceResult",
     "TraceResult",
     "TwoBatchNoiseResult",
+    "WeightMatchingResult",
+    "WorstCaseResult",
+    "barrier_definitions",
     "barrier_height",
+    "bezier_curve",
+    "bezier_points",
     "check_measurable",
     "exact_hessian",
     "filter_normalize",
@@ -64,16 +75,23 @@ __all__ = [
     "hessian_vector_product",
     "layer_curvature",
     "linear_interpolation",
+    "loss_plane",
     "loss_surface_2d",
     "losses_at_points",
     "noise_temperature",
+    "pac_bayes_flatness",
     "per_example_gradient_norms_sq",
+    "per_example_gradients",
+    "permute_hidden_units",
     "perturbation_flatness",
     "random_direction",
+    "rescaled_copy",
     "symmetric_grid",
     "top_hessian_eigenvalue",
     "trace_estimate",
     "two_batch_noise_scale",
+    "weight_matching",
+    "worst_case_sharpness",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -406,12 +424,10 @@ class HessianOperator:
         parts = [_split_rows(vs, self.model)[i] for i in live]
         params = list(self.params.values())
         outputs = [grads[i] for i in live]
-        try:
-            hv = torch.autograd.grad(outputs, params, parts, retain_graph=True, allow_unused=True, is_grads_batched=True)
-        except RuntimeError:  # an op without a batching rule: one product at a time
-            rows = [torch.autograd.grad(outputs, params, [p[b] for p in parts], retain_graph=True, allow_unused=True)
-                    for b in range(vs.shape[0])]
-            hv = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(params))]
+        # one backward per vector: vmap (is_grads_batched) falls back to a slower loop for common losses
+        rows = [torch.autograd.grad(outputs, params, [p[b] for p in parts], retain_graph=True, allow_unused=True)
+                for b in range(vs.shape[0])]
+        hv = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(params))]
         if not retain:
             torch.autograd.grad(outputs, params, [torch.zeros_like(o) for o in outputs], allow_unused=True)
         return torch.cat([(h if h is not None else torch.zeros((vs.shape[0], *p.shape), dtype=p.dtype)
@@ -526,8 +542,7 @@ class MLPHessianOperator:
         a, d1, d2, deltas = cache["a"], cache["d1"], cache["d2"], cache["deltas"]
         n = a[0].shape[0]
         rz, ra = self._r_forward(cache, directions, b)
-        r_delta = torch.autograd.grad(cache["grad_logits"], cache["logits"], rz[-1].transpose(0, 1),
-                                      retain_graph=True, is_grads_batched=True)[0].transpose(0, 1)  # (n, b, C)
+        r_delta = self._logit_hessian_product(cache, rz[-1])  # (n, b, C)
         grads = []
         for l in range(len(self.weights) - 1, -1, -1):
             (w, bias), dw = self.weights[l], directions[l][0]
@@ -543,6 +558,19 @@ class MLPHessianOperator:
                     r_prev += d2[l - 1][:, None, :] * rz[l - 1] * cache["grad_inputs"][l][:, None, :]
                 r_delta = r_prev
         return torch.cat(grads, dim=1)
+
+    def _logit_hessian_product(self, cache: dict, r: torch.Tensor) -> torch.Tensor:
+        """∇²_z L·r for r (n, b, C): for plain cross-entropy the closed form (w/n)(p⊙r − p(pᵀr)), p = softmax(z),
+        w the chunk's share of the mean; for any other loss, autograd on the (n, C) graph, one direction at a time
+        (vmap's fallback for log-softmax's double backward is slower than a loop)."""
+        logits = cache["logits"].detach()
+        if self.loss_fn is F.cross_entropy and not self.tail and _is_integer_labels(self.y):
+            weight = 1.0 / self.x.shape[0]  # the chunk's share n_c/N of the mean times its own 1/n_c
+            p = torch.softmax(logits, dim=1)[:, None, :]
+            return weight * (p * r - p * (p * r).sum(dim=2, keepdim=True))
+        grads = [torch.autograd.grad(cache["grad_logits"], cache["logits"], r[:, j], retain_graph=True)[0]
+                 for j in range(r.shape[1])]
+        return torch.stack(grads, dim=1)
 
     def matmat(self, vs: torch.Tensor) -> torch.Tensor:
         """H·vᵢ for every row vᵢ of vs (b, D)."""
@@ -720,6 +748,7 @@ def top_hessian_eigenvalue(
     start: torch.Tensor | None = None,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    operator: HessianOperator | MLPHessianOperator | None = None,
 ) -> EigenResult:
     """Largest algebraic eigenvalue λ_max of the Hessian of the mean loss (sharpness; Keskar et al. 2017).
 
@@ -728,15 +757,17 @@ def top_hessian_eigenvalue(
     method="power": power iteration stopped on a relative change below tol (PyHessian's
     rule, which does not bound the error). Power iteration finds the eigenvalue of largest
     magnitude; when that is negative it is rerun on H − λ_neg·I, whose dominant eigenvalue
-    is λ_max − λ_neg, so the result is always the largest algebraic eigenvalue.
+    is λ_max − λ_neg, so the result is always the largest algebraic eigenvalue. `operator` reuses a
+    `hessian_operator` of the same model and data (its product count goes on).
     """
-    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    op = operator or hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    spent = op.matvecs
     like = flat_parameters(model)
     v0 = _start_vector(op.dim, seed, like) if start is None else start.detach().to(like)
     if method == "lanczos":
         run = _lanczos_runs(op.matmat, v0[None], max_steps=max_iter, done=lambda r: r.converged(1, "largest", tol))[0]
         values, vectors, residuals, _ = run.ritz(1, "largest")
-        return EigenResult(float(values[0]), vectors[0], op.matvecs, run.converged(1, "largest", tol)
+        return EigenResult(float(values[0]), vectors[0], op.matvecs - spent, run.converged(1, "largest", tol)
                            or run.beta_next <= 1e-12 * max(abs(values[0]), 1e-30), float(residuals[0]), "lanczos")
     if method != "power":
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
@@ -746,7 +777,7 @@ def top_hessian_eigenvalue(
         shifted = lambda v: op(v) - shift * v  # noqa: E731
         mu, vector, _, converged_shifted, residual = _power_iteration(shifted, v0, tol=tol, max_iter=max_iter)
         value, converged = mu + shift, converged and converged_shifted
-    return EigenResult(value, vector, op.matvecs, converged, residual, "power")
+    return EigenResult(value, vector, op.matvecs - spent, converged, residual, "power")
 
 
 @dataclass
@@ -854,10 +885,12 @@ def hessian_trace(
     seed: int = 0,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    operator: HessianOperator | MLPHessianOperator | None = None,
 ) -> TraceResult:
     """tr(H) of the mean loss by Hutch++ (default) or Hutchinson on exact products, stopped when the standard
-    error reaches rel_stderr·|tr(H)| (PyHessian stops when the running mean moves < 1e-3, ~3% error here)."""
-    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    error reaches rel_stderr·|tr(H)| (PyHessian stops when the running mean moves < 1e-3, ~3% error here).
+    `operator` reuses a `hessian_operator` of the same model and data."""
+    op = operator or hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
     return trace_estimate(op.matmat, op.dim, method=method, rel_stderr=rel_stderr, max_matvecs=max_matvecs,
                           seed=seed, like=flat_parameters(model))
 
@@ -1068,6 +1101,169 @@ def perturbation_flatness(
     return FlatnessResult(sigmas, increases.mean(axis=0).tolist(), std.tolist(), increases, float(base), adaptive)
 
 
+@dataclass
+class WorstCaseResult:
+    """The largest loss increase found within a ρ-ball around θ, and where."""
+
+    sharpness: float  # max found of L(θ + ε) − L(θ)
+    rho: float
+    adaptive: bool
+    perturbation: torch.Tensor  # ε, flat
+    increases: list[float]  # best increase after each ascent step
+
+
+def _loss_and_gradient(model, params_flat, x, y, loss_fn, rows) -> tuple[float, torch.Tensor]:
+    """Mean loss and its gradient at a flat parameter vector, summed over row chunks."""
+    theta = params_flat.detach().requires_grad_(True)
+    total, grad = 0.0, torch.zeros_like(theta)
+    with torch.enable_grad():
+        for rs in _row_chunks(x.shape[0], rows):
+            weight = (rs.stop - rs.start) / x.shape[0]
+            loss = weight * _functional_loss(model, _split(theta, model), x[rs], y[rs], loss_fn)
+            grad += torch.autograd.grad(loss, theta)[0]
+            total += float(loss.detach())
+    return total, grad
+
+
+def worst_case_sharpness(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    rho: float,
+    adaptive: bool = False,
+    steps: int = 20,
+    seed: int = 0,
+    starts: int = 3,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> WorstCaseResult:
+    """max_{‖T⁻¹ε‖₂ ≤ ρ} L(θ + ε) − L(θ) by projected, normalised gradient ascent (Keskar et al. 2017;
+    Andriushchenko et al. 2023), T = I (absolute) or T = diag(|θ|) (adaptive, Kwon et al. 2021).
+
+    Ascent runs in u = T⁻¹ε: u ← Π_ρ(u + η·∇_u/‖∇_u‖) with ∇_u = T·∇L(θ + Tu); it starts from the best
+    of `starts` random points on the sphere ‖u‖ = ρ, and η starts at ρ and halves whenever a step does not
+    improve. The best point seen is returned, so the result is a lower bound on the true maximum and
+    at least the increase at any random point of the sphere it tried.
+    """
+    if not rho > 0 or steps < 1:
+        raise ValueError(f"rho must be > 0 and steps >= 1, got rho={rho}, steps={steps}")
+    x, y = _prepare(model, x, y)
+    loss_fn = _loss_fn(loss_fn)
+    theta = flat_parameters(model)
+    scale = theta.abs() if adaptive else torch.ones_like(theta)
+    rows = memory_budget // max(1.0, 2 * _graph_bytes_per_example(model, x, y, loss_fn))
+    base = _loss_and_gradient(model, theta, x, y, loss_fn, rows)[0]
+    generator = torch.Generator().manual_seed(seed)
+    candidates = []
+    for _ in range(max(1, starts)):
+        u = torch.randn(theta.numel(), generator=generator, dtype=torch.float32).to(theta)
+        u = u * (rho / u.norm())
+        candidates.append((_loss_and_gradient(model, theta + scale * u, x, y, loss_fn, rows), u))
+    (best_loss, grad), u = max(candidates, key=lambda c: c[0][0])
+    best_u, step, history = u, rho, []
+    for _ in range(steps):
+        direction = scale * grad
+        norm = direction.norm()
+        if norm == 0:
+            break
+        trial = u + step * direction / norm
+        trial = trial * min(1.0, rho / float(trial.norm()))  # projection onto the ρ-ball
+        loss, trial_grad = _loss_and_gradient(model, theta + scale * trial, x, y, loss_fn, rows)
+        if loss > best_loss:
+            best_loss, best_u, u, grad = loss, trial, trial, trial_grad
+        else:
+            step /= 2
+        history.append(best_loss - base)
+    return WorstCaseResult(best_loss - base, rho, adaptive, scale * best_u, history)
+
+
+@dataclass
+class PacBayesResult:
+    """The largest Gaussian weight-noise level that raises the training error by at most a target."""
+
+    sigma: float
+    flatness: float  # 1/σ²
+    base_error: float
+    error_increase: float  # mean error increase at σ
+    magnitude_aware: bool
+
+
+def pac_bayes_flatness(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    magnitude_aware: bool = False,
+    max_error_increase: float = 0.1,
+    samples: int = 10,
+    seed: int = 0,
+    rounds: int = 4,
+    sigma_min: float = 1e-4,
+    sigma_max: float = 2.0,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> PacBayesResult:
+    """PAC-Bayes flatness (Jiang et al. 2020; Dziugaite et al. 2020): the largest σ such that the mean training
+    error of θ + σ·ε over `samples` Gaussian draws ε rises by at most `max_error_increase`; flatness = 1/σ².
+    Magnitude-aware: the noise on each weight is σ·(|w| + 1e-3)·ε (Dziugaite et al.'s magnitude_eps).
+
+    The same draws ε serve every σ (common random numbers), so the search runs on one fixed error curve;
+    like a bisection it assumes the error grows with σ. Each of `rounds` rounds evaluates 7 geometrically
+    spaced σ inside the current bracket [σ_ok, σ_too_big] in one batched pass and keeps the sub-bracket
+    where the target is crossed: relative precision (sigma_max/sigma_min)^(8^−rounds), 0.2% at the defaults.
+    """
+    if not 0 < max_error_increase < 1 or samples < 1:
+        raise ValueError("max_error_increase must be in (0, 1) and samples >= 1")
+    theta = flat_parameters(model)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((samples, theta.numel()), generator=generator, dtype=torch.float32).to(theta)
+    if magnitude_aware:
+        noise = noise * (theta.abs() + 1e-3)
+
+    def mean_errors(sigmas: list[float]) -> list[float]:
+        coefficients = torch.cat([torch.eye(samples, dtype=torch.float64) * s for s in sigmas])
+        result = losses_at_points(model, x, y, theta, noise, coefficients, loss_fn=loss_fn, memory_budget=memory_budget)
+        return (1.0 - result.accuracies.reshape(len(sigmas), samples).mean(dim=1)).tolist()
+
+    base_error, low_error, high_error = mean_errors([0.0, sigma_min, sigma_max])
+    low, high = sigma_min, sigma_max
+    if high_error - base_error <= max_error_increase:
+        low = high  # even the largest σ searched keeps the error within the target
+    elif low_error - base_error > max_error_increase:
+        low = 0.0  # even the smallest σ searched raises the error too much
+    else:
+        for _ in range(rounds):
+            inner = np.geomspace(low, high, 9)[1:-1].tolist()
+            within = [s for s, e in zip(inner, mean_errors(inner)) if e - base_error <= max_error_increase]
+            low = max(within, default=low)
+            high = min([s for s in inner if s > low], default=high)
+    increase = mean_errors([low])[0] - base_error if low > 0 else 0.0
+    return PacBayesResult(low, 1 / low**2 if low > 0 else math.inf, base_error, increase, magnitude_aware)
+
+
+def rescaled_copy(model: nn.Module, alpha: float) -> nn.Module:
+    """A copy of a ReLU MLP computing exactly the same function: the first Linear layer (weights and bias)
+    multiplied by α > 0 and the second layer's weights divided by α, which ReLU's positive homogeneity,
+    ReLU(αz) = α·ReLU(z), leaves unchanged (Dinh et al. 2017). Sharpness changes; the function does not."""
+    layers = _mlp_layers(model)
+    if layers is None or not alpha > 0:
+        raise ValueError("rescaled_copy needs a plain MLP (nn.Sequential of Linear and ReLU layers) and alpha > 0")
+    linear_positions = [i for i, m in enumerate(layers) if type(m) is nn.Linear]
+    if len(linear_positions) < 2 or not all(type(m) in (nn.ReLU, nn.Identity)
+                                            for m in layers[linear_positions[0] + 1 : linear_positions[1]]):
+        raise ValueError("rescaled_copy needs two Linear layers with only ReLU between them (positive homogeneity)")
+    out = copy.deepcopy(model)
+    first, second = [m for m in _mlp_layers(out) if type(m) is nn.Linear][:2]
+    with torch.no_grad():
+        first.weight.mul_(alpha)
+        if first.bias is not None:
+            first.bias.mul_(alpha)
+        second.weight.div_(alpha)
+    return out
+
+
+
 # ============================================================================ 4. gradient noise
 
 
@@ -1197,6 +1393,13 @@ class _PerExample:
                     offset += out_f
             out.append(total.T.double())
         return torch.cat(out, dim=1)
+
+
+def per_example_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                          loss_fn: LossFn | None = None) -> torch.Tensor:
+    """Every per-example gradient ∇ℓ_i as a dense (N, D) matrix (for small models and exact checks)."""
+    x, y = _prepare(model, x, y)
+    return _vmap_gradients(model, x, y, _loss_fn(loss_fn))
 
 
 def per_example_gradient_norms_sq(
@@ -1371,6 +1574,17 @@ def barrier_height(alphas: Sequence[float], losses: Sequence[float], loss_a: flo
     return float(np.max(np.asarray(losses, dtype=np.float64) - ((1 - a) * loss_a + a * loss_b)))
 
 
+def barrier_definitions(alphas, losses, errors, loss_ends, error_ends) -> dict[str, float]:
+    """The common barrier definitions, for loss and for error (1 − accuracy):
+    *_linear: max_α value(α) − ((1−α)·value(0) + α·value(1)) (Entezari et al. 2022);
+    *_mean: max_α value(α) − (value(0) + value(1))/2 (Frankle et al. 2020)."""
+    out = {}
+    for name, values, (a, b) in (("loss", losses, loss_ends), ("error", errors, error_ends)):
+        out[f"{name}_linear"] = barrier_height(alphas, values, a, b)
+        out[f"{name}_mean"] = float(np.max(values)) - (a + b) / 2
+    return out
+
+
 @dataclass
 class InterpolationResult:
     """Loss and accuracy along θ(α) = (1−α)·θ_a + α·θ_b."""
@@ -1378,8 +1592,12 @@ class InterpolationResult:
     alphas: list[float]
     losses: list[float]
     accuracies: list[float]
-    barrier: float
+    barrier: float  # over the given α, against the line between the endpoint losses
     endpoint_losses: tuple[float, float]
+    barriers: dict = field(default_factory=dict)  # every definition, with α refined near the peaks
+    refined_alphas: list[float] = field(default_factory=list)  # the given α and the refinements, sorted
+    refined_losses: list[float] = field(default_factory=list)
+    refined_accuracies: list[float] = field(default_factory=list)
 
 
 def _same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
@@ -1394,23 +1612,181 @@ def linear_interpolation(
     y: torch.Tensor,
     alphas: Sequence[float],
     *,
+    refine: int = 2,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> InterpolationResult:
-    """Linear mode connectivity: L and accuracy at θ(α) = (1−α)·θ_a + α·θ_b for each α, and the loss
-    barrier `barrier_height` (Entezari et al. 2022). The endpoints are evaluated exactly (α = 0 and 1)."""
+    """Linear mode connectivity: L and accuracy at θ(α) = (1−α)·θ_a + α·θ_b for each α, the loss barrier
+    `barrier_height` over the given α (Entezari et al. 2022), and `.barriers`, every common definition for loss
+    and error (`barrier_definitions`) after `refine` rounds that evaluate 8 more α between the neighbours of
+    the current loss and error peaks. The endpoints are evaluated exactly (α = 0 and 1)."""
     _same_architecture(model_a, model_b)
     check_measurable(model_b)
     theta_a = flat_parameters(model_a)
-    endpoints = torch.stack([theta_a, flat_parameters(model_b).to(theta_a)])  # θ(α) = (1−α)·θ_a + α·θ_b
+    endpoints = torch.stack([theta_a, flat_parameters(model_b).to(theta_a)])
+
+    def evaluate(points: list[float]) -> PointLosses:
+        a = torch.tensor(points, dtype=torch.float64)[:, None]
+        return losses_at_points(model_a, x, y, torch.zeros_like(theta_a), endpoints, torch.cat([1 - a, a], dim=1),
+                                loss_fn=loss_fn, memory_budget=memory_budget)
+
     alphas = [float(a) for a in alphas]
-    a = torch.tensor([0.0, 1.0, *alphas], dtype=torch.float64)[:, None]
-    result = losses_at_points(model_a, x, y, torch.zeros_like(theta_a), endpoints, torch.cat([1 - a, a], dim=1),
-                              loss_fn=loss_fn, memory_budget=memory_budget)
+    result = evaluate([0.0, 1.0, *alphas])
     loss_a, loss_b = float(result.losses[0]), float(result.losses[1])
-    losses = result.losses[2:].tolist()
-    return InterpolationResult(alphas, losses, result.accuracies[2:].tolist(),
-                               barrier_height(alphas, losses, loss_a, loss_b), (loss_a, loss_b))
+    acc_a, acc_b = float(result.accuracies[0]), float(result.accuracies[1])
+    losses, accuracies = result.losses[2:].tolist(), result.accuracies[2:].tolist()
+    table = dict(zip([0.0, 1.0, *alphas], zip(result.losses.tolist(), result.accuracies.tolist())))
+    for _ in range(refine):
+        grid = sorted(table)
+        new = []
+        for values in ([v[0] for v in table.values()], [-v[1] for v in table.values()]):
+            peak = grid.index(list(table)[int(np.nanargmax(values))]) if not np.all(np.isnan(values)) else None
+            if peak is not None:
+                low, high = grid[max(peak - 1, 0)], grid[min(peak + 1, len(grid) - 1)]
+                new += [a for a in np.linspace(low, high, 10)[1:-1].tolist() if a not in table]
+        if not new:
+            break
+        extra = evaluate(new)
+        table.update(zip(new, zip(extra.losses.tolist(), extra.accuracies.tolist())))
+    refined = sorted(table)
+    r_losses = [table[a][0] for a in refined]
+    r_acc = [table[a][1] for a in refined]
+    barriers = barrier_definitions(refined, r_losses, [1 - a for a in r_acc], (loss_a, loss_b), (1 - acc_a, 1 - acc_b))
+    return InterpolationResult(alphas, losses, accuracies, barrier_height(alphas, losses, loss_a, loss_b),
+                               (loss_a, loss_b), barriers, refined, r_losses, r_acc)
+
+
+@dataclass
+class WeightMatchingResult:
+    """model_b with its hidden units permuted to match model_a; it computes exactly model_b's function."""
+
+    model: nn.Module
+    permutations: list[torch.Tensor]  # per hidden layer: unit i of the result is unit permutations[l][i] of model_b
+    sweeps: int
+
+
+def _mlp_linears(model: nn.Module) -> list[nn.Linear]:
+    layers = _mlp_layers(model)
+    if layers is None:
+        raise ValueError("weight matching needs a plain MLP (nn.Sequential of Linear and element-wise layers)")
+    return [m for m in layers if type(m) is nn.Linear]
+
+
+def permute_hidden_units(model: nn.Module, permutations: Sequence[torch.Tensor]) -> nn.Module:
+    """A copy of a plain MLP whose hidden layer l has its units reordered by permutations[l]: unit i of the copy is
+    unit permutations[l][i] of the original. Rows of Linear l and columns of Linear l+1 move together, and
+    element-wise activations commute with the reordering, so the function is unchanged."""
+    out = copy.deepcopy(model)
+    linears = _mlp_linears(out)
+    if len(permutations) != len(linears) - 1:
+        raise ValueError(f"need one permutation per hidden layer ({len(linears) - 1}), got {len(permutations)}")
+    with torch.no_grad():
+        for layer, perm in enumerate(permutations):
+            current, following = linears[layer], linears[layer + 1]
+            current.weight.copy_(current.weight[perm])
+            if current.bias is not None:
+                current.bias.copy_(current.bias[perm])
+            following.weight.copy_(following.weight[:, perm])
+    return out
+
+
+def weight_matching(model_a: nn.Module, model_b: nn.Module, *, max_sweeps: int = 100, seed: int = 0
+                    ) -> WeightMatchingResult:
+    """Weight matching (Ainsworth et al. 2022): permutations P_l of model_b's hidden units maximising
+    Σ_l ⟨W_a^l, P_l W_b^l P_{l−1}ᵀ⟩ (+ the biases), by coordinate descent over layers in random order, each
+    step an exact linear assignment (scipy.optimize.linear_sum_assignment), until a sweep changes nothing."""
+    from scipy.optimize import linear_sum_assignment
+
+    _same_architecture(model_a, model_b)
+    la, lb = _mlp_linears(model_a), _mlp_linears(model_b)
+    wa = [m.weight.detach().double() for m in la]
+    wb = [m.weight.detach().double() for m in lb]
+    ba = [None if m.bias is None else m.bias.detach().double() for m in la]
+    bb = [None if m.bias is None else m.bias.detach().double() for m in lb]
+    perms = [torch.arange(m.out_features) for m in la[:-1]]
+    generator = torch.Generator().manual_seed(seed)
+    sweeps = 0
+    for sweeps in range(1, max_sweeps + 1):
+        changed = False
+        for layer in torch.randperm(len(perms), generator=generator).tolist():
+            incoming = wb[layer] if layer == 0 else wb[layer][:, perms[layer - 1]]  # columns follow P_{l−1}
+            score = wa[layer] @ incoming.T  # score[i, j]: unit i of a against unit j of b
+            if ba[layer] is not None:
+                score = score + torch.outer(ba[layer], bb[layer])
+            outgoing = wb[layer + 1] if layer + 1 == len(perms) else wb[layer + 1][perms[layer + 1]]
+            score = score + wa[layer + 1].T @ outgoing
+            _, columns = linear_sum_assignment(score.numpy(), maximize=True)
+            new = torch.as_tensor(columns)
+            if not torch.equal(new, perms[layer]):
+                perms[layer], changed = new, True
+        if not changed:
+            break
+    return WeightMatchingResult(permute_hidden_units(model_b, perms), perms, sweeps)
+
+
+@dataclass
+class BezierResult:
+    """A quadratic Bézier curve θ(t) = (1−t)²θ_a + 2t(1−t)θ_c + t²θ_b with a trained middle point θ_c."""
+
+    control: torch.Tensor  # θ_c, flat
+    ts: list[float]
+    losses: list[float]
+    accuracies: list[float]
+    train_losses: list[float]  # per epoch, mean loss at the sampled t
+
+
+def bezier_points(theta_a: torch.Tensor, control: torch.Tensor, theta_b: torch.Tensor, ts) -> torch.Tensor:
+    """Rows θ(t) of the quadratic Bézier curve for each t."""
+    t = torch.as_tensor(ts, dtype=theta_a.dtype)[:, None]
+    return (1 - t) ** 2 * theta_a + 2 * t * (1 - t) * control + t**2 * theta_b
+
+
+def bezier_curve(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int = 0,
+    momentum: float = 0.9,
+    batch_size: int = 128,
+    points: int = 21,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> BezierResult:
+    """A low-loss quadratic Bézier curve between two models (Garipov et al. 2018): θ_c starts at the midpoint
+    and is trained by SGD on E_{t~U(0,1)} L(θ(t)), one t per mini-batch; the curve's loss and accuracy are
+    then evaluated exactly at `points` values of t (t = 0 and 1 are the two models)."""
+    _same_architecture(model_a, model_b)
+    check_measurable(model_b)
+    x, y = _prepare(model_a, x, y)
+    loss_fn = _loss_fn(loss_fn)
+    theta_a, theta_b = flat_parameters(model_a), flat_parameters(model_b).to(flat_parameters(model_a))
+    control = ((theta_a + theta_b) / 2).requires_grad_(True)
+    optimizer = torch.optim.SGD([control], lr=lr, momentum=momentum)
+    generator = torch.Generator().manual_seed(seed)
+    epoch_losses = []
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(x.shape[0], generator=generator)
+            total = 0.0
+            for start in range(0, x.shape[0], batch_size):
+                idx = order[start : start + batch_size]
+                t = float(torch.rand((), generator=generator, dtype=torch.float64))
+                theta = (1 - t) ** 2 * theta_a + 2 * t * (1 - t) * control + t**2 * theta_b
+                loss = _functional_loss(model_a, _split(theta, model_a), x[idx], y[idx], loss_fn)
+                control.grad = torch.autograd.grad(loss, control)[0]  # the curve's own point, never a model's
+                optimizer.step()
+                total += float(loss.detach()) * idx.numel()
+            epoch_losses.append(total / x.shape[0])
+    control = control.detach()
+    ts = np.linspace(0.0, 1.0, points).tolist()
+    result = losses_at_points(model_a, x, y, torch.zeros_like(theta_a), torch.stack([theta_a, control, theta_b]),
+                              torch.tensor([[(1 - t) ** 2, 2 * t * (1 - t), t**2] for t in ts], dtype=torch.float64),
+                              loss_fn=loss_fn, memory_budget=memory_budget)
+    return BezierResult(control, ts, result.losses.tolist(), result.accuracies.tolist(), epoch_losses)
 
 
 # ============================================================================ 6. surfaces
@@ -1461,3 +1837,47 @@ def loss_surface_2d(
                               loss_fn=loss_fn, memory_budget=memory_budget)
     return SurfaceResult(grid.copy(), grid.copy(), result.losses.numpy().reshape(steps, steps),
                          result.accuracies.numpy().reshape(steps, steps), (d[0], d[1]))
+
+
+@dataclass
+class PlaneResult:
+    """The loss on the plane through three parameter points, in orthonormal in-plane coordinates."""
+
+    xs: np.ndarray  # (steps,) coordinate along u = (θ_b − θ_a)/‖θ_b − θ_a‖
+    ys: np.ndarray  # (steps,) coordinate along v, the unit part of θ_c − θ_a orthogonal to u
+    losses: np.ndarray  # (steps, steps), losses[i, j] at θ_a + xs[i]·u + ys[j]·v
+    points: np.ndarray  # (3, 2) in-plane coordinates of θ_a, θ_b, θ_c
+
+
+def loss_plane(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    points: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    steps: int = 21,
+    margin: float = 0.2,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> PlaneResult:
+    """Loss on the plane through θ_a, θ_b, θ_c (flat vectors; e.g. two models and a Bézier control point,
+    Garipov et al. 2018), on a steps×steps grid covering the three points with `margin` of their extent on
+    each side. `model` gives the architecture; its own parameters are not used."""
+    theta_a, theta_b, theta_c = (p.detach().to(flat_parameters(model)) for p in points)
+    u = theta_b - theta_a
+    u = u / u.norm()
+    v = (theta_c - theta_a) - ((theta_c - theta_a) @ u) * u
+    if float(v.norm()) <= 1e-12 * float((theta_c - theta_a).norm() + 1e-30):
+        raise ValueError("the three points are collinear: they span no plane")
+    v = v / v.norm()
+    coords = np.array([[0.0, 0.0], [float((theta_b - theta_a) @ u), 0.0],
+                       [float((theta_c - theta_a) @ u), float((theta_c - theta_a) @ v)]])
+    low, high = coords.min(axis=0), coords.max(axis=0)
+    pad = margin * (high - low)
+    xs = np.linspace(low[0] - pad[0], high[0] + pad[0], steps)
+    ys = np.linspace(low[1] - pad[1], high[1] + pad[1], steps)
+    a, b = np.meshgrid(xs, ys, indexing="ij")
+    result = losses_at_points(model, x, y, theta_a, torch.stack([u, v]),
+                              torch.from_numpy(np.stack([a.ravel(), b.ravel()], axis=1)),
+                              loss_fn=loss_fn, memory_budget=memory_budget, accuracy=False)
+    return PlaneResult(xs, ys, result.losses.numpy().reshape(steps, steps), coords)

@@ -40,7 +40,8 @@ import models  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
 
-GOALS = {"top eigenvalue": 0.5, "41x41 surface": 0.2, "noise scale": 0.02, "interpolation": 0.33, "flatness": 0.33}
+GOALS = {"top eigenvalue": 0.5, "41x41 surface": 0.2, "noise scale": 0.02, "interpolation": 0.33, "flatness": 0.33,
+         "tracking overhead": 0.25}
 
 
 def alternate(functions: dict, reps: int) -> dict:
@@ -149,7 +150,7 @@ def stage_noise(model, ds, reps):
     exact = utils.gradient_noise_scale(copy.deepcopy(model).double(), x.double(), y, path="general").b_simple
     runs = alternate({
         "baseline": lambda: baselines.noise_scale_loop(model, x, y),
-        "ours": lambda: utils.gradient_noise_scale(model, x, y),
+        "ours": lambda: utils.gradient_noise_scale(model, x, y, b_noise=False),
     }, max(1, reps // 2))
     row = {"stage": "noise scale", **_ratio(runs)}
     row["baseline_error"] = abs(runs["baseline"][1] - exact) / exact
@@ -209,6 +210,29 @@ def stage_flatness(model, ds, reps, sigmas=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5), samp
     return row
 
 
+def stage_tracking(ds, reps):
+    """Overhead of tracking sharpness during training at the default settings: tracked / untracked training."""
+    import main
+
+    scratch = tempfile.mkdtemp()
+    cfg = main.Config(runs_dir=scratch, fresh=True)
+    base = main.Config(runs_dir=scratch, fresh=True, track_every=-1)
+    timings = {"untracked": [], "tracked": []}
+    checks = 0
+    for _ in range(reps):
+        for name, c in (("untracked", base), ("tracked", cfg)):
+            run = main.Run(c, ds, progress=False)  # fresh: never loads, times the training itself
+            start = time.perf_counter()
+            _, history = run.trained_model(0)
+            timings[name].append(time.perf_counter() - start)
+            checks = len(history["tracking"]["records"]) if name == "tracked" else checks
+    ratio = statistics.median(timings["tracked"]) / statistics.median(timings["untracked"]) - 1
+    return {"stage": "tracking overhead", "baseline_time": describe(timings["untracked"]),
+            "ours_time": describe(timings["tracked"]), "ratio": ratio, "baseline_error": 0.0, "ours_error": 0.0,
+            "note": f"training seed 0 with and without tracking ({checks} checks on {cfg.track_examples} examples); "
+                    "ratio = extra time / training time"}
+
+
 def _ratio(runs) -> dict:
     base, ours = runs["baseline"][0], runs["ours"][0]
     return {"baseline_time": describe(base), "ours_time": describe(ours),
@@ -262,7 +286,8 @@ def main(argv=None) -> int:
                   lambda: stage_surface(model_a, ds, args.reps),
                   lambda: stage_noise(model_a, ds, args.reps),
                   lambda: stage_interpolation(model_a, model_b, ds, args.reps),
-                  lambda: stage_flatness(model_a, ds, args.reps)):
+                  lambda: stage_flatness(model_a, ds, args.reps),
+                  lambda: stage_tracking(ds, args.reps)):
         rows.append(stage())
         print(f"{rows[-1]['stage']}: ratio {rows[-1]['ratio']:.3f}", flush=True)
     run = None if args.no_run else whole_run()

@@ -9,7 +9,7 @@ import main
 import plotting
 
 MODEL_FIELDS = {"seed", "parameters", "training", "train", "test", "generalization_gap", "sharpness", "flatness",
-                "gradient_noise"}
+                "gradient_noise", "eigenpairs", "trace", "density", "layers"}
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,15 @@ def test_quick_run_writes_all_figures_and_metrics(quick_run):
         assert set(m["sharpness"]) >= {"eigenvalue", "iterations", "converged", "residual"}
         assert set(m["gradient_noise"]) >= {"b_simple", "trace_cov", "grad_norm_sq"}
         assert len(m["flatness"]["mean_increase"]) == len(metrics["config"]["flatness_sigmas"])
+        assert len(m["eigenpairs"]["top"]) == metrics["config"]["eigen_k"]
+        assert m["eigenpairs"]["top"] == sorted(m["eigenpairs"]["top"], reverse=True)
+        assert m["eigenpairs"]["lambda_min"] <= m["eigenpairs"]["top"][-1]
+        assert m["sharpness"]["eigenvalue"] == pytest.approx(m["eigenpairs"]["top"][0], rel=1e-2)
+        assert set(m["gradient_noise"]) >= {"b_noise", "trace_h_cov", "g_h_g", "temperature", "two_batch"}
+        assert [layer["name"] for layer in m["layers"]] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
+                                                            "fc3.weight", "fc3.bias"]
+        tracking = m["training"]["tracking"]
+        assert tracking["records"][0]["step"] == 0 and tracking["records"][-1]["step"] == m["training"]["steps"]
     assert metrics["config"]["quick"] and metrics["config"]["epochs"] == 1
     assert metrics["data"]["n_train"] == 1000 and len(metrics["data"]["sha256"]) == 64
     assert {"torch", "numpy", "python", "threads"} <= set(metrics["environment"])
@@ -119,3 +128,33 @@ def test_plot_only_redraws_from_saved_metrics_without_training_or_measuring(quic
 def test_plot_only_without_saved_results_says_what_to_do(tmp_path, capsys):
     assert main.main(["--plot-only", "--out", str(tmp_path)]) == 1
     assert "run without --plot-only first" in capsys.readouterr().err
+
+
+def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path):
+    """Below 3,000 parameters the dense Hessian is computed and each estimate's error is recorded; the
+    certified ones stay within their certificates, the stochastic ones within a few standard errors."""
+    out = tmp_path / "out"
+    argv = ["--quick", "--quiet", "--hidden", "3", "3", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
+            "--offline", "--eigen-tol", "1e-6", "--sharpness-tol", "1e-6"]
+    assert main.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for m in metrics["models"].values():
+        exact, errors = m["exact"], m["exact"]["errors"]
+        assert m["parameters"] < main.EXACT_AUTO_MAX_PARAMETERS
+        assert errors["sharpness"] <= m["sharpness"]["residual"] * 1.01 + 1e-7
+        assert errors["top"] <= max(m["eigenpairs"]["top_residuals"]) * 1.01 + 1e-7
+        assert errors["lambda_min"] <= m["eigenpairs"]["lambda_min_residual"] * 1.01 + 1e-7
+        assert errors["trace_in_stderr"] < 4
+        assert errors["b_noise"] <= 4 * m["gradient_noise"]["b_noise"] * metrics["config"]["noise_rel_stderr"]
+        assert exact["lambda_min"] <= exact["top"][-1]
+
+
+def test_tracking_can_be_switched_off_and_forced(tmp_path):
+    base = ["--quick", "--quiet", "--runs-dir", str(tmp_path / "runs"), "--offline"]
+    assert main.main([*base, "--out", str(tmp_path / "off"), "--track-every", "-1"]) == 0
+    off = json.loads((tmp_path / "off" / "metrics.json").read_text())
+    assert all(m["training"]["tracking"]["records"] == [] for m in off["models"].values())
+    assert main.main([*base, "--out", str(tmp_path / "on"), "--track-every", "2"]) == 0
+    on = json.loads((tmp_path / "on" / "metrics.json").read_text())
+    steps = [r["step"] for r in on["models"]["0"]["training"]["tracking"]["records"]]
+    assert steps == list(range(0, on["models"]["0"]["training"]["steps"] + 1, 2))

@@ -34,6 +34,8 @@ def numbers(out_dir: Path) -> dict:
     metrics = json.loads((out_dir / "metrics.json").read_text())
     for m in metrics["models"].values():
         m["training"].pop("seconds")
+        m["training"]["tracking"].pop("seconds")
+        m["training"]["tracking"].pop("overhead")
     return {"models": metrics["models"], "connectivity": metrics["connectivity"], "surface": metrics["surface"],
             "data": metrics["data"]["sha256"]}
 
