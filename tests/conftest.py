@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import settings
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,3 +57,32 @@ def tiny_data(seed: int = 0, n: int = 12, d: int = 4, classes: int = 3, dtype=to
 @pytest.fixture
 def mlp_and_data():
     return tiny_mlp(0), *tiny_data(0)
+
+
+# ----------------------------------------------------------------------------- independent helpers
+# Used by the oracle tests, which check utils.py against truths built without it.
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def unflatten(model: nn.Module, theta: torch.Tensor) -> dict:
+    out, i = {}, 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        out[name] = theta[i : i + n].view_as(p)
+        i += n
+    assert i == theta.numel()
+    return out
+
+
+def _loss(outputs, targets, loss_fn):
+    return F.cross_entropy(outputs, targets) if loss_fn is None else loss_fn(outputs, targets)
+
+
+def grad_at(model, theta, x, y, loss_fn=None) -> torch.Tensor:
+    th = theta.detach().clone().requires_grad_(True)
+    loss = _loss(functional_call(model, unflatten(model, th), (x,)), y, loss_fn)
+    (g,) = torch.autograd.grad(loss, th)
+    return g.detach()

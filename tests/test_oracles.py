@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import utils
-from conftest import Wrapped, tiny_data, tiny_mlp
+from conftest import Wrapped, _loss, flat, grad_at, tiny_data, tiny_mlp, unflatten
 from models import SmallCNN, SmallMLP
 
 DT = torch.float64
@@ -41,22 +41,7 @@ DT = torch.float64
 # --------------------------------------------------------------------------------------
 
 
-def flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
-
-def unflatten(model: nn.Module, theta: torch.Tensor) -> dict:
-    out, i = {}, 0
-    for name, p in model.named_parameters():
-        n = p.numel()
-        out[name] = theta[i : i + n].view_as(p)
-        i += n
-    assert i == theta.numel()
-    return out
-
-
-def _loss(outputs, targets, loss_fn):
-    return F.cross_entropy(outputs, targets) if loss_fn is None else loss_fn(outputs, targets)
 
 
 def loss_at(model, theta, x, y, loss_fn=None) -> float:
@@ -72,12 +57,6 @@ def logits_at(model, theta, x) -> torch.Tensor:
 def acc_at(model, theta, x, y) -> float:
     return float((logits_at(model, theta, x).argmax(1) == y).double().mean())
 
-
-def grad_at(model, theta, x, y, loss_fn=None) -> torch.Tensor:
-    th = theta.detach().clone().requires_grad_(True)
-    loss = _loss(functional_call(model, unflatten(model, th), (x,)), y, loss_fn)
-    (g,) = torch.autograd.grad(loss, th)
-    return g.detach()
 
 
 def fd_hvp(model, theta, x, y, v, h, loss_fn=None) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import utils
-from conftest import Wrapped, tiny_data, tiny_mlp
+from conftest import Wrapped, _loss, flat, grad_at, tiny_data, tiny_mlp, unflatten
 
 DT = torch.float64
 LIKE = torch.zeros(1, dtype=DT)
@@ -42,22 +42,7 @@ trapezoid = getattr(np, "trapezoid", None) or np.trapz
 # ======================================================================================
 
 
-def flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
-
-def unflatten(model: nn.Module, theta: torch.Tensor) -> dict:
-    out, i = {}, 0
-    for name, p in model.named_parameters():
-        n = p.numel()
-        out[name] = theta[i : i + n].view_as(p)
-        i += n
-    assert i == theta.numel()
-    return out
-
-
-def _loss(outputs, targets, loss_fn):
-    return F.cross_entropy(outputs, targets) if loss_fn is None else loss_fn(outputs, targets)
 
 
 def dense_hessian(model, x, y, loss_fn=None) -> np.ndarray:
@@ -70,12 +55,6 @@ def dense_hessian(model, x, y, loss_fn=None) -> np.ndarray:
     assert np.allclose(H, H.T, atol=1e-10)
     return 0.5 * (H + H.T)
 
-
-def grad_at(model, theta, x, y, loss_fn=None) -> torch.Tensor:
-    th = theta.detach().clone().requires_grad_(True)
-    loss = _loss(functional_call(model, unflatten(model, th), (x,)), y, loss_fn)
-    (g,) = torch.autograd.grad(loss, th)
-    return g.detach()
 
 
 def per_example_grads(model, x, y, loss_fn=None) -> np.ndarray:
