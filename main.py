@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import math
@@ -98,7 +100,8 @@ class Config:
     offline: bool = field(default=False, metadata={"help": "never try to download data: use what is on disk or the offline fallback"})
     runs_dir: str = field(default="runs", metadata={"help": "folder where finished stages are kept, so a rerun resumes"})
     fresh: bool = field(default=False, metadata={"help": "recompute every stage instead of loading finished ones"})
-    plot_only: bool = field(default=False, metadata={"help": "redraw the figures from --out/metrics.json, computing nothing"})
+    plot_only: bool = field(default=False, metadata={"help": "redraw the figures and the report from --out/metrics.json, computing nothing"})
+    skip_figures: bool = field(default=False, metadata={"help": "write the numbers only (metrics.json/.csv, results.npz); draw later with --plot-only"})
     quick: bool = field(default=False, metadata={"help": "whole pipeline on a small slice of the real data with tiny budgets, in seconds"})
     quiet: bool = field(default=False, metadata={"help": "print only warnings and errors", "short": "-q"})
     verbose: bool = field(default=False, metadata={"help": "also print debugging detail (run folder, stage keys)", "short": "-v"})
@@ -543,9 +546,11 @@ class Run:
         rows = []
         for alpha in (1.0, *cfg.rescale_alphas):
             m = utils.rescaled_copy(model, alpha)
+            with torch.no_grad():
+                change = float((m(ds.x_test) - model(ds.x_test)).abs().max())
             rows.append({
                 "alpha": alpha,
-                "max_output_change": float((m(ds.x_test) - model(ds.x_test)).abs().max()),
+                "max_output_change": change,
                 "top_eigenvalue": utils.top_hessian_eigenvalue(m, x, y, tol=cfg.sharpness_tol, seed=cfg.probe_seed,
                                                                max_iter=cfg.sharpness_max_iter,
                                                                memory_budget=budget).eigenvalue,
@@ -741,17 +746,86 @@ def run(cfg: Config) -> dict:
         "warnings": r.store.warnings + warnings,
         "timings": r.timings,
     }
-    return write_outputs(metrics, out)
+    return write_outputs(metrics, out, figures=not cfg.skip_figures)
 
 
-def write_outputs(metrics: dict, out: Path) -> dict:
-    """Every figure, then metrics.json (last, so a complete metrics.json means a complete run)."""
+def write_outputs(metrics: dict, out: Path, *, figures: bool = True) -> dict:
+    """Figures and report, metrics.csv, results.npz, then metrics.json (last: a complete metrics.json means a
+    complete run)."""
     start = time.perf_counter()
-    paths = plotting.plot_all(metrics, out)
+    paths = plotting.plot_all(metrics, out) if figures else []
     metrics["timings"]["plots"] = round(time.perf_counter() - start, 4)
+    paths.append(write_csv_atomic(model_rows(metrics), out / "metrics.csv"))
+    paths.append(write_atomic(out / "results.npz", lambda f: np.savez_compressed(f, **result_arrays(metrics))))
     paths.append(write_json_atomic(metrics, out / "metrics.json"))
     metrics["written"] = [str(p) for p in paths]
     return metrics
+
+
+def model_rows(metrics: dict) -> list[dict]:
+    """metrics.csv: one row per model, every scalar a researcher compares across seeds."""
+    rows = []
+    for key, m in metrics["models"].items():
+        row = {"seed": m["seed"], "parameters": m["parameters"], "train_loss": m["train"]["loss"],
+               "train_accuracy": m["train"]["accuracy"], "test_loss": m["test"]["loss"],
+               "test_accuracy": m["test"]["accuracy"], "generalization_gap": m["generalization_gap"],
+               "lambda_max": m["sharpness"]["eigenvalue"], "lambda_max_residual": m["sharpness"]["residual"],
+               "lambda_max_converged": m["sharpness"]["converged"]}
+        row.update({f"lambda_{i + 1}": v for i, v in enumerate(m["eigenpairs"]["top"])})
+        row.update({"lambda_min": m["eigenpairs"]["lambda_min"], "trace": m["trace"]["trace"],
+                    "trace_stderr": m["trace"]["stderr"]})
+        for kind in ("flatness", "adaptive_flatness"):
+            row.update({f"{kind}_sigma_{s}": v for s, v in zip(m[kind]["sigmas"], m[kind]["mean_increase"])})
+        row.update({"worst_case_absolute": m["worst_case"]["absolute"]["sharpness"],
+                    "worst_case_adaptive": m["worst_case"]["adaptive"]["sharpness"],
+                    "pac_bayes_sigma": m["pac_bayes"]["plain"]["sigma"],
+                    "pac_bayes_sigma_magnitude_aware": m["pac_bayes"]["magnitude_aware"]["sigma"]})
+        noise = m["gradient_noise"]
+        row.update({k: noise[k] for k in ("b_simple", "trace_cov", "grad_norm_sq", "b_noise", "trace_h_cov",
+                                          "g_h_g", "temperature")})
+        rows.append(row)
+    return rows
+
+
+def write_csv_atomic(rows: list[dict], path: Path) -> Path:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def write(f):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in row.items()}
+                         for row in rows)
+        f.write(text.getvalue().encode())
+
+    return write_atomic(path, write)
+
+
+def result_arrays(metrics: dict) -> dict[str, np.ndarray]:
+    """results.npz: the raw arrays behind the figures (surface grid, paths, flatness samples, spectra)."""
+    c, s = metrics["connectivity"], metrics["surface"]
+    arrays = {"surface_alphas": s["alphas"], "surface_betas": s["betas"], "surface_losses": s["losses"],
+              "interpolation_alphas": c["alphas"]}
+    for split in ("train", "test"):
+        arrays[f"interpolation_{split}_losses"] = c[split]["losses"]
+        arrays[f"interpolation_{split}_accuracies"] = c[split]["accuracies"]
+        if "aligned" in c:
+            arrays[f"aligned_{split}_losses"] = c["aligned"][split]["losses"]
+        if "bezier" in c:
+            arrays[f"bezier_{split}_losses"] = c["bezier"][split]["losses"]
+    if "bezier" in c:
+        arrays.update({"bezier_ts": c["bezier"]["ts"], "plane_xs": c["bezier"]["plane"]["xs"],
+                       "plane_ys": c["bezier"]["plane"]["ys"], "plane_losses": c["bezier"]["plane"]["losses"]})
+    for key, m in metrics["models"].items():
+        arrays[f"seed{key}_flatness_sigmas"] = m["flatness"]["sigmas"]
+        arrays[f"seed{key}_flatness_increases"] = m["flatness"]["increases"]
+        arrays[f"seed{key}_adaptive_flatness_increases"] = m["adaptive_flatness"]["increases"]
+        for name in ("grid", "density", "nodes", "weights"):
+            arrays[f"seed{key}_spectrum_{name}"] = m["density"][name]
+        records = m["training"].get("tracking", {}).get("records", [])
+        for name in ("step", "lambda_max", "trace", "b_simple"):
+            arrays[f"seed{key}_tracking_{name}"] = [r[name] for r in records]
+    return {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
 
 
 def plot_only(cfg: Config) -> dict:

@@ -9,9 +9,11 @@ so every figure can be redrawn from a saved metrics.json:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -41,18 +43,21 @@ STYLE = {
 
 
 def _save(fig, path: Path) -> Path:
-    """Save atomically: a temporary file in the same folder, then os.replace."""
+    """Save the PNG and, beside it, a vector PDF copy, each atomically (a temporary file, then os.replace)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
     try:
-        fig.savefig(tmp, bbox_inches="tight")
-        os.replace(tmp, path)
+        for target in (path, path.with_suffix(".pdf")):
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
+            os.close(fd)
+            try:
+                fig.savefig(tmp, bbox_inches="tight")
+                os.chmod(tmp, 0o666 & ~_umask())
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -165,9 +170,13 @@ def plot_reparametrisation(metrics: dict, path: Path) -> Path:
             ax.plot(alphas, values, marker="os^vD"[i], color=PALETTE[i], label=label, lw=1.5)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.axhline(1.0, color="0.4", lw=0.8)
         ax.set_xlabel("rescaling α (first layer × α, second layer ÷ α)")
-        ax.set_ylabel("measure / measure at α = 1")
+        ax.set_ylabel("measure / measure at α = 1 (invariant ones overlap at 1)")
         change = max(row["max_output_change"] for row in rows)
         ax.set_title(f"Reparametrisation (Dinh et al. 2017): same function (max |Δ output| = {change:.1e}), "
                      f"seed {r['seed']}", fontsize=10)
@@ -349,12 +358,12 @@ def plot_summary_table(metrics: dict, path: Path) -> Path:
     header, rows = summary_rows(metrics)
     layer_header, layers = layer_rows(metrics)
     rows = rows + [[""] * len(header), [f"[{layer_header[0]}]", *layer_header[1:]], *layers]
-    first = 0.4 + 0.075 * max(len(r[0]) for r in rows)  # inches for the label column
-    width = first + 1.3 * (len(header) - 1)
+    inches = [0.3 + 0.08 * max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]  # per column
+    width = sum(inches)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(width, 0.3 * (len(rows) + 1) + 0.5))
         ax.axis("off")
-        shares = [first / width] + [1.3 / width] * (len(header) - 1)
+        shares = [w / width for w in inches]
         table = ax.table(cellText=rows, colLabels=header, cellLoc="right", colLoc="center", colWidths=shares,
                          bbox=[0, 0, 1, 1])
         table.auto_set_font_size(False)
@@ -372,6 +381,249 @@ def plot_summary_table(metrics: dict, path: Path) -> Path:
         return _save(fig, path)
 
 
+# ----------------------------------------------------------------------------- the report
+
+REFERENCES = {
+    "training": "Zhang et al. 2017, Understanding deep learning requires rethinking generalization",
+    "sharpness": "Keskar et al. 2017 (sharp minima); Ghorbani et al. 2019 (Hessian spectra by stochastic Lanczos "
+                 "quadrature); Meyer et al. 2021 (Hutch++)",
+    "tracking": "Cohen et al. 2021, Gradient descent on neural networks typically occurs at the edge of stability",
+    "flatness": "Li et al. 2018, Visualizing the loss landscape of neural nets (filter normalisation); "
+                "Chaudhari et al. 2017, Entropy-SGD",
+    "robust": "Dinh et al. 2017 (sharp minima can generalize); Kwon et al. 2021 (adaptive sharpness); "
+              "Jiang et al. 2020 (PAC-Bayes flatness); Andriushchenko et al. 2023 (worst-case sharpness)",
+    "noise": "McCandlish et al. 2018, An empirical model of large-batch training; Smith & Le 2018; Mandt et al. 2017",
+    "connectivity": "Entezari et al. 2022; Frankle et al. 2020; Ainsworth et al. 2022 (weight matching); "
+                    "Garipov et al. 2018 (Bezier curves)",
+    "surface": "Li et al. 2018, Visualizing the loss landscape of neural nets",
+}
+
+
+def _compare(values: dict[str, float], noun: str, higher: str) -> str:
+    """'seed 42 is sharper than seed 0 by 8.8% (3.026 vs 2.781)' for two or more seeds."""
+    (a, va), (b, vb) = sorted(values.items(), key=lambda kv: kv[1], reverse=True)[:2]
+    if not (np.isfinite(va) and np.isfinite(vb)) or vb == 0:
+        return f"{noun}: {', '.join(f'seed {k} {_fmt(v)}' for k, v in values.items())}."
+    return (f"seed {a} is {higher} than seed {b} by {100 * (va - vb) / abs(vb):.1f}% "
+            f"({noun} {_fmt(va)} vs {_fmt(vb)}).")
+
+
+def report_sections(metrics: dict) -> list[dict]:
+    """The report's sections: title, formula (mathtext), reference, numbers per seed, interpretation, figure."""
+    seeds = _seeds(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
+    c = metrics["connectivity"]
+    cfg = metrics["config"]
+    gaps = {s: m[s]["generalization_gap"] for s in seeds}
+    sections = [{
+        "title": "Training and generalisation", "reference": REFERENCES["training"],
+        "formula": r"$\mathrm{gap} = L_{\mathrm{test}}(\theta) - L_{\mathrm{train}}(\theta)$",
+        "numbers": [f"seed {s}: train loss {_fmt(m[s]['train']['loss'])}, test loss {_fmt(m[s]['test']['loss'])}, "
+                    f"test accuracy {100 * m[s]['test']['accuracy']:.2f}%, generalisation gap {_fmt(gaps[s])}"
+                    for s in seeds],
+        "interpretation": _compare(gaps, "generalisation gap", "worse at generalising"),
+        "figure": None,
+    }]
+    sharp = {s: m[s]["sharpness"]["eigenvalue"] for s in seeds}
+    saddle = [s for s in seeds if m[s]["eigenpairs"]["lambda_min"] < 0]
+    sections.append({
+        "title": "Sharpness and the Hessian spectrum", "reference": REFERENCES["sharpness"],
+        "formula": r"$\lambda_{\max} = \max_{v} \frac{v^\top H v}{v^\top v},\quad "
+                   r"H = \nabla^2_\theta \frac{1}{N}\sum_i \ell_i(\theta),\quad \mathrm{tr}(H) = E_z[z^\top H z]$",
+        "numbers": [f"seed {s}: sharpness lambda_max {_fmt(sharp[s])} (residual {_fmt(m[s]['sharpness']['residual'], 2)}), "
+                    f"top eigenvalues {', '.join(_fmt(v) for v in m[s]['eigenpairs']['top'])}, lambda_min "
+                    f"{_fmt(m[s]['eigenpairs']['lambda_min'])}, trace {_fmt(m[s]['trace']['trace'])} +- "
+                    f"{_fmt(m[s]['trace']['stderr'], 2)}" for s in seeds],
+        "interpretation": _compare(sharp, "lambda_max", "sharper") + (
+            f" lambda_min < 0 for seed(s) {', '.join(saddle)}: SGD stopped near, not at, a minimum (small negative "
+            "curvature)." if saddle else " lambda_min >= 0: both are local minima up to the solver's tolerance."),
+        "figure": "hessian_spectrum.png",
+    })
+    threshold = 2 / cfg["lr"]
+    final = {s: (m[s]["training"].get("tracking", {}).get("records") or [{"lambda_max": math.nan}])[-1]["lambda_max"]
+             for s in seeds}
+    sections.append({
+        "title": "Curvature during training", "reference": REFERENCES["tracking"],
+        "formula": r"$\lambda_{\max}(\theta_t)\ \mathrm{vs}\ 2/\eta\ \mathrm{and}\ 2(1+\beta)/\eta$",
+        "numbers": [f"seed {s}: tracked lambda_max at the end {_fmt(final[s])} on "
+                    f"{m[s]['training'].get('tracking', {}).get('examples', 0)} examples, every "
+                    f"{m[s]['training'].get('tracking', {}).get('every', 0)} steps" for s in seeds],
+        "interpretation": f"The tracked sharpness ends at {max(final.values()) / threshold:.1%} of the stability "
+                          f"threshold 2/eta = {_fmt(threshold)}: training stays far from the edge of stability."
+                          if np.isfinite(max(final.values())) else "Tracking was switched off in this run.",
+        "figure": "sharpness_during_training.png",
+    })
+    flat = {s: m[s]["flatness"]["mean_increase"][-1] for s in seeds}
+    sigma = m[seeds[0]]["flatness"]["sigmas"][-1]
+    sections.append({
+        "title": "Perturbation flatness", "reference": REFERENCES["flatness"],
+        "formula": r"$\Delta L(\sigma) = E_d\,[L(\theta + \sigma d) - L(\theta)],\ "
+                   r"d\ \mathrm{filter\text{-}normalised}:\ \|d_{r}\| = \|\theta_{r}\|$",
+        "numbers": [f"seed {s}: flatness increase at sigma {_fmt(sigma, 3)} is {_fmt(flat[s])} +- "
+                    f"{_fmt(m[s]['flatness']['std_increase'][-1], 2)} (std over {m[s]['flatness']['samples']} "
+                    "directions)" for s in seeds],
+        "interpretation": _compare(flat, f"loss increase at sigma {_fmt(sigma, 3)}", "less flat"),
+        "figure": "flatness_stem.png",
+    })
+    if "worst_case" in m[seeds[0]]:
+        rows = metrics.get("reparametrisation", {}).get("rows", [])
+        moved = max((row["top_eigenvalue"] for row in rows), default=math.nan) / max(
+            min((row["top_eigenvalue"] for row in rows), default=math.nan), 1e-300)
+        sections.append({
+            "title": "Flatness that survives reparametrisation", "reference": REFERENCES["robust"],
+            "formula": r"$S_\rho = \max_{\|T^{-1}\epsilon\|\leq\rho} L(\theta+\epsilon) - L(\theta),\ "
+                       r"T = I\ \mathrm{or}\ \mathrm{diag}|\theta|;\quad \mathrm{PAC\text{-}Bayes}: 1/\sigma^2$",
+            "numbers": [f"seed {s}: adaptive increase {_fmt(m[s]['adaptive_flatness']['mean_increase'][-1])}, worst-case "
+                        f"{_fmt(m[s]['worst_case']['absolute']['sharpness'])} (absolute), "
+                        f"{_fmt(m[s]['worst_case']['adaptive']['sharpness'])} (adaptive), PAC-Bayes sigma "
+                        f"{_fmt(m[s]['pac_bayes']['plain']['sigma'], 3)}, magnitude-aware "
+                        f"{_fmt(m[s]['pac_bayes']['magnitude_aware']['sigma'], 3)}" for s in seeds],
+            "interpretation": f"Rescaling the first two layers (same function) moves lambda_max by a factor "
+                              f"{moved:.2f} across the alphas tried, while the filter-normalised and adaptive measures "
+                              "do not move: only the latter describe the function rather than its parametrisation.",
+            "figure": "reparametrisation.png",
+        })
+    noise = {s: m[s]["gradient_noise"]["b_simple"] or math.inf for s in seeds}
+    sections.append({
+        "title": "Gradient noise", "reference": REFERENCES["noise"],
+        "formula": r"$B_{\mathrm{simple}} = \frac{\mathrm{tr}\,\Sigma}{|G|^2},\ "
+                   r"B_{\mathrm{noise}} = \frac{\mathrm{tr}(H\Sigma)}{G^\top H G},\ "
+                   r"g = \frac{\epsilon N}{B(1-m)}$",
+        "numbers": [f"seed {s}: noise scale B_simple {_fmt(m[s]['gradient_noise']['b_simple'])}, B_noise "
+                    f"{_fmt(m[s]['gradient_noise']['b_noise'])}, temperature "
+                    f"{_fmt(m[s]['gradient_noise']['temperature'])}" for s in seeds],
+        "interpretation": f"B_simple is {min(noise.values()) / cfg['batch_size']:.1f}x or more the batch size "
+                          f"{cfg['batch_size']}: gradient noise dominates each step, so larger batches would still "
+                          "have sped up training at this point.",
+        "figure": None,
+    })
+    base = {s: (c["train"]["endpoint_losses"][i]) for i, s in enumerate(c["seeds"][:2])}
+    ratio = c["train"]["barrier"] / max(np.mean(list(base.values())), 1e-12)
+    aligned = c.get("aligned", {}).get("train", {}).get("barriers", {}).get("loss_linear")
+    sections.append({
+        "title": "Mode connectivity", "reference": REFERENCES["connectivity"],
+        "formula": r"$B = \max_\alpha L((1-\alpha)\theta_A + \alpha\theta_B) - "
+                   r"[(1-\alpha) L(\theta_A) + \alpha L(\theta_B)]$",
+        "numbers": [f"loss barrier {split} {_fmt(c[split]['barrier'])}"
+                    + (f", after weight matching {_fmt(c['aligned'][split]['barriers']['loss_linear'])}"
+                       if "aligned" in c else "")
+                    + (f", Bezier curve max loss {_fmt(max(c['bezier'][split]['losses']))}" if "bezier" in c else "")
+                    for split in ("train", "test")],
+        "interpretation": f"The straight-line barrier is {ratio:.1f}x the mean endpoint training loss: the two "
+                          "seeds are not linearly connected." + (
+                              f" After aligning hidden units it drops to {_fmt(aligned)}: most of the barrier is "
+                              "permutation symmetry." if aligned is not None else ""),
+        "figure": "mode_connectivity.png",
+    })
+    if "bezier" in c:
+        sections.append({"title": "The plane through both solutions and the curve",
+                         "reference": REFERENCES["connectivity"],
+                         "formula": r"$\theta(t) = (1-t)^2\theta_A + 2t(1-t)\theta_C + t^2\theta_B$",
+                         "numbers": [f"Bezier curve max loss train {_fmt(max(c['bezier']['train']['losses']))}, "
+                                     f"test {_fmt(max(c['bezier']['test']['losses']))}"],
+                         "interpretation": "A trained curve joins the two solutions through low loss although the "
+                                           "straight line between them does not.",
+                         "figure": "connectivity_plane.png"})
+    s = metrics["surface"]
+    losses = np.asarray(s["losses"])
+    centre = losses[len(losses) // 2, len(losses) // 2]
+    sections.append({
+        "title": "Loss surface", "reference": REFERENCES["surface"],
+        "formula": r"$f(\alpha, \beta) = L(\theta + \alpha d_1 + \beta d_2)$",
+        "numbers": [f"seed {s['seed']}: {s['split']} loss at the centre {_fmt(centre)}, minimum on the slice "
+                    f"{_fmt(losses.min())}, maximum {_fmt(losses.max())}"],
+        "interpretation": f"Over the slice the loss rises {losses.max() / max(centre, 1e-12):.1f}x from the trained "
+                          "model to the corners: a single wide basin around it.",
+        "figure": "loss_surface_3d.png",
+    })
+    return sections
+
+
+def _wrapped(text: str, fontsize: float) -> str:
+    """Break a line to fit an A4 landscape page (cheaper than matplotlib's wrap=True)."""
+    return "\n".join(textwrap.wrap(text, width=int(1900 / fontsize))) if text else text
+
+
+def _text_page(pdf, lines: list[tuple[str, dict]]) -> None:
+    fig = plt.figure(figsize=(11.69, 8.27))
+    y = 0.95
+    for text, style in lines:
+        step = style.pop("step", 0.035)
+        fig.text(0.06, y, _wrapped(text, style.get("fontsize", 10)), va="top", **style)
+        y -= step * (1 + _wrapped(text, style.get("fontsize", 10)).count("\n"))
+    pdf.savefig(fig)
+    plt.close(fig)
+
+
+def plot_report(metrics: dict, path: Path) -> Path:
+    """Loss_Landscape_Report.pdf: a title page, one page per measure (definition, reference, figure, numbers,
+    an interpretation computed from them), the summary table last. Figures are read from path's folder."""
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    folder = Path(path).parent
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}.", suffix=".pdf")
+    os.close(fd)
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        with PdfPages(tmp) as pdf:
+            _title_page(pdf, metrics)
+            for section in report_sections(metrics):
+                _section_page(pdf, section, folder)
+            _section_page(pdf, {"title": "Summary table", "formula": "", "reference": "", "numbers": [],
+                                "interpretation": "", "figure": "summary_table.png"}, folder)
+            info = pdf.infodict()
+            info["Title"] = "Loss landscape report"
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    return path
+
+
+def _title_page(pdf, metrics: dict) -> None:
+    cfg, d, env = metrics["config"], metrics["data"], metrics["environment"]
+    timings = metrics.get("timings", {})
+    lines = [("Where does SGD land? Loss landscape report", {"fontsize": 20, "weight": "bold", "step": 0.06}),
+             (f"created {metrics.get('created', '')}", {"fontsize": 10, "step": 0.05}),
+             (f"data: {d['source']} ({d['n_train']} train / {d['n_test']} test, sha256 {d['sha256'][:16]}...)",
+              {"fontsize": 9}),
+             (f"model: {cfg['model']} {tuple(cfg['hidden'])}, seeds {', '.join(map(str, cfg['seeds']))}; SGD lr "
+              f"{cfg['lr']}, momentum {cfg['momentum']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs",
+              {"fontsize": 9}),
+             (f"versions: python {env['python']}, torch {env['torch']}, numpy {env['numpy']}, scipy {env['scipy']}, "
+              f"matplotlib {env['matplotlib']}; {env['device']}, {env['threads']} threads", {"fontsize": 9,
+                                                                                              "step": 0.05}),
+             ("time per stage (s):", {"fontsize": 10, "weight": "bold"})]
+    items = list(timings.items())
+    for i in range(0, len(items), 4):
+        lines.append(("    ".join(f"{k} {v:.2f}" for k, v in items[i : i + 4]), {"fontsize": 8, "step": 0.028}))
+    _text_page(pdf, lines)
+
+
+def _section_page(pdf, section: dict, folder: Path) -> None:
+    fig = plt.figure(figsize=(11.69, 8.27))
+    fig.text(0.05, 0.96, section["title"], fontsize=16, weight="bold", va="top")
+    y = 0.91
+    if section["formula"]:
+        fig.text(0.05, y, section["formula"], fontsize=12, va="top")
+        y -= 0.06
+    for text, size, style, step in ((f"Reference: {section['reference']}" if section["reference"] else "", 8,
+                                     {"style": "italic"}, 0.035),
+                                    *[(line, 8.5, {}, 0.03) for line in section["numbers"]],
+                                    (section["interpretation"], 9.5, {"weight": "bold"}, 0.05)):
+        if text:
+            wrapped = _wrapped(text, size)
+            fig.text(0.05, y, wrapped, fontsize=size, va="top", **style)
+            y -= step * (1 + 0.8 * wrapped.count("\n"))
+    image = folder / section["figure"] if section["figure"] else None
+    if image is not None and image.exists():
+        ax = fig.add_axes((0.05, 0.02, 0.9, max(0.1, y - 0.04)))
+        pixels = plt.imread(image)[..., :3]  # RGB: the alpha channel only costs encoding time
+        step = max(1, math.ceil(pixels.shape[1] / 1600))  # ~140 dpi across the page is plenty
+        ax.imshow(pixels[::step, ::step], interpolation="antialiased")
+        ax.axis("off")
+    pdf.savefig(fig)
+    plt.close(fig)
+
+
 FIGURES = {
     "flatness_stem.png": plot_flatness_stem,
     "mode_connectivity.png": plot_mode_connectivity,
@@ -384,11 +636,19 @@ FIGURES = {
 }
 
 
+REPORT = "Loss_Landscape_Report.pdf"
+
+
 def plot_all(metrics: dict, out: Path) -> list[Path]:
-    """Every figure into the folder `out`; returns the paths written."""
+    """Every figure (PNG at 150 dpi and a vector PDF copy) and the report into the folder `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return [plot(metrics, out / name) for name, plot in FIGURES.items()]
+    written = []
+    for name, plot in FIGURES.items():
+        png = plot(metrics, out / name)
+        written += [png, png.with_suffix(".pdf")]
+    written.append(plot_report(metrics, out / REPORT))
+    return written
 
 
 if __name__ == "__main__":

@@ -1865,6 +1865,8 @@ def loss_plane(
     each side. `model` gives the architecture; its own parameters are not used."""
     theta_a, theta_b, theta_c = (p.detach().to(flat_parameters(model)) for p in points)
     u = theta_b - theta_a
+    if float(u.norm()) == 0:
+        raise ValueError("θ_a and θ_b coincide: the three points span no plane")
     u = u / u.norm()
     v = (theta_c - theta_a) - ((theta_c - theta_a) @ u) * u
     if float(v.norm()) <= 1e-12 * float((theta_c - theta_a).norm() + 1e-30):

@@ -59,6 +59,18 @@ def mlp_and_data():
     return tiny_mlp(0), *tiny_data(0)
 
 
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """One `main --quick` run for every test that inspects a complete run's outputs."""
+    import json
+
+    import main
+
+    out = tmp_path_factory.mktemp("quick")
+    assert main.main(["--quick", "--quiet", "--offline", "--out", str(out), "--runs-dir", str(out / "runs")]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
 # ----------------------------------------------------------------------------- independent helpers
 # Used by the oracle tests, which check utils.py against truths built without it.
 

@@ -12,13 +12,6 @@ MODEL_FIELDS = {"seed", "parameters", "training", "train", "test", "generalizati
                 "gradient_noise", "eigenpairs", "trace", "density", "layers"}
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quick")
-    assert main.main(["--quick", "--quiet", "--out", str(out), "--runs-dir", str(out / "runs")]) == 0
-    return out, json.loads((out / "metrics.json").read_text())
-
-
 def test_quick_run_writes_all_figures_and_metrics(quick_run):
     out, metrics = quick_run
     for name in plotting.FIGURES:
@@ -56,7 +49,8 @@ def test_quick_run_writes_all_figures_and_metrics(quick_run):
 def test_figures_redraw_from_saved_metrics(quick_run, tmp_path):
     _, metrics = quick_run
     written = plotting.plot_all(metrics, tmp_path)
-    assert sorted(p.name for p in written) == sorted(plotting.FIGURES)
+    expected = {name for png in plotting.FIGURES for name in (png, png.replace(".png", ".pdf"))} | {plotting.REPORT}
+    assert sorted(p.name for p in written) == sorted(expected)
 
 
 def test_summary_table_lists_every_seed(quick_run):
@@ -135,7 +129,7 @@ def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path):
     certified ones stay within their certificates, the stochastic ones within a few standard errors."""
     out = tmp_path / "out"
     argv = ["--quick", "--quiet", "--hidden", "3", "3", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
-            "--offline", "--eigen-tol", "1e-6", "--sharpness-tol", "1e-6"]
+            "--offline", "--eigen-tol", "1e-6", "--sharpness-tol", "1e-6", "--skip-figures"]
     assert main.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for m in metrics["models"].values():
@@ -150,7 +144,7 @@ def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path):
 
 
 def test_tracking_can_be_switched_off_and_forced(tmp_path):
-    base = ["--quick", "--quiet", "--runs-dir", str(tmp_path / "runs"), "--offline"]
+    base = ["--quick", "--quiet", "--runs-dir", str(tmp_path / "runs"), "--offline", "--skip-figures"]
     assert main.main([*base, "--out", str(tmp_path / "off"), "--track-every", "-1"]) == 0
     off = json.loads((tmp_path / "off" / "metrics.json").read_text())
     assert all(m["training"]["tracking"]["records"] == [] for m in off["models"].values())

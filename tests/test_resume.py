@@ -25,7 +25,7 @@ def run_main(tmp_path, *flags, fault=None):
     if fault:
         env[main.FAULT_ENV] = fault
     cmd = [sys.executable, str(ROOT / "main.py"), "--quick", "--quiet", "--out", str(tmp_path / "out"),
-           "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(ROOT / "data"), "--offline", *flags]
+           "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(ROOT / "data"), "--offline", "--skip-figures", *flags]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
 
@@ -166,7 +166,7 @@ def test_bad_flags_as_a_user_sees_them(tmp_path, argv):
 
 def test_ctrl_c_exits_130_keeps_finished_stages_and_the_rerun_resumes(tmp_path, reference):
     cmd = [sys.executable, str(ROOT / "main.py"), "--quick", "--quiet", "--out", str(tmp_path / "out"),
-           "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(ROOT / "data"), "--offline"]
+           "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(ROOT / "data"), "--offline", "--skip-figures"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     start = time.monotonic()
     while not list((tmp_path / "runs").glob("*/model_seed0.pt")):  # interrupt once the first model is saved
