@@ -73,7 +73,7 @@ class Config:
     noise_rel_stderr: float = field(default=0.05, metadata={"help": "relative standard error of tr(H Sigma) for B_noise"})
     two_batch: tuple[int, ...] = field(default=(32, 512), metadata={"help": "small and big batch of the two-batch noise estimate"})
     track_every: int = field(default=0, metadata={"help": "track sharpness every N training steps (0: as often as a 20%% overhead allows, -1: off)"})
-    track_examples: int = field(default=256, metadata={"help": "training examples the tracked sharpness is measured on"})
+    track_examples: int = field(default=128, metadata={"help": "training examples the tracked sharpness is measured on"})
     exact: bool = field(default=False, metadata={"help": "also compute the dense Hessian and report every estimate's error (automatic below 3,000 parameters)"})
     flatness_sigmas: tuple[float, ...] = field(default=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5), metadata={"help": "perturbation sizes (filter-normalised units)"})
     flatness_samples: int = field(default=20, metadata={"help": "random directions per sigma"})
@@ -640,7 +640,9 @@ class SharpnessTracker:
     the training data, recorded every few steps; compared with the stability thresholds 2/η and 2(1+β)/η
     (Cohen et al. 2021). It leaves the model's parameters untouched."""
 
-    HVPS, PROBES, OVERHEAD = 4, 2, 0.2  # products per check, trace probes per check, target share of training
+    # products per check (the first, from a random start, gets FIRST_HVPS), trace probes per check, target share
+    # of training time, and a check's fixed cost in training steps (operator set-up, measured on 2 CPU cores)
+    HVPS, FIRST_HVPS, PROBES, OVERHEAD, FIXED_STEPS = 2, 8, 2, 0.2, 10
 
     def __init__(self, cfg: Config, ds: data_module.Dataset, budget: int) -> None:
         self.cfg, self.budget = cfg, budget
@@ -652,11 +654,16 @@ class SharpnessTracker:
 
     def interval(self, steps: int) -> int:
         """Steps between checks: as given, or (0) as often as the overhead target allows. A check costs about
-        (HVPS + PROBES + 2) passes over `examples`, a training step one pass over a batch."""
+        FIXED_STEPS training steps plus (HVPS + PROBES + 2) passes over `examples`, a step one pass over a
+        batch; the count is deterministic, so a rerun tracks the same steps."""
         if self.cfg.track_every:
             return max(self.cfg.track_every, 0)
-        cost = (self.HVPS + self.PROBES + 2) * self.examples / (self.OVERHEAD * self.cfg.batch_size)
-        return max(1, min(steps, math.ceil(cost)))
+        cost = self.FIXED_STEPS + (self.HVPS + self.PROBES + 2) * self.examples / self.cfg.batch_size
+        for every in range(1, steps + 1):  # checks at step 0, every `every` steps, and at the last step
+            checks = 1 + steps // every + (steps % every != 0)
+            if checks * cost <= self.OVERHEAD * steps:
+                return every
+        return steps  # the first and the last step only
 
     def __call__(self, model, step: int) -> None:
         start = time.perf_counter()
@@ -664,8 +671,9 @@ class SharpnessTracker:
         model.eval()
         try:
             op = utils.hessian_operator(model, self.x, self.y, memory_budget=self.budget)
-            eig = utils.top_hessian_eigenvalue(model, self.x, self.y, tol=1e-2, max_iter=self.HVPS,
-                                               seed=self.cfg.probe_seed, start=self.vector, operator=op)
+            eig = utils.top_hessian_eigenvalue(model, self.x, self.y, tol=1e-2, seed=self.cfg.probe_seed,
+                                               max_iter=self.HVPS if self.vector is not None else self.FIRST_HVPS,
+                                               start=self.vector, operator=op)
             trace = utils.hessian_trace(model, self.x, self.y, method="hutchinson", rel_stderr=0.5,
                                         max_matvecs=self.PROBES, seed=self.cfg.probe_seed + step, operator=op)
             noise = utils.gradient_noise_scale(model, self.x, self.y, b_noise=False, memory_budget=self.budget)

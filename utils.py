@@ -1318,9 +1318,11 @@ class _PerExample:
         self.closed_form = self.layers is not None and path != "general"
         self.params = [p.detach() for p in model.parameters()]
         self.dim = sum(p.numel() for p in self.params)
-        per_row = 4 * _graph_bytes_per_example(model, self.x, self.y, self.loss_fn)
-        if not self.closed_form:
-            per_row += 2 * self.dim * self.x.element_size()
+        if self.closed_form:  # inputs, pre-activations and δ of every Linear layer, with room to spare
+            widths = self.x.flatten(1).shape[1] + sum(m.out_features for m in self.layers if type(m) is nn.Linear)
+            per_row = 6 * widths * self.x.element_size()
+        else:
+            per_row = 4 * _graph_bytes_per_example(model, self.x, self.y, self.loss_fn) + 2 * self.dim * self.x.element_size()
         self.chunks = _row_chunks(self.x.shape[0], memory_budget // max(1.0, per_row))
         self._cached = None  # the only chunk's per-example parts, kept when everything fits in one chunk
 
