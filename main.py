@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import data as data_module
 import models
@@ -90,6 +91,7 @@ class Config:
     surface_steps: int = field(default=41, metadata={"help": "grid points per axis of the 2-D loss surface (odd: includes the model)"})
     surface_span: float = field(default=1.0, metadata={"help": "the surface covers [-span, span]^2 in filter-normalised units"})
     surface_split: str = field(default="train", metadata={"help": "data the surface is computed on", "choices": ("train", "test")})
+    analysis_examples: int = field(default=10000, metadata={"help": "training examples (the first N) for the costlier analyses: spectrum, trace, layers, B_noise, worst-case and PAC-Bayes flatness, curve, rescaling, surface (0: all)"})
     probe_seed: int = field(default=0, metadata={"help": "seed of every random direction and probe vector"})
     train_subset: int = field(default=0, metadata={"help": "use only the first N training images (0: all)"})
     test_subset: int = field(default=0, metadata={"help": "use only the first N test images (0: all)"})
@@ -166,7 +168,7 @@ def validate(cfg: Config) -> None:
     for name in positive_ints:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
-    for name in ("train_subset", "test_subset", "threads"):
+    for name in ("train_subset", "test_subset", "threads", "analysis_examples"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or a positive integer, got {getattr(cfg, name)}")
     checks = [
@@ -210,25 +212,27 @@ TRAINING_FIELDS = ("dataset", "model", "hidden", "epochs", "lr", "momentum", "ba
 STAGE_FIELDS = {
     "evaluate": ("test_subset",),
     "sharpness": ("sharpness_method", "sharpness_tol", "sharpness_max_iter", "probe_seed", "memory_budget_mb"),
-    "eigenpairs": ("eigen_k", "eigen_tol", "probe_seed", "memory_budget_mb"),
-    "trace": ("trace_rel_stderr", "probe_seed", "memory_budget_mb"),
-    "density": ("density_runs", "density_steps", "probe_seed", "memory_budget_mb"),
-    "layers": ("layer_rel_stderr", "probe_seed", "memory_budget_mb"),
-    "exact": ("eigen_k", "eigen_tol", "trace_rel_stderr", "layer_rel_stderr", "noise_rel_stderr", "probe_seed"),
+    "eigenpairs": ("analysis_examples", "eigen_k", "eigen_tol", "probe_seed", "memory_budget_mb"),
+    "trace": ("analysis_examples", "trace_rel_stderr", "probe_seed", "memory_budget_mb"),
+    "density": ("analysis_examples", "density_runs", "density_steps", "probe_seed", "memory_budget_mb"),
+    "layers": ("analysis_examples", "layer_rel_stderr", "probe_seed", "memory_budget_mb"),
+    "exact": ("analysis_examples", "eigen_k", "eigen_tol", "trace_rel_stderr", "layer_rel_stderr", "noise_rel_stderr", "probe_seed"),
     "flatness": ("flatness_sigmas", "flatness_samples", "probe_seed", "memory_budget_mb"),
-    "worst_case": ("sharpness_rho", "adaptive_rho", "worst_case_steps", "probe_seed", "memory_budget_mb"),
-    "pac_bayes": ("pac_bayes_target", "pac_bayes_samples", "probe_seed", "memory_budget_mb"),
+    "worst_case": ("analysis_examples", "sharpness_rho", "adaptive_rho", "worst_case_steps", "probe_seed", "memory_budget_mb"),
+    "pac_bayes": ("analysis_examples", "pac_bayes_target", "pac_bayes_samples", "probe_seed", "memory_budget_mb"),
     "aligned": ("seeds", "interpolation_points", "test_subset", "memory_budget_mb", "probe_seed"),
-    "bezier": ("seeds", "bezier_epochs", "bezier_lr", "batch_size", "momentum", "test_subset", "probe_seed",
+    "bezier": ("analysis_examples", "seeds", "bezier_epochs", "bezier_lr", "batch_size", "momentum", "test_subset", "probe_seed",
                "memory_budget_mb", "plane_steps"),
-    "reparametrisation": ("seeds", "rescale_alphas", "sharpness_tol", "sharpness_max_iter", "sharpness_rho",
+    "reparametrisation": ("analysis_examples", "seeds", "rescale_alphas", "sharpness_tol", "sharpness_max_iter", "sharpness_rho",
                           "adaptive_rho", "worst_case_steps", "flatness_sigmas", "flatness_samples", "probe_seed",
                           "memory_budget_mb"),
-    "gradient_noise": ("noise_rel_stderr", "two_batch", "probe_seed", "memory_budget_mb"),
+    "gradient_noise": ("analysis_examples", "noise_rel_stderr", "two_batch", "probe_seed", "memory_budget_mb"),
     "connectivity": ("seeds", "interpolation_points", "test_subset", "memory_budget_mb"),
-    "surface": ("seeds", "surface_steps", "surface_span", "surface_split", "probe_seed", "test_subset",
+    "surface": ("analysis_examples", "seeds", "surface_steps", "surface_span", "surface_split", "probe_seed", "test_subset",
                 "memory_budget_mb"),
 }
+PER_MODEL_STAGES = ("evaluate", "sharpness", "eigenpairs", "trace", "density", "layers", "flatness",
+                    "adaptive_flatness", "worst_case", "pac_bayes", "gradient_noise")
 FAULT_ENV = "LANDSCAPE_FAULT"  # fault injection for the tests: SIGKILL this process at the named point
 
 
@@ -379,12 +383,18 @@ class Run:
                                    code_digest(models, training))
         self.store = RunStore(_resolve(cfg.runs_dir) / self.training_key, fresh=cfg.fresh)
         self.measure_code = code_digest(utils, training)
+        n = cfg.analysis_examples or ds.x_train.shape[0]
+        self.sub = (ds.x_train[:n], ds.y_train[:n])  # what the costlier analyses see
+        stages = len(cfg.seeds) * (len(PER_MODEL_STAGES) + int(cfg.exact)) + 5
+        self.bar = tqdm(total=stages, desc="measuring", unit="stage", disable=not progress, leave=False)
 
     def stage(self, name: str, kind: str, compute):
         """The result of stage `name`: from the run folder if it finished before, else computed now and saved."""
         key = digest(name, {f: getattr(self.cfg, f) for f in STAGE_FIELDS[kind]}, self.training_key,
                      self.measure_code)
         found = self.store.load_json(name, key)
+        self.bar.set_postfix_str(name)
+        self.bar.update(1)
         if found is not None:
             log.debug("loaded %s from %s", name, self.store.folder)
             self.timings[name] = found["seconds"]
@@ -437,14 +447,14 @@ class Run:
                                                        method=cfg.sharpness_method, memory_budget=budget)),
             "tol": cfg.sharpness_tol})
         out["eigenpairs"] = self.stage(f"eigenpairs[seed={seed}]", "eigenpairs", lambda: self.eigenpairs(model))
+        x_sub, y_sub = self.sub
         out["trace"] = self.stage(f"trace[seed={seed}]", "trace", lambda: dataclasses.asdict(utils.hessian_trace(
-            model, ds.x_train, ds.y_train, rel_stderr=cfg.trace_rel_stderr, seed=cfg.probe_seed,
-            memory_budget=budget)))
+            model, x_sub, y_sub, rel_stderr=cfg.trace_rel_stderr, seed=cfg.probe_seed, memory_budget=budget)))
         out["density"] = self.stage(f"density[seed={seed}]", "density", lambda: _density_dict(
-            utils.hessian_spectral_density(model, ds.x_train, ds.y_train, lanczos_steps=cfg.density_steps,
+            utils.hessian_spectral_density(model, x_sub, y_sub, lanczos_steps=cfg.density_steps,
                                            runs=cfg.density_runs, seed=cfg.probe_seed, memory_budget=budget)))
         out["layers"] = self.stage(f"layers[seed={seed}]", "layers", lambda: [dataclasses.asdict(layer) for layer in
-            utils.layer_curvature(model, ds.x_train, ds.y_train, seed=cfg.probe_seed, tol=1e-2,
+            utils.layer_curvature(model, x_sub, y_sub, seed=cfg.probe_seed, tol=1e-2,
                                   rel_stderr=cfg.layer_rel_stderr, max_probes=64, memory_budget=budget)])
         out["flatness"] = self.stage(f"flatness[seed={seed}]", "flatness", lambda: _flatness_dict(
             utils.perturbation_flatness(model, ds.x_train, ds.y_train, cfg.flatness_sigmas,
@@ -453,19 +463,19 @@ class Run:
             utils.perturbation_flatness(model, ds.x_train, ds.y_train, cfg.flatness_sigmas, adaptive=True,
                                         samples=cfg.flatness_samples, seed=cfg.probe_seed, memory_budget=budget)))
         out["worst_case"] = self.stage(f"worst_case[seed={seed}]", "worst_case", lambda: {
-            kind: _worst_dict(utils.worst_case_sharpness(model, ds.x_train, ds.y_train, rho=rho, adaptive=adaptive,
+            kind: _worst_dict(utils.worst_case_sharpness(model, x_sub, y_sub, rho=rho, adaptive=adaptive,
                                                          steps=cfg.worst_case_steps, seed=cfg.probe_seed,
                                                          memory_budget=budget))
             for kind, rho, adaptive in (("absolute", cfg.sharpness_rho, False), ("adaptive", cfg.adaptive_rho, True))})
         out["pac_bayes"] = self.stage(f"pac_bayes[seed={seed}]", "pac_bayes", lambda: {
-            kind: dataclasses.asdict(utils.pac_bayes_flatness(model, ds.x_train, ds.y_train, magnitude_aware=aware,
+            kind: dataclasses.asdict(utils.pac_bayes_flatness(model, x_sub, y_sub, magnitude_aware=aware,
                                                               max_error_increase=cfg.pac_bayes_target,
                                                               samples=cfg.pac_bayes_samples, seed=cfg.probe_seed,
                                                               memory_budget=budget))
             for kind, aware in (("plain", False), ("magnitude_aware", True))})
         out["gradient_noise"] = self.stage(f"gradient_noise[seed={seed}]", "gradient_noise", lambda: self.noise(model))
         if self.exact_mode(model):
-            out["exact"] = self.stage(f"exact[seed={seed}]", "exact", lambda: exact_comparison(model, ds, out))
+            out["exact"] = self.stage(f"exact[seed={seed}]", "exact", lambda: exact_comparison(model, ds, self.sub, out))
         return out
 
     def exact_mode(self, model) -> bool:
@@ -473,7 +483,7 @@ class Run:
 
     def eigenpairs(self, model) -> dict:
         """The top-k eigenvalues and λ_min, each with its residuals (no eigenvectors: they are D numbers each)."""
-        x, y, cfg = self.ds.x_train, self.ds.y_train, self.cfg
+        (x, y), cfg = self.sub, self.cfg
         top = utils.hessian_eigenpairs(model, x, y, k=cfg.eigen_k, tol=cfg.eigen_tol, seed=cfg.probe_seed,
                                        memory_budget=self.budget)
         bottom = utils.hessian_eigenpairs(model, x, y, k=1, which="smallest", tol=cfg.eigen_tol, seed=cfg.probe_seed,
@@ -484,9 +494,18 @@ class Run:
                 "lambda_min_iterations": bottom.iterations, "tol": cfg.eigen_tol}
 
     def noise(self, model) -> dict:
+        """B_simple over all training examples; B_noise, which needs Hessian products, over the analysis subset."""
         x, y, cfg = self.ds.x_train, self.ds.y_train, self.cfg
-        out = dataclasses.asdict(utils.gradient_noise_scale(model, x, y, rel_stderr=cfg.noise_rel_stderr,
-                                                            seed=cfg.probe_seed, memory_budget=self.budget))
+        everything = self.sub[0].shape[0] == x.shape[0]
+        out = dataclasses.asdict(utils.gradient_noise_scale(model, x, y, b_noise=everything,
+                                                            rel_stderr=cfg.noise_rel_stderr, seed=cfg.probe_seed,
+                                                            memory_budget=self.budget))
+        if not everything:
+            sub = utils.gradient_noise_scale(model, *self.sub, rel_stderr=cfg.noise_rel_stderr, seed=cfg.probe_seed,
+                                             memory_budget=self.budget)
+            out.update({k: getattr(sub, k) for k in ("b_noise", "trace_h_cov", "trace_h_cov_stderr", "g_h_g",
+                                                     "probes")})
+        out["b_noise_examples"] = self.sub[0].shape[0]
         small, big = cfg.two_batch
         if big <= x.shape[0]:
             out["two_batch"] = dataclasses.asdict(utils.two_batch_noise_scale(model, x, y, b_small=small, b_big=big,
@@ -517,7 +536,7 @@ class Run:
         """A trained quadratic Bézier curve (Garipov et al. 2018), evaluated on train and test, and the loss on
         the plane through both models and the curve's middle point."""
         cfg, ds = self.cfg, self.ds
-        curve = utils.bezier_curve(model_a, model_b, ds.x_train, ds.y_train, epochs=cfg.bezier_epochs,
+        curve = utils.bezier_curve(model_a, model_b, *self.sub, epochs=cfg.bezier_epochs,
                                    lr=cfg.bezier_lr, seed=cfg.probe_seed, momentum=cfg.momentum,
                                    batch_size=cfg.batch_size, points=cfg.interpolation_points,
                                    memory_budget=self.budget)
@@ -526,7 +545,7 @@ class Run:
         coefficients = torch.eye(len(curve.ts), dtype=torch.float64)
         test = utils.losses_at_points(model_a, ds.x_test, ds.y_test, torch.zeros_like(theta_a), points, coefficients,
                                       memory_budget=self.budget)
-        plane = utils.loss_plane(model_a, ds.x_train, ds.y_train, (theta_a, theta_b, curve.control),
+        plane = utils.loss_plane(model_a, *self.sub, (theta_a, theta_b, curve.control),
                                  steps=cfg.plane_steps, memory_budget=self.budget)
         u = (theta_b - theta_a) / (theta_b - theta_a).norm()
         v_raw = (curve.control - theta_a) - ((curve.control - theta_a) @ u) * u
@@ -541,7 +560,7 @@ class Run:
     def reparametrisation(self, model) -> dict:
         """Dinh et al. 2017: rescaled copies compute the same function; which measures move with α?"""
         cfg, ds, budget = self.cfg, self.ds, self.budget
-        x, y = ds.x_train, ds.y_train
+        x, y = self.sub
         sigma = max(cfg.flatness_sigmas)
         rows = []
         for alpha in (1.0, *cfg.rescale_alphas):
@@ -571,10 +590,10 @@ class Run:
 
     def surface(self, model) -> dict:
         cfg = self.cfg
-        x, y = self.ds.splits()[cfg.surface_split]
+        x, y = self.sub if cfg.surface_split == "train" else self.ds.splits()["test"]
         s = utils.loss_surface_2d(model, x, y, steps=cfg.surface_steps, span=cfg.surface_span, seed=cfg.probe_seed,
                                   memory_budget=self.budget)
-        return {"split": cfg.surface_split, "alphas": s.alphas.tolist(), "betas": s.betas.tolist(),
+        return {"split": cfg.surface_split, "examples": int(x.shape[0]), "alphas": s.alphas.tolist(), "betas": s.betas.tolist(),
                 "losses": s.losses.tolist(), "accuracies": s.accuracies.tolist()}
 
 
@@ -603,13 +622,16 @@ def _density_dict(d: utils.SpectralDensity) -> dict:
             "weights": d.weights.tolist(), "sigma": d.sigma}
 
 
-def exact_comparison(model, ds: data_module.Dataset, measured: dict) -> dict:
-    """The dense float64 Hessian's answers beside every estimate of `measured`, with the errors."""
+def exact_comparison(model, ds: data_module.Dataset, sub, measured: dict) -> dict:
+    """The dense float64 Hessian's answers beside every estimate of `measured`, with the errors (λ_max on all
+    training examples, the rest on the analysis subset `sub`, as they were measured)."""
     model64 = copy.deepcopy(model).double()
-    x, y = ds.x_train.double(), ds.y_train
+    x, y = sub[0].double(), sub[1]
     dense = utils.exact_hessian(model64, x, y)
     eigenvalues = torch.linalg.eigvalsh(dense).numpy()
     top = eigenvalues[::-1][: len(measured["eigenpairs"]["top"])]
+    full_top = (float(eigenvalues[-1]) if sub[0].shape[0] == ds.x_train.shape[0] else
+                float(torch.linalg.eigvalsh(utils.exact_hessian(model64, ds.x_train.double(), ds.y_train))[-1]))
     offsets = np.cumsum([0] + [layer["size"] for layer in measured["layers"]])
     blocks = [dense[a:b, a:b].numpy() for a, b in zip(offsets[:-1], offsets[1:])]
     grads = utils.per_example_gradients(model64, x, y)  # (N, D)
@@ -625,7 +647,7 @@ def exact_comparison(model, ds: data_module.Dataset, measured: dict) -> dict:
         "lambda_min": abs(est["eigenpairs"]["lambda_min"] - exact["lambda_min"]),
         "trace": abs(est["trace"]["trace"] - exact["trace"]),
         "trace_in_stderr": abs(est["trace"]["trace"] - exact["trace"]) / max(est["trace"]["stderr"], 1e-300),
-        "sharpness": abs(est["sharpness"]["eigenvalue"] - top[0]),
+        "sharpness": abs(est["sharpness"]["eigenvalue"] - full_top),
         "b_noise": abs(est["gradient_noise"]["b_noise"] - exact["b_noise"]),
         "layer_top": float(np.max(np.abs(np.asarray([layer["top_eigenvalue"] for layer in est["layers"]]) -
                                          np.asarray(exact["layer_top"])))),
@@ -736,6 +758,7 @@ def run(cfg: Config) -> dict:
     reparametrisation = {"seed": first, **r.stage("reparametrisation", "reparametrisation",
                                                   lambda: r.reparametrisation(trained[first]))}
     surface = {"seed": first, **r.stage("surface", "surface", lambda: r.surface(trained[first]))}
+    r.bar.close()
     if r.store.loaded:
         log.info("resumed %d finished stages from %s (--fresh recomputes them)", len(r.store.loaded), r.store.folder)
     metrics = {

@@ -260,6 +260,8 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
         if beta:
             axes[0].axhline(2 * (1 + beta) / lr, color="0.3", ls=":", lw=1, label=f"2(1+β)/η = {2 * (1 + beta) / lr:.3g}")
         axes[0].set_yscale("log")
+        axes[0].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         titles = ("sharpness λ_max", "trace tr(H) (2 Hutchinson probes)", "noise scale B_simple")
         for ax, title in zip(axes, titles):
             ax.set_xlabel("training step")
