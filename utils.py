@@ -340,7 +340,8 @@ def _mlp_points(model, layers, x, y, base, directions, coefficients, loss_fn, bu
 
 
 def _mix_directions(c: torch.Tensor, z_dirs: torch.Tensor, z_base: torch.Tensor, *, out: torch.Tensor) -> None:
-    """out = z_base + c·z_dirs, reading only the directions some point uses (a flatness probe uses one)."""
+    """out = z_base + c·z_dirs (rows of z_dirs may be strided), reading only the directions some point uses
+    (a flatness probe uses one)."""
     used = torch.nonzero(c.any(dim=0)).flatten().tolist()
     if len(used) == c.shape[1] or len(used) > 4:
         torch.addmm(z_base, c, z_dirs, out=out)
@@ -370,7 +371,9 @@ def _mlp_tail(layers, z, c, rest, rest_dirs, buffers):
             continue
         (w, b), (dw, db) = rest[linear_index], rest_dirs[linear_index]
         linear_index += 1
-        w_p = w + (c @ dw.reshape(dw.shape[0], -1)).reshape(-1, *w.shape)  # (p, out, in)
+        w_p = _buffer(buffers, ("w", i), (c.shape[0], w.numel()), w)
+        _mix_directions(c, dw.reshape(dw.shape[0], -1), w.reshape(1, -1), out=w_p)
+        w_p = w_p.view(-1, *w.shape)  # (p, out, in): this layer's weights at each point
         out = _buffer(buffers, i, (z.shape[0], w.shape[0], z.shape[2]), z)
         if b is None:
             z = torch.bmm(w_p, z, out=out)  # (p, out, n)
