@@ -1,7 +1,6 @@
 """The report, the machine-readable outputs and using the measurements on your own model and loss."""
 
 import csv
-import json
 import math
 import re
 import shutil
