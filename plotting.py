@@ -360,7 +360,7 @@ def plot_summary_table(metrics: dict, path: Path) -> Path:
     header, rows = summary_rows(metrics)
     layer_header, layers = layer_rows(metrics)
     rows = rows + [[""] * len(header), [f"[{layer_header[0]}]", *layer_header[1:]], *layers]
-    inches = [0.3 + 0.08 * max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]  # per column
+    inches = [0.4 + 0.085 * max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]  # per column
     width = sum(inches)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(width, 0.3 * (len(rows) + 1) + 0.5))
