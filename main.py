@@ -753,10 +753,15 @@ def run(cfg: Config) -> dict:
     first, second = cfg.seeds[0], cfg.seeds[1]
     connectivity = {"seeds": [first, second],
                     **r.stage("connectivity", "connectivity", lambda: r.connectivity(trained[first], trained[second]))}
-    connectivity["aligned"] = r.stage("aligned", "aligned", lambda: r.aligned(trained[first], trained[second]))
+    if cfg.model == "mlp":  # hidden-unit permutations and ReLU rescaling are defined for MLPs
+        connectivity["aligned"] = r.stage("aligned", "aligned", lambda: r.aligned(trained[first], trained[second]))
     connectivity["bezier"] = r.stage("bezier", "bezier", lambda: r.bezier(trained[first], trained[second]))
-    reparametrisation = {"seed": first, **r.stage("reparametrisation", "reparametrisation",
-                                                  lambda: r.reparametrisation(trained[first]))}
+    reparametrisation = {"seed": first, "rows": []}
+    if cfg.model == "mlp":
+        reparametrisation.update(r.stage("reparametrisation", "reparametrisation",
+                                         lambda: r.reparametrisation(trained[first])))
+    else:
+        warnings.append(f"weight matching and the rescaling experiment need an MLP: skipped for --model {cfg.model}")
     surface = {"seed": first, **r.stage("surface", "surface", lambda: r.surface(trained[first]))}
     r.bar.close()
     if r.store.loaded:

@@ -155,6 +155,8 @@ def plot_connectivity_plane(metrics: dict, path: Path) -> Path:
 def plot_reparametrisation(metrics: dict, path: Path) -> Path:
     """Each measure on function-preserving rescaled copies (first layer ×α, second ÷α), relative to α = 1."""
     r = metrics["reparametrisation"]
+    if not r.get("rows"):
+        return _placeholder("The rescaling experiment needs a ReLU MLP; it was skipped for this model.", path)
     rows = sorted(r["rows"], key=lambda row: row["alpha"])
     alphas = [row["alpha"] for row in rows]
     base = next(row for row in rows if row["alpha"] == 1.0)
@@ -212,6 +214,15 @@ def plot_loss_surface_3d(metrics: dict, path: Path) -> Path:
         ax.set_aspect("equal")
         ax.set_title("Contours (d1, d2 random, filter-normalised)")
         ax.legend(loc="upper right")
+        return _save(fig, path)
+
+
+def _placeholder(message: str, path: Path) -> Path:
+    """A figure that says why there is nothing to draw (so every run writes the same set of files)."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11)
         return _save(fig, path)
 
 
@@ -480,9 +491,11 @@ def report_sections(metrics: dict) -> list[dict]:
                         f"{_fmt(m[s]['worst_case']['adaptive']['sharpness'])} (adaptive), PAC-Bayes sigma "
                         f"{_fmt(m[s]['pac_bayes']['plain']['sigma'], 3)}, magnitude-aware "
                         f"{_fmt(m[s]['pac_bayes']['magnitude_aware']['sigma'], 3)}" for s in seeds],
-            "interpretation": f"Rescaling the first two layers (same function) moves lambda_max by a factor "
-                              f"{moved:.2f} across the alphas tried, while the filter-normalised and adaptive measures "
-                              "do not move: only the latter describe the function rather than its parametrisation.",
+            "interpretation": (f"Rescaling the first two layers (same function) moves lambda_max by a factor "
+                               f"{moved:.2f} across the alphas tried, while the filter-normalised and adaptive "
+                               "measures do not move: only the latter describe the function rather than its "
+                               "parametrisation.") if rows else
+                              "The rescaling experiment needs a ReLU MLP and was skipped for this model.",
             "figure": "reparametrisation.png",
         })
     noise = {s: m[s]["gradient_noise"]["b_simple"] or math.inf for s in seeds}

@@ -152,3 +152,17 @@ def test_tracking_can_be_switched_off_and_forced(tmp_path):
     on = json.loads((tmp_path / "on" / "metrics.json").read_text())
     steps = [r["step"] for r in on["models"]["0"]["training"]["tracking"]["records"]]
     assert steps == list(range(0, on["models"]["0"]["training"]["steps"] + 1, 2))
+
+
+def test_cnn_runs_end_to_end_and_skips_what_needs_an_mlp(tmp_path):
+    """Every measurement works on SmallCNN through the general paths; weight matching and the ReLU rescaling
+    need an MLP and are skipped with a warning, not a crash."""
+    argv = ["--quick", "--quiet", "--model", "cnn", "--train-subset", "100", "--test-subset", "100", "--offline",
+            "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), "--skip-figures"]
+    assert main.main(argv) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert "aligned" not in metrics["connectivity"] and metrics["reparametrisation"]["rows"] == []
+    assert any("need an MLP" in w for w in metrics["warnings"])
+    for m in metrics["models"].values():
+        assert math.isfinite(m["sharpness"]["eigenvalue"]) and math.isfinite(m["gradient_noise"]["b_noise"])
+    assert plotting.plot_reparametrisation(metrics, tmp_path / "r.png").exists()
