@@ -123,13 +123,16 @@ def stage_surface(model, ds, reps, steps=41):
     row["baseline_error"] = float(np.abs(runs["baseline"][1].numpy() - exact).max())
     row["ours_error"] = float(np.abs(runs["ours"][1].losses - exact).max())
     row["note"] = f"1,000 test; max |ours − loop| {np.abs(runs['ours'][1].losses - runs['baseline'][1].numpy()).max():.1e}"
-    peer = _loss_landscapes_plane(model, x, y, steps, reps)
+    peer = _time_loss_landscapes(lambda ll, metric: ll.random_plane(model, metric, distance=1, steps=steps,
+                                                                    normalization="filter", deepcopy_model=True),
+                                 x, y, reps)
     if peer:
         row["peer"] = f"loss-landscapes random_plane {describe(peer)} (grid shifted, never contains θ)"
     return row
 
 
-def _loss_landscapes_plane(model, x, y, steps, reps):
+def _time_loss_landscapes(call, x, y, reps):
+    """Times of `call(loss_landscapes, metric)` over reps runs, or None when loss-landscapes is not installed."""
     try:
         import loss_landscapes
         import loss_landscapes.metrics
@@ -139,7 +142,7 @@ def _loss_landscapes_plane(model, x, y, steps, reps):
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        loss_landscapes.random_plane(model, metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True)
+        call(loss_landscapes, metric)
         times.append(time.perf_counter() - start)
     return times
 
@@ -171,25 +174,11 @@ def stage_interpolation(model_a, model_b, ds, reps, points=51):
     row["baseline_error"] = float(np.abs(np.array(runs["baseline"][1]) - exact).max())
     row["ours_error"] = float(np.abs(np.array(runs["ours"][1].losses) - exact).max())
     row["note"] = f"{points} points, 1,000 test (refine=0: the same points as the loop; the default adds ~32 near the peaks)"
-    peer = _loss_landscapes_line(model_a, model_b, x, y, points, reps)
+    peer = _time_loss_landscapes(lambda ll, metric: ll.linear_interpolation(model_a, model_b, metric, steps=points,
+                                                                            deepcopy_model=True), x, y, reps)
     if peer:
         row["peer"] = f"loss-landscapes linear_interpolation {describe(peer)} (never evaluates α = 0)"
     return row
-
-
-def _loss_landscapes_line(model_a, model_b, x, y, points, reps):
-    try:
-        import loss_landscapes
-        import loss_landscapes.metrics
-    except ImportError:
-        return None
-    metric = loss_landscapes.metrics.Loss(torch.nn.CrossEntropyLoss(), x, y)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        loss_landscapes.linear_interpolation(model_a, model_b, metric, steps=points, deepcopy_model=True)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def stage_flatness(model, ds, reps, sigmas=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5), samples=20):

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -98,3 +99,33 @@ def grad_at(model, theta, x, y, loss_fn=None) -> torch.Tensor:
     loss = _loss(functional_call(model, unflatten(model, th), (x,)), y, loss_fn)
     (g,) = torch.autograd.grad(loss, th)
     return g.detach()
+
+
+def loss_at(model, theta, x, y, loss_fn=None) -> float:
+    with torch.no_grad():
+        return float(_loss(functional_call(model, unflatten(model, theta), (x,)), y, loss_fn))
+
+
+def logits_at(model, theta, x) -> torch.Tensor:
+    with torch.no_grad():
+        return functional_call(model, unflatten(model, theta), (x,))
+
+
+def acc_at(model, theta, x, y) -> float:
+    return float((logits_at(model, theta, x).argmax(1) == y).double().mean())
+
+
+def softmax_np(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def logreg_jacobian(xi: np.ndarray, C: int) -> np.ndarray:
+    """J (C x D) = d logits / d theta for theta = [W.ravel() (C x d row-major), b] (multinomial logistic regression)."""
+    d = xi.shape[0]
+    J = np.zeros((C, C * d + C))
+    for c in range(C):
+        J[c, c * d : (c + 1) * d] = xi
+        J[c, C * d + c] = 1.0
+    return J

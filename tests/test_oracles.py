@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import utils
-from conftest import Wrapped, _loss, flat, grad_at, tiny_data, tiny_mlp, unflatten
+from conftest import _loss, acc_at, flat, grad_at, logreg_jacobian, loss_at, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
 from models import SmallCNN, SmallMLP
 
 DT = torch.float64
@@ -39,24 +39,6 @@ DT = torch.float64
 # --------------------------------------------------------------------------------------
 # Independent helpers (no use of utils)
 # --------------------------------------------------------------------------------------
-
-
-
-
-
-def loss_at(model, theta, x, y, loss_fn=None) -> float:
-    with torch.no_grad():
-        return float(_loss(functional_call(model, unflatten(model, theta), (x,)), y, loss_fn))
-
-
-def logits_at(model, theta, x) -> torch.Tensor:
-    with torch.no_grad():
-        return functional_call(model, unflatten(model, theta), (x,))
-
-
-def acc_at(model, theta, x, y) -> float:
-    return float((logits_at(model, theta, x).argmax(1) == y).double().mean())
-
 
 
 def fd_hvp(model, theta, x, y, v, h, loss_fn=None) -> torch.Tensor:
@@ -112,22 +94,6 @@ def assert_filter_normalized(d: torch.Tensor, model, rtol=1e-12):
 
 
 # ---- multinomial logistic regression, closed form in numpy (no autograd) ----------------
-
-
-def softmax_np(z):
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def logreg_jacobian(xi: np.ndarray, C: int) -> np.ndarray:
-    """J (C x D) = d logits / d theta for theta = [W.ravel() (C x d row-major), b]."""
-    d = xi.shape[0]
-    J = np.zeros((C, C * d + C))
-    for c in range(C):
-        J[c, c * d : (c + 1) * d] = xi
-        J[c, C * d + c] = 1.0
-    return J
 
 
 def logreg_closed_form(W: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray):

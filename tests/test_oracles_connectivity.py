@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 import utils
-from conftest import _loss, flat, tiny_data, tiny_mlp, unflatten
+from conftest import _loss, acc_at, flat, loss_at, tiny_data, tiny_mlp, unflatten
 from models import SmallMLP
 
 DT = torch.float64
@@ -40,20 +40,6 @@ DT = torch.float64
 # --------------------------------------------------------------------------------------
 # Independent helpers (no use of utils)
 # --------------------------------------------------------------------------------------
-
-
-def loss_at(model, theta, x, y, loss_fn=None) -> float:
-    with torch.no_grad():
-        return float(_loss(functional_call(model, unflatten(model, theta), (x,)), y, loss_fn))
-
-
-def logits_at(model, theta, x) -> torch.Tensor:
-    with torch.no_grad():
-        return functional_call(model, unflatten(model, theta), (x,))
-
-
-def acc_at(model, theta, x, y) -> float:
-    return float((logits_at(model, theta, x).argmax(1) == y).double().mean())
 
 
 def relu_mlp(seed=0, widths=(4, 5, 3)):

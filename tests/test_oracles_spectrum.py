@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import utils
-from conftest import Wrapped, _loss, flat, grad_at, tiny_data, tiny_mlp, unflatten
+from conftest import _loss, flat, grad_at, logreg_jacobian, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
 
 DT = torch.float64
 LIKE = torch.zeros(1, dtype=DT)
@@ -42,9 +42,6 @@ trapezoid = getattr(np, "trapezoid", None) or np.trapz
 # ======================================================================================
 
 
-
-
-
 def dense_hessian(model, x, y, loss_fn=None) -> np.ndarray:
     """Dense Hessian of the mean loss by plain torch.autograd.functional.hessian, symmetrised."""
     theta = flat(model)
@@ -54,7 +51,6 @@ def dense_hessian(model, x, y, loss_fn=None) -> np.ndarray:
     H = H.detach().numpy()
     assert np.allclose(H, H.T, atol=1e-10)
     return 0.5 * (H + H.T)
-
 
 
 def per_example_grads(model, x, y, loss_fn=None) -> np.ndarray:
@@ -115,22 +111,6 @@ def z_score(est, stderr, truth):
 
 
 # ---- multinomial logistic regression in numpy (no autograd) ----------------------------
-
-
-def softmax_np(z):
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def logreg_jacobian(xi: np.ndarray, C: int) -> np.ndarray:
-    """J (C x D) = d logits / d theta for theta = [W.ravel() (C x d row-major), b]."""
-    d = xi.shape[0]
-    J = np.zeros((C, C * d + C))
-    for c in range(C):
-        J[c, c * d : (c + 1) * d] = xi
-        J[c, C * d + c] = 1.0
-    return J
 
 
 def logreg_closed_form(lin: nn.Linear, x, y, saddle: float = 0.0):
