@@ -42,20 +42,26 @@ STYLE = {
 }
 
 
+def _write_atomically(target: Path, write) -> Path:
+    """Call write(temporary path) in target's folder, then move the file into place (no half-written files)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
 def _save(fig, path: Path) -> Path:
-    """Save the PNG and, beside it, a vector PDF copy, each atomically (a temporary file, then os.replace)."""
+    """Save the PNG and, beside it, a vector PDF copy, each atomically."""
     path = Path(path)
     try:
         for target in (path, path.with_suffix(".pdf")):
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
-            os.close(fd)
-            try:
-                fig.savefig(tmp, bbox_inches="tight")
-                os.chmod(tmp, 0o666 & ~_umask())
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            _write_atomically(target, lambda tmp: fig.savefig(tmp, bbox_inches="tight"))
     finally:
         plt.close(fig)
     return path
@@ -575,22 +581,19 @@ def plot_report(metrics: dict, path: Path) -> Path:
     an interpretation computed from them), the summary table last. Figures are read from path's folder."""
     from matplotlib.backends.backend_pdf import PdfPages
 
-    folder = Path(path).parent
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}.", suffix=".pdf")
-    os.close(fd)
-    with plt.rc_context({**STYLE, "axes.grid": False}):
-        with PdfPages(tmp) as pdf:
+    folder = path.parent
+
+    def write(tmp: str) -> None:
+        with plt.rc_context({**STYLE, "axes.grid": False}), PdfPages(tmp) as pdf:
             _title_page(pdf, metrics)
             for section in report_sections(metrics):
                 _section_page(pdf, section, folder)
             _section_page(pdf, {"title": "Summary table", "formula": "", "reference": "", "numbers": [],
                                 "interpretation": "", "figure": "summary_table.png"}, folder)
-            info = pdf.infodict()
-            info["Title"] = "Loss landscape report"
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-    return path
+            pdf.infodict()["Title"] = "Loss landscape report"
+
+    return _write_atomically(path, write)
 
 
 def _title_page(pdf, metrics: dict) -> None:

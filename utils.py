@@ -422,7 +422,7 @@ class HessianOperator:
             loss = _functional_loss(self.model, self.params, self.x[rows], self.y[rows], self.loss_fn)
             return torch.autograd.grad(loss, list(self.params.values()), create_graph=True, materialize_grads=True)
 
-    def _products(self, grads, vs: torch.Tensor, retain: bool) -> torch.Tensor:
+    def _products(self, grads, vs: torch.Tensor) -> torch.Tensor:
         live = [i for i, g in enumerate(grads) if g.requires_grad]  # a gradient that is constant has no Hessian
         parts = [_split_rows(vs, self.model)[i] for i in live]
         params = list(self.params.values())
@@ -431,8 +431,6 @@ class HessianOperator:
         rows = [torch.autograd.grad(outputs, params, [p[b] for p in parts], retain_graph=True, allow_unused=True)
                 for b in range(vs.shape[0])]
         hv = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(params))]
-        if not retain:
-            torch.autograd.grad(outputs, params, [torch.zeros_like(o) for o in outputs], allow_unused=True)
         return torch.cat([(h if h is not None else torch.zeros((vs.shape[0], *p.shape), dtype=p.dtype)
                            ).reshape(vs.shape[0], -1) for h, p in zip(hv, params)], dim=1)
 
@@ -449,11 +447,10 @@ class HessianOperator:
         self.matvecs += vs.shape[0]
         vs = vs.detach()
         if self._grads is not None:
-            return self._products(self._grads, vs, retain=True).detach()
+            return self._products(self._grads, vs).detach()
         total = torch.zeros_like(vs)
         for rows in self.chunks:
-            total += (rows.stop - rows.start) / self.x.shape[0] * self._products(self._gradient_graph(rows), vs,
-                                                                                 retain=False).detach()
+            total += (rows.stop - rows.start) / self.x.shape[0] * self._products(self._gradient_graph(rows), vs).detach()
         return total
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:

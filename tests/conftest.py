@@ -129,3 +129,39 @@ def logreg_jacobian(xi: np.ndarray, C: int) -> np.ndarray:
         J[c, c * d : (c + 1) * d] = xi
         J[c, C * d + c] = 1.0
     return J
+
+
+DT = torch.float64
+
+
+def make_logreg(seed=0, n=12, d=4, C=3, scale=0.8):
+    """Multinomial logistic regression (one float64 Linear layer) with random weights and data."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(d, C).to(DT)
+    with torch.no_grad():
+        lin.weight.copy_(scale * torch.randn(C, d, generator=g, dtype=DT))
+        lin.bias.copy_(scale * torch.randn(C, generator=g, dtype=DT))
+    x = torch.randn(n, d, generator=g, dtype=DT)
+    y = torch.randint(0, C, (n,), generator=g)
+    return lin, x, y
+
+
+def scalar_chain(w1, w2):
+    """f(x) = w2·w1·x as two bias-free 1×1 Linear layers (float64)."""
+    m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).to(DT)
+    with torch.no_grad():
+        m[0].weight.fill_(w1)
+        m[1].weight.fill_(w2)
+    return m
+
+
+def mlp_of(widths, activation, bias=True, tail=None) -> nn.Sequential:
+    """A float64 plain MLP with the given widths, activation between Linear layers, optional trailing module."""
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(widths) - 2:
+            layers.append(activation())
+    if tail is not None:
+        layers.append(tail)
+    return nn.Sequential(*layers).double()

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import Wrapped, tiny_data, tiny_mlp
+from conftest import mlp_of, tiny_data, tiny_mlp, Wrapped
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -85,13 +85,7 @@ ACTIVATIONS = [nn.Tanh, nn.ReLU, nn.Sigmoid, nn.GELU, nn.SiLU]
        act=st.sampled_from(ACTIVATIONS), bias=st.booleans(), k=st.integers(1, 3), p=st.integers(1, 7))
 def test_fast_and_general_paths_give_the_same_losses(seed, hidden, act, bias, k, p):
     g = torch.Generator().manual_seed(seed)
-    widths = [4, *hidden, 3]
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b, bias=bias))
-        if i < len(widths) - 2:
-            layers.append(act())
-    model = nn.Sequential(nn.Flatten(), *layers).double()
+    model = nn.Sequential(nn.Flatten(), *mlp_of([4, *hidden, 3], act, bias)).double()
     x, y = tiny_data(seed % 7, n=9)
     theta = utils.flat_parameters(model)
     dirs = torch.randn(k, theta.numel(), generator=g, dtype=torch.float64)
@@ -169,15 +163,7 @@ def test_closed_form_mlp_hvp_equals_autograd_double_backward(seed, hidden, act, 
     for any element-wise activation (φ'' ≠ 0 included), with or without biases, chunked or not, and for a loss
     taken after a trailing activation (MSE on a Tanh output)."""
     g = torch.Generator().manual_seed(seed)
-    widths = [4, *hidden, 3]
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b, bias=bias))
-        if i < len(widths) - 2:
-            layers.append(act())
-    if tail:
-        layers.append(nn.Tanh())
-    model = nn.Sequential(*layers).double()
+    model = mlp_of([4, *hidden, 3], act, bias, tail=nn.Tanh() if tail else None)
     x, y = tiny_data(seed % 5, n=10)
     loss_fn = None
     if tail:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import utils
-from conftest import _loss, acc_at, flat, grad_at, logreg_jacobian, loss_at, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
+from conftest import _loss, acc_at, flat, grad_at, logreg_jacobian, loss_at, make_logreg, scalar_chain, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
 from models import SmallCNN, SmallMLP
 
 DT = torch.float64
@@ -113,17 +113,6 @@ def logreg_closed_form(W: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarra
         gs.append(J.T @ (P[i] - E[i]))
         H = H + J.T @ (np.diag(P[i]) - np.outer(P[i], P[i])) @ J
     return loss, np.array(gs), H / N
-
-
-def make_logreg(seed=0, n=12, d=4, C=3, scale=0.8):
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(d, C).to(DT)
-    with torch.no_grad():
-        lin.weight.copy_(scale * torch.randn(C, d, generator=g, dtype=DT))
-        lin.bias.copy_(scale * torch.randn(C, generator=g, dtype=DT))
-    x = torch.randn(n, d, generator=g, dtype=DT)
-    y = torch.randint(0, C, (n,), generator=g)
-    return lin, x, y
 
 
 def logreg_np(lin, x, y):
@@ -659,19 +648,11 @@ def test_flatness_small_sigma_matches_half_sigma_sq_expected_quadratic_form_at_m
 # ======================================================================================
 
 
-def _scalar_chain(w1, w2):
-    m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).to(DT)
-    with torch.no_grad():
-        m[0].weight.fill_(w1)
-        m[1].weight.fill_(w2)
-    return m
-
-
 def test_interpolation_barrier_of_sign_flipped_scalar_linear_network_is_mean_y_squared():
     """f(x) = w2 w1 x, MSE, y = x. theta_a = (1,1), theta_b = (-1,-1) compute f = x (zero loss);
     theta(alpha) = (1-2 alpha)(1,1) so f = (1-2 alpha)^2 x and L(alpha) = 16 alpha^2 (1-alpha)^2 mean(x^2).
     Barrier over alphas containing 1/2 = mean(x^2) = 1.875; with alphas -1/2 and 3/2 it is 9 mean(x^2). Accuracy: NaN."""
-    ma, mb = _scalar_chain(1.0, 1.0), _scalar_chain(-1.0, -1.0)
+    ma, mb = scalar_chain(1.0, 1.0), scalar_chain(-1.0, -1.0)
     x = torch.tensor([[0.5], [-1.0], [2.0], [1.5]], dtype=DT)
     y = x.clone()
     mse = lambda o, t: ((o - t) ** 2).mean()  # noqa: E731

@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 import utils
-from conftest import _loss, acc_at, flat, loss_at, tiny_data, tiny_mlp, unflatten
+from conftest import _loss, acc_at, flat, loss_at, scalar_chain, tiny_data, tiny_mlp, unflatten
 from models import SmallMLP
 
 DT = torch.float64
@@ -480,14 +480,6 @@ def test_adaptive_worst_case_sharpness_on_quadratic_equals_half_rho_sq_lambda_ma
 # ======================================================================================
 
 
-def _scalar_chain(w1, w2):
-    m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).to(DT)
-    with torch.no_grad():
-        m[0].weight.fill_(w1)
-        m[1].weight.fill_(w2)
-    return m
-
-
 MSE = lambda o, t: ((o - t) ** 2).mean()  # noqa: E731
 XS = torch.tensor([[0.5], [-1.0], [2.0], [1.5], [-0.3]], dtype=DT)
 
@@ -512,7 +504,7 @@ def _barriers_from(alphas, losses, errors, le, ee):
 def test_barriers_of_sign_flipped_scalar_network_equal_mean_x_squared_on_grid_with_half():
     """theta_a = (1,1), theta_b = (-1,-1), y = x: L(alpha) = 16 alpha^2 (1-alpha)^2 mean(x^2), endpoints 0, so with 1/2
     on the grid: barrier = loss_linear = loss_mean = mean(x^2) exactly (1e-12); losses match the polynomial."""
-    ma, mb = _scalar_chain(1.0, 1.0), _scalar_chain(-1.0, -1.0)
+    ma, mb = scalar_chain(1.0, 1.0), scalar_chain(-1.0, -1.0)
     y = XS.clone()
     mx2 = float((XS**2).mean())
     alphas = [float(a) for a in np.linspace(0, 1, 11)]
@@ -531,7 +523,7 @@ def test_refinement_finds_the_peak_at_one_half_when_the_grid_misses_it():
     the refined barriers come from extra points near the peak: refined_alphas sorted, containing 0, 1 and the given
     alphas, refined losses equal the polynomial (1e-12), loss_linear/loss_mean recomputed from the refined arrays
     (1e-12), and the refined peak lies within 0.06 of 1/2 with loss_linear >= 0.97 mean(x^2) (true sup: mean(x^2))."""
-    ma, mb = _scalar_chain(1.0, 1.0), _scalar_chain(-1.0, -1.0)
+    ma, mb = scalar_chain(1.0, 1.0), scalar_chain(-1.0, -1.0)
     mx2 = float((XS**2).mean())
     alphas = [0.0, 0.3, 0.7, 1.0]
     res = utils.linear_interpolation(ma, mb, XS, XS.clone(), alphas, refine=2, loss_fn=MSE)
@@ -554,7 +546,7 @@ def test_linear_and_mean_barrier_definitions_differ_on_asymmetric_scalar_path():
     loss_mean (vs mean of ends) differ. Both equal the definitions applied to the returned refined arrays (1e-12),
     refined losses equal the polynomial, and neither exceeds the true supremum over a 20001-point grid."""
     wa, wb = (1.0, 1.0), (2.0, -1.5)
-    ma, mb = _scalar_chain(*wa), _scalar_chain(*wb)
+    ma, mb = scalar_chain(*wa), scalar_chain(*wb)
     alphas = [float(a) for a in np.linspace(0, 1, 6)]
     res = utils.linear_interpolation(ma, mb, XS, XS.clone(), alphas, loss_fn=MSE)
     np.testing.assert_allclose(res.losses, [_chain_loss(a, wa, wb) for a in alphas], rtol=1e-12, atol=1e-15)
@@ -604,7 +596,7 @@ def test_interpolation_loss_at_random_alpha_equals_polynomial_property(a):
     """Hypothesis: for any alpha (also outside [0, 1]) the scalar chain's loss is ((w1 w2 - 1)^2) mean(x^2) at
     (w1, w2) = (1-alpha)(1,1) + alpha(2,-1.5) (rtol 1e-10, atol 1e-12)."""
     wa, wb = (1.0, 1.0), (2.0, -1.5)
-    res = utils.linear_interpolation(_scalar_chain(*wa), _scalar_chain(*wb), XS, XS.clone(), [a], loss_fn=MSE)
+    res = utils.linear_interpolation(scalar_chain(*wa), scalar_chain(*wb), XS, XS.clone(), [a], loss_fn=MSE)
     assert res.losses[0] == pytest.approx(_chain_loss(a, wa, wb), rel=1e-10, abs=1e-12)
 
 

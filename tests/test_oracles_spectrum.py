@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import utils
-from conftest import _loss, flat, grad_at, logreg_jacobian, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
+from conftest import _loss, flat, grad_at, logreg_jacobian, make_logreg, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
 
 DT = torch.float64
 LIKE = torch.zeros(1, dtype=DT)
@@ -142,17 +142,6 @@ def saddle_loss_fn(c: float):
         return F.cross_entropy(o, t) - 0.5 * c * (o[:, 0] ** 2).mean()
 
     return lf
-
-
-def make_logreg(seed=0, n=12, d=4, C=3, scale=0.8):
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(d, C).to(DT)
-    with torch.no_grad():
-        lin.weight.copy_(scale * torch.randn(C, d, generator=g, dtype=DT))
-        lin.bias.copy_(scale * torch.randn(C, generator=g, dtype=DT))
-    x = torch.randn(n, d, generator=g, dtype=DT)
-    y = torch.randint(0, C, (n,), generator=g)
-    return lin, x, y
 
 
 # ---- exactly quadratic model: Linear(1, k, bias=False) with x = [[1]] --------------------
