@@ -277,6 +277,7 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
         if beta:
             axes[0].axhline(2 * (1 + beta) / lr, color="0.3", ls=":", lw=1, label=f"2(1+β)/η = {2 * (1 + beta) / lr:.3g}")
         axes[0].set_yscale("log")
+        axes[0].yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         axes[0].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         titles = ("sharpness λ_max", "trace tr(H) (2 Hutchinson probes)", "noise scale B_simple")
@@ -562,7 +563,7 @@ def report_sections(metrics: dict) -> list[dict]:
 
 def _wrapped(text: str, fontsize: float) -> str:
     """Break a line to fit an A4 landscape page (cheaper than matplotlib's wrap=True)."""
-    return "\n".join(textwrap.wrap(text, width=int(1900 / fontsize))) if text else text
+    return "\n".join(textwrap.wrap(text, width=int(1350 / fontsize))) if text else text
 
 
 def _text_page(pdf, lines: list[tuple[str, dict]]) -> None:
