@@ -303,7 +303,7 @@ _CACHE_BYTES = 4 << 20  # working set per batch of points: small enough to stay 
 
 def _mlp_points(model, layers, x, y, base, directions, coefficients, loss_fn, budget, count_correct):
     """Batched MLP evaluation: (W + Σ_k c_k D_k)·Xᵀ = W·Xᵀ + Σ_k c_k D_k·Xᵀ, so the first (largest) layer
-    costs K+1 GEMMs for all P points together; later layers run as one `bmm` per batch of points.
+    costs one GEMM for all P points together; later layers run as one `bmm` per batch of points.
 
     Activations are feature-major, (p, features, n), and live in buffers reused across batches
     (fresh multi-MB allocations cost more in page faults than the arithmetic).
@@ -313,45 +313,69 @@ def _mlp_points(model, layers, x, y, base, directions, coefficients, loss_fn, bu
     (w0, b0), *rest = _linear_parts(layers, base)
     (dw0, db0), *rest_dirs = _linear_parts(layers, directions)
     h0 = w0.shape[0]
+    # θ's own first-layer output is row block 0 of one GEMM with the directions' (skipped when base = 0,
+    # as for points written as mixtures of endpoints); every point is then one product c_aug·z_all
+    with_base = bool(base.any())
+    first_w = torch.cat([w0[None], dw0]) if with_base else dw0
+    first_b = None if b0 is None else (torch.cat([b0[None], db0]) if with_base else db0)
+    coefficients_aug = torch.cat([torch.ones_like(coefficients[:, :1]), coefficients], 1) if with_base else coefficients
+    used_rows = coefficients_aug.ne(0).cpu().numpy()
+    rows_k = first_w.shape[0]
+    n_classes = [m for m in layers if type(m) is nn.Linear][-1].out_features
     width = max(m.out_features for m in layers if type(m) is nn.Linear)
     bytes_per = base.element_size()
     sums = torch.zeros(coefficients.shape[0], dtype=torch.float64)
     correct = torch.zeros_like(sums)
     for rs in _row_chunks(n, budget // (2 * bytes_per * h0 * (k + 1))):
-        xr_t, yr = xf[rs].T, y[rs]  # (d0, n)
-        nr = xr_t.shape[1]
-        z_base = w0 @ xr_t  # (h, n)
-        z_dirs = dw0.reshape(k * h0, -1) @ xr_t  # (K·h, n)
-        if b0 is not None:
-            z_base += b0[:, None]
-            z_dirs += db0.reshape(k * h0, 1)
-        z_dirs = z_dirs.reshape(k, h0 * nr)
+        yr, nr = y[rs], rs.stop - rs.start
+        z_all = first_w.reshape(rows_k * h0, -1) @ xf[rs].T  # (rows·h, n)
+        if first_b is not None:
+            z_all += first_b.reshape(rows_k * h0, 1)
+        z_all = z_all.view(rows_k, h0 * nr)
         per_batch = max(1, min(budget, _CACHE_BYTES) // (2 * bytes_per * nr * width))
-        buffers = {}
+        buffers, classes = {}, _Classes(yr, n_classes, count_correct)
         for ps in _row_chunks(coefficients.shape[0], per_batch):
             c = coefficients[ps]  # (p, K)
             z = _buffer(buffers, "first", (c.shape[0], h0, nr), base)
-            _mix_directions(c, z_dirs, z_base.view(1, -1), out=z.view(c.shape[0], -1))  # (p, h, n)
-            logits = _mlp_tail(layers, z, c, rest, rest_dirs, buffers)  # (p, C, n)
-            s, r = _batched_loss_and_correct(logits, yr, loss_fn, count_correct)
+            _mix_rows(coefficients_aug[ps], used_rows[ps], z_all, out=z.view(c.shape[0], -1))  # (p, h, n)
+            logits = _mlp_tail(layers, z, c, used_rows[ps][:, 1:] if with_base else used_rows[ps], rest, rest_dirs,
+                               buffers)  # (p, C, n)
+            s, r = _batched_loss_and_correct(logits, classes, loss_fn)
             sums[ps] += s
             correct[ps] += r
     return sums, correct
 
 
-def _mix_directions(c: torch.Tensor, z_dirs: torch.Tensor, z_base: torch.Tensor, *, out: torch.Tensor) -> None:
-    """out = z_base + c·z_dirs (rows of z_dirs may be strided), reading only the directions some point uses
-    (a flatness probe uses one)."""
-    used = torch.nonzero(c.any(dim=0)).flatten().tolist()
-    if len(used) == c.shape[1] or len(used) > 4:
-        torch.addmm(z_base, c, z_dirs, out=out)
+def _mix_rows(c: torch.Tensor, used: np.ndarray, rows: torch.Tensor, *, out: torch.Tensor,
+              base: torch.Tensor | None = None) -> None:
+    """out = [base +] c·rows (rows may be strided), in one pass over the output, reading only the rows that
+    some point uses (`used`, the pattern c ≠ 0 as a NumPy array: a flatness probe uses one direction)."""
+    columns = np.flatnonzero(used.any(axis=0))
+    if base is not None and len(columns) == c.shape[1]:
+        torch.addmm(base, c, rows, out=out)  # small weight blocks: the broadcast copy of base is cheap
         return
-    if not used:
-        out.copy_(z_base.expand_as(out))
+    if base is None and len(columns) == c.shape[1]:
+        torch.mm(c, rows, out=out)
         return
-    torch.addmm(z_base, c[:, used[0] : used[0] + 1], z_dirs[used[0] : used[0] + 1], out=out)
-    for k in used[1:]:
-        out.addmm_(c[:, k : k + 1], z_dirs[k : k + 1])
+    values = c.tolist()
+    for i in range(c.shape[0]):
+        first, *others = [j for j in columns if used[i, j]] or [None]
+        target = out[i]
+        if first is None:
+            if base is None:
+                target.zero_()
+            else:
+                target.copy_(base[0])
+            continue
+        if base is not None:
+            torch.add(base[0], rows[first], alpha=values[i][first], out=target)
+        elif values[i][first] == 1.0 and others:  # θ's row and one direction (a probe): one pass
+            torch.add(rows[first], rows[others[0]], alpha=values[i][others[0]], out=target)
+            others = others[1:]
+        else:
+            torch.mul(rows[first], values[i][first], out=target)
+        for j in others:
+            target.add_(rows[j], alpha=values[i][j])
 
 
 def _buffer(buffers: dict, key, shape, like: torch.Tensor) -> torch.Tensor:
@@ -362,7 +386,7 @@ def _buffer(buffers: dict, key, shape, like: torch.Tensor) -> torch.Tensor:
     return buffers[key][:size].view(shape)
 
 
-def _mlp_tail(layers, z, c, rest, rest_dirs, buffers):
+def _mlp_tail(layers, z, c, used, rest, rest_dirs, buffers):
     """The layers after the first Linear, on a batch of points (p, features, n), each with its own weights."""
     linear_index = 0
     for i, m in enumerate(layers[1:]):
@@ -372,7 +396,7 @@ def _mlp_tail(layers, z, c, rest, rest_dirs, buffers):
         (w, b), (dw, db) = rest[linear_index], rest_dirs[linear_index]
         linear_index += 1
         w_p = _buffer(buffers, ("w", i), (c.shape[0], w.numel()), w)
-        _mix_directions(c, dw.reshape(dw.shape[0], -1), w.reshape(1, -1), out=w_p)
+        _mix_rows(c, used, dw.reshape(dw.shape[0], -1), base=w.reshape(1, -1), out=w_p)
         w_p = w_p.view(-1, *w.shape)  # (p, out, in): this layer's weights at each point
         out = _buffer(buffers, i, (z.shape[0], w.shape[0], z.shape[2]), z)
         if b is None:
@@ -382,18 +406,33 @@ def _mlp_tail(layers, z, c, rest, rest_dirs, buffers):
     return z
 
 
-def _batched_loss_and_correct(logits, y, loss_fn, count_correct: bool):
-    """Summed loss and correct count per point for feature-major logits (p, C, n)."""
+class _Classes:
+    """Integer targets of one row chunk, laid out for counting correct predictions in feature-major logits."""
+
+    def __init__(self, y: torch.Tensor, n_classes: int, count_correct: bool):
+        self.y, self.count = y, count_correct
+        if count_correct:
+            self.index = y.view(1, 1, -1)
+            # earlier[j, i]: class j comes before example i's label (argmax returns the first maximum)
+            self.earlier = torch.arange(n_classes)[:, None] < y[None, :]
+
+
+def _batched_loss_and_correct(logits, classes: _Classes, loss_fn):
+    """Summed loss and correct count per point for feature-major logits (p, C, n). A prediction is right when
+    the label's logit is the maximum and no earlier class ties it: argmax's rule, without the transposed copy
+    that argmax over the class axis needs."""
     p, _, n = logits.shape
+    y = classes.y
     if loss_fn is F.cross_entropy:
         sums = F.cross_entropy(logits, y.expand(p, n), reduction="none").sum(dim=1).double()
     else:
         sums = torch.stack([loss_fn(logits[i].T, y) for i in range(p)]).double() * n
-    if count_correct:
-        correct = (logits.transpose(1, 2).contiguous().argmax(dim=-1) == y).sum(dim=1).double()
-    else:
-        correct = torch.full((p,), float("nan"), dtype=torch.float64)
-    return sums, correct
+    if not classes.count:
+        return sums, torch.full((p,), float("nan"), dtype=torch.float64)
+    is_max = logits == logits.amax(dim=1, keepdim=True)  # (p, C, n)
+    hit = is_max.gather(1, classes.index.expand(p, 1, n)).squeeze(1)
+    tied_before = (is_max & classes.earlier).any(dim=1)
+    return sums, (hit & ~tied_before).sum(dim=1).double()
 
 
 # ============================================================================ 2. curvature
@@ -527,8 +566,9 @@ class MLPHessianOperator:
         for l in range(len(self.weights) - 1, 0, -1):
             grad_inputs[l] = deltas[l] @ self.weights[l][0]  # ∂L/∂a_l
             deltas[l - 1] = d1s[l - 1] * grad_inputs[l]
-        return {"a": a, "d1": d1s, "d2": d2s, "deltas": deltas, "grad_inputs": grad_inputs,
-                "logits": logits, "grad_logits": grad_logits}
+        return {"a": a, "d1": d1s, "d2": d2s, "deltas": deltas,
+                "grad_inputs": grad_inputs, "logits": logits, "grad_logits": grad_logits,
+                "probabilities": torch.softmax(logits.detach(), dim=1)[:, None, :]}
 
     def _r_forward(self, cache: dict, directions, b: int) -> tuple[list, list]:
         """Rz_l and Ra_l for b directions at once, laid out (n, b, features)."""
@@ -574,7 +614,7 @@ class MLPHessianOperator:
         logits = cache["logits"].detach()
         if self.loss_fn is F.cross_entropy and not self.tail and _is_integer_labels(self.y):
             weight = 1.0 / self.x.shape[0]  # the chunk's share n_c/N of the mean times its own 1/n_c
-            p = torch.softmax(logits, dim=1)[:, None, :]
+            p = cache["probabilities"]
             return weight * (p * r - p * (p * r).sum(dim=2, keepdim=True))
         grads = [torch.autograd.grad(cache["grad_logits"], cache["logits"], r[:, j], retain_graph=True)[0]
                  for j in range(r.shape[1])]
@@ -596,11 +636,12 @@ class MLPHessianOperator:
         """H·vᵢ for every row vᵢ of vs (b, D)."""
         self.matvecs += vs.shape[0]
         directions = _linear_parts(self.linears, vs.detach())
-        total = torch.zeros_like(vs)
+        total = None
         with torch.no_grad():
             for i, rows in enumerate(self.chunks):
                 cache = self._caches[i] if self._caches is not None else self._cache(rows)
-                total += self._product(cache, directions, vs.shape[0])
+                product = self._product(cache, directions, vs.shape[0])
+                total = product if total is None else total.add_(product)
         return total
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:

@@ -82,14 +82,19 @@ ACTIVATIONS = [nn.Tanh, nn.ReLU, nn.Sigmoid, nn.GELU, nn.SiLU]
 
 
 @given(seed=st.integers(0, 10_000), hidden=st.lists(st.integers(1, 6), min_size=0, max_size=3),
-       act=st.sampled_from(ACTIVATIONS), bias=st.booleans(), k=st.integers(1, 3), p=st.integers(1, 7))
-def test_fast_and_general_paths_give_the_same_losses(seed, hidden, act, bias, k, p):
+       act=st.sampled_from(ACTIVATIONS), bias=st.booleans(), k=st.integers(1, 6), p=st.integers(1, 7),
+       sparse=st.booleans(), zero_base=st.booleans())
+def test_fast_and_general_paths_give_the_same_losses(seed, hidden, act, bias, k, p, sparse, zero_base):
+    # sparse coefficients (a probe uses one direction) and a zero base (points as mixtures of endpoints)
+    # take the fast path's other ways of mixing the directions
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), *mlp_of([4, *hidden, 3], act, bias)).double()
     x, y = tiny_data(seed % 7, n=9)
-    theta = utils.flat_parameters(model)
+    theta = torch.zeros_like(utils.flat_parameters(model)) if zero_base else utils.flat_parameters(model)
     dirs = torch.randn(k, theta.numel(), generator=g, dtype=torch.float64)
     coeffs = torch.randn(p, k, generator=g, dtype=torch.float64)
+    if sparse:
+        coeffs *= torch.rand(p, k, generator=g, dtype=torch.float64) < 0.4
     fast = utils.losses_at_points(model, x, y, theta, dirs, coeffs, path="fast")
     general = utils.losses_at_points(model, x, y, theta, dirs, coeffs, path="general")
     torch.testing.assert_close(fast.losses, general.losses, rtol=1e-12, atol=1e-12)
@@ -98,6 +103,23 @@ def test_fast_and_general_paths_give_the_same_losses(seed, hidden, act, bias, k,
     n_gen, g_gen = utils.per_example_gradient_norms_sq(model, x, y, path="general")
     torch.testing.assert_close(n_fast, n_gen, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(g_fast, g_gen, rtol=1e-10, atol=1e-14)
+
+
+def test_batched_accuracy_breaks_ties_as_argmax_does():
+    # all logits equal (a zero last layer, zero bias): argmax predicts class 0 for every example,
+    # so the accuracy is the share of label 0; the batched count must agree exactly
+    model = tiny_mlp(5, widths=(4, 5, 3))
+    with torch.no_grad():
+        model[-1].weight.zero_()
+        model[-1].bias.zero_()
+    x, y = tiny_data(5, n=40)
+    theta = utils.flat_parameters(model)
+    direction = torch.zeros(1, theta.numel(), dtype=torch.float64)
+    direction[0, : model[0].weight.numel()] = 1.0  # moves only the first layer: the logits stay tied
+    coeffs = torch.tensor([[0.0], [0.5]], dtype=torch.float64)
+    for path in ("fast", "general"):
+        result = utils.losses_at_points(model, x, y, theta, direction, coeffs, path=path)
+        assert result.accuracies.tolist() == [float((y == 0).double().mean())] * 2
 
 
 def test_a_tiny_memory_budget_chunks_without_changing_any_number():
