@@ -482,12 +482,11 @@ class Run:
         return self.cfg.exact or sum(p.numel() for p in model.parameters()) <= EXACT_AUTO_MAX_PARAMETERS
 
     def eigenpairs(self, model) -> dict:
-        """The top-k eigenvalues and λ_min, each with its residuals (no eigenvectors: they are D numbers each)."""
+        """The top-k eigenvalues and λ_min from one Lanczos run, each with its true residual (no eigenvectors:
+        they are D numbers each)."""
         (x, y), cfg = self.sub, self.cfg
-        top = utils.hessian_eigenpairs(model, x, y, k=cfg.eigen_k, tol=cfg.eigen_tol, seed=cfg.probe_seed,
-                                       memory_budget=self.budget)
-        bottom = utils.hessian_eigenpairs(model, x, y, k=1, which="smallest", tol=cfg.eigen_tol, seed=cfg.probe_seed,
-                                          memory_budget=self.budget)
+        top, bottom = utils.hessian_spectrum_ends(model, x, y, k=cfg.eigen_k, tol=cfg.eigen_tol,
+                                                  seed=cfg.probe_seed, memory_budget=self.budget)
         return {"top": top.eigenvalues, "top_residuals": top.residuals, "top_converged": top.converged,
                 "top_iterations": top.iterations, "lambda_min": bottom.eigenvalues[0],
                 "lambda_min_residual": bottom.residuals[0], "lambda_min_converged": bottom.converged,
