@@ -481,16 +481,17 @@ class HessianOperator:
         return sum((rows.stop - rows.start) / n * torch.cat([g.detach().reshape(-1) for g in self._gradient_graph(rows)])
                    for rows in self.chunks)
 
-    def matmat(self, vs: torch.Tensor) -> torch.Tensor:
-        """H·vᵢ for every row vᵢ of vs (b, D)."""
+    def matmat(self, vs: torch.Tensor, outputs: torch.Tensor | None = None) -> torch.Tensor:
+        """H·vᵢ for every row vᵢ of vs (b, D); with `outputs` (b, D) of zeros and ones, (H·vᵢ)⊙outputsᵢ."""
         self.matvecs += vs.shape[0]
         vs = vs.detach()
         if self._grads is not None:
-            return self._products(self._grads, vs).detach()
-        total = torch.zeros_like(vs)
-        for rows in self.chunks:
-            total += (rows.stop - rows.start) / self.x.shape[0] * self._products(self._gradient_graph(rows), vs).detach()
-        return total
+            total = self._products(self._grads, vs).detach()
+        else:
+            total = torch.zeros_like(vs)
+            for rows in self.chunks:
+                total += (rows.stop - rows.start) / self.x.shape[0] * self._products(self._gradient_graph(rows), vs).detach()
+        return total if outputs is None else total * outputs.to(total)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self.matmat(v[None])[0]
@@ -570,13 +571,18 @@ class MLPHessianOperator:
                 "grad_inputs": grad_inputs, "logits": logits, "grad_logits": grad_logits,
                 "probabilities": torch.softmax(logits.detach(), dim=1)[:, None, :]}
 
-    def _r_forward(self, cache: dict, directions, b: int) -> tuple[list, list]:
-        """Rz_l and Ra_l for b directions at once, laid out (n, b, features)."""
+    def _r_forward(self, cache: dict, directions, b: int, first_in) -> tuple[list, list]:
+        """Rz_l and Ra_l for b directions at once, laid out (n, b, features); a_0·V_0ᵀ, the largest GEMM, only
+        for the directions `first_in` (the others have V_0 = 0)."""
         a, d1 = cache["a"], cache["d1"]
         n = a[0].shape[0]
         rz, ra = [], [None]
         for l, ((w, _), (dw, db)) in enumerate(zip(self.weights, directions)):
-            z = (a[l] @ dw.reshape(-1, w.shape[1]).T).view(n, b, w.shape[0])  # a_l·V_lᵀ
+            if l == 0:
+                z = _some_columns(lambda cols, k: (a[0] @ dw[cols].reshape(-1, w.shape[1]).T).view(n, k, -1),
+                                  first_in, b, (n, b, w.shape[0]), dim=1, like=a[0])
+            else:
+                z = (a[l] @ dw.reshape(-1, w.shape[1]).T).view(n, b, w.shape[0])  # a_l·V_lᵀ
             if l > 0:
                 z += ra[l] @ w.T
             if db is not None:
@@ -586,16 +592,20 @@ class MLPHessianOperator:
                 ra.append(d1[l][:, None, :] * z)
         return rz, ra
 
-    def _product(self, cache: dict, directions, b: int) -> torch.Tensor:
+    def _product(self, cache: dict, directions, b: int, first_in, first_out) -> torch.Tensor:
         a, d1, d2, deltas = cache["a"], cache["d1"], cache["d2"], cache["deltas"]
         n = a[0].shape[0]
-        rz, ra = self._r_forward(cache, directions, b)
+        rz, ra = self._r_forward(cache, directions, b, first_in)
         r_delta = self._logit_hessian_product(cache, rz[-1])  # (n, b, C)
         grads = []
         for l in range(len(self.weights) - 1, -1, -1):
             (w, bias), dw = self.weights[l], directions[l][0]
             out_f, in_f = w.shape
-            grad_w = (r_delta.reshape(n, b * out_f).T @ a[l]).view(b, out_f, in_f)
+            if l == 0:  # Rδ_0ᵀ·a_0, the other large GEMM, only for the products whose V_0 block is wanted
+                grad_w = _some_columns(lambda cols, k: (r_delta[:, cols].reshape(n, -1).T @ a[0]).view(k, out_f, in_f),
+                                       first_out, b, (b, out_f, in_f), dim=0, like=a[0])
+            else:
+                grad_w = (r_delta.reshape(n, b * out_f).T @ a[l]).view(b, out_f, in_f)
             if l > 0:
                 grad_w += (deltas[l].T @ ra[l].reshape(n, b * in_f)).view(out_f, b, in_f).transpose(0, 1)
             grads = [grad_w.reshape(b, -1), *([] if bias is None else [r_delta.sum(dim=0)]), *grads]
@@ -632,20 +642,36 @@ class MLPHessianOperator:
             total = flat if total is None else total + flat
         return total
 
-    def matmat(self, vs: torch.Tensor) -> torch.Tensor:
-        """H·vᵢ for every row vᵢ of vs (b, D)."""
+    def matmat(self, vs: torch.Tensor, outputs: torch.Tensor | None = None) -> torch.Tensor:
+        """H·vᵢ for every row vᵢ of vs (b, D); with `outputs` (b, D) of zeros and ones, (H·vᵢ)⊙outputsᵢ, and the
+        two GEMMs with the inputs (most of the cost) are skipped where vᵢ or outputsᵢ has no first-layer weight."""
         self.matvecs += vs.shape[0]
+        b = vs.shape[0]
         directions = _linear_parts(self.linears, vs.detach())
+        first_in = torch.nonzero(directions[0][0].reshape(b, -1).any(dim=1)).flatten().tolist()
+        first_out = list(range(b)) if outputs is None else torch.nonzero(
+            _linear_parts(self.linears, outputs)[0][0].reshape(b, -1).any(dim=1)).flatten().tolist()
         total = None
         with torch.no_grad():
             for i, rows in enumerate(self.chunks):
                 cache = self._caches[i] if self._caches is not None else self._cache(rows)
-                product = self._product(cache, directions, vs.shape[0])
+                product = self._product(cache, directions, b, first_in, first_out)
                 total = product if total is None else total.add_(product)
-        return total
+        return total if outputs is None else total * outputs.to(total)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self.matmat(v[None])[0]
+
+
+def _some_columns(compute, columns: list[int], b: int, shape, *, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """compute(index, count) for the listed columns (indices along `dim` of a result of `shape`), zeros
+    elsewhere; all b columns at once (index = slice(None)) when every one is listed."""
+    if len(columns) == b:
+        return compute(slice(None), b)
+    out = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    if columns:
+        out.index_copy_(dim, torch.tensor(columns, device=like.device), compute(columns, len(columns)))
+    return out
 
 
 def hessian_operator(
@@ -722,11 +748,12 @@ class _Lanczos:
         return len(order) == k and bool(np.all(residuals <= tol * np.maximum(np.abs(values[order]), 1e-8 * scale)))
 
 
-def _lanczos_runs(matmat, starts: torch.Tensor, *, max_steps, done=lambda run: False, project=None) -> list[_Lanczos]:
+def _lanczos_runs(matmat, starts: torch.Tensor, *, max_steps, done=lambda run: False, outputs=None) -> list[_Lanczos]:
     """Independent Lanczos runs with full reorthogonalisation, advanced in lockstep so that each step is one
     batched product H·[q_1 ... q_R]. Run r stops after max_steps (an int, or one per run), when `done(run)` says
     so, or at breakdown (β ≈ 0: its Krylov space is invariant and its Ritz values are exact).
-    `project(products, active)` restricts the products of the active runs (used for diagonal blocks)."""
+    `outputs` (R, D) of zeros and ones restricts run r's products to outputs[r] (for diagonal blocks: the start
+    must lie in the same block); the operator's matmat(vs, outputs) skips work the restriction makes needless."""
     n_runs, dim = starts.shape
     limits = [min(m, dim) for m in (max_steps if isinstance(max_steps, (list, tuple)) else [max_steps] * n_runs)]
     basis = torch.empty((n_runs, min(max(limits), 16) + 1, dim), dtype=starts.dtype, device=starts.device)
@@ -736,9 +763,7 @@ def _lanczos_runs(matmat, starts: torch.Tensor, *, max_steps, done=lambda run: F
         active = [r for r in range(n_runs) if not runs[r].finished]
         if not active:
             break
-        products = matmat(basis[active, j])
-        if project is not None:
-            products = project(products, active)
+        products = matmat(basis[active, j]) if outputs is None else matmat(basis[active, j], outputs[active])
         for w, r in zip(products, active):
             run, q = runs[r], basis[r, : j + 1]
             run.alphas.append(float(w @ basis[r, j]))
@@ -1098,7 +1123,7 @@ def layer_curvature(
     starts = torch.randn((len(sizes), op.dim), generator=generator, dtype=torch.float64).to(like) * masks
     runs = _lanczos_runs(op.matmat, starts, max_steps=[min(max_iter, n) for n in sizes],
                          done=lambda r: r.converged(1, "largest", tol),
-                         project=lambda products, active: products * masks[active].to(products))
+                         outputs=masks)
     traces = _block_traces(op, masks, sizes, offsets, generator, like, rel_stderr, max_probes, exact_below)
     out = []
     for b, run in enumerate(runs):
@@ -1116,12 +1141,13 @@ def _block_traces(op, masks, sizes, offsets, generator, like, rel_stderr, max_pr
         if size <= exact_below:
             eye = torch.zeros((size, op.dim), dtype=like.dtype)
             eye[:, offsets[b] : offsets[b + 1]] = torch.eye(size, dtype=like.dtype)
-            out[b] = (float(torch.diagonal(op.matmat(eye.to(like))[:, offsets[b] : offsets[b + 1]]).sum()), 0.0)
+            wanted = masks[b].expand(size, -1)
+            out[b] = (float(torch.diagonal(op.matmat(eye.to(like), wanted)[:, offsets[b] : offsets[b + 1]]).sum()), 0.0)
     pending = [b for b in range(len(sizes)) if out[b] is None]
     samples = {b: [] for b in pending}
     while pending and min(len(samples[b]) for b in pending) < max_probes:
         z = _rademacher((len(pending), op.dim), generator, like) * masks[pending].to(like)
-        for b, value in zip(pending, (z * op.matmat(z)).sum(dim=1).tolist()):
+        for b, value in zip(pending, (z * op.matmat(z, masks[pending])).sum(dim=1).tolist()):
             samples[b].append(value)
         still = []
         for b in pending:

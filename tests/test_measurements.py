@@ -105,6 +105,35 @@ def test_fast_and_general_paths_give_the_same_losses(seed, hidden, act, bias, k,
     torch.testing.assert_close(g_fast, g_gen, rtol=1e-10, atol=1e-14)
 
 
+@given(seed=st.integers(0, 10_000), blocks_in=st.lists(st.sets(st.integers(0, 3)), min_size=1, max_size=4),
+       blocks_out=st.lists(st.sets(st.integers(0, 3)), min_size=1, max_size=4))
+def test_restricted_products_equal_the_dense_hessian_times_v_masked(seed, blocks_in, blocks_out):
+    # matmat(V, outputs) = (H·vᵢ)⊙outputsᵢ on both paths, for directions and masks that each cover some of the
+    # four parameter tensors: the fast path skips its input GEMMs where vᵢ or outputsᵢ has no first-layer weight
+    model = tiny_mlp(seed % 5, widths=(4, 5, 3))
+    x, y = tiny_data(seed % 7)
+    hessian = utils.exact_hessian(model, x, y)
+    sizes = [p.numel() for p in model.parameters()]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    b = min(len(blocks_in), len(blocks_out))
+    g = torch.Generator().manual_seed(seed)
+
+    def masked(blocks):
+        mask = torch.zeros(b, offsets[-1], dtype=torch.float64)
+        for i, chosen in enumerate(blocks[:b]):
+            for block in chosen:
+                mask[i, offsets[block] : offsets[block + 1]] = 1.0
+        return mask
+
+    vs = torch.randn(b, offsets[-1], generator=g, dtype=torch.float64) * masked(blocks_in)
+    outputs = masked(blocks_out)
+    expected = (vs @ hessian) * outputs
+    for path in ("fast", "general"):
+        op = utils.hessian_operator(model, x, y, path=path)
+        torch.testing.assert_close(op.matmat(vs, outputs), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(op.matmat(vs), vs @ hessian, rtol=1e-10, atol=1e-12)
+
+
 def test_batched_accuracy_breaks_ties_as_argmax_does():
     # all logits equal (a zero last layer, zero bias): argmax predicts class 0 for every example,
     # so the accuracy is the share of label 0; the batched count must agree exactly
