@@ -648,9 +648,10 @@ class MLPHessianOperator:
         self.matvecs += vs.shape[0]
         b = vs.shape[0]
         directions = _linear_parts(self.linears, vs.detach())
-        first_in = torch.nonzero(directions[0][0].reshape(b, -1).any(dim=1)).flatten().tolist()
-        first_out = list(range(b)) if outputs is None else torch.nonzero(
-            _linear_parts(self.linears, outputs)[0][0].reshape(b, -1).any(dim=1)).flatten().tolist()
+        first_in = first_out = list(range(b))
+        if outputs is not None:  # restricted products (diagonal blocks): find the ones with no first-layer part
+            first_in = torch.nonzero(directions[0][0].reshape(b, -1).any(dim=1)).flatten().tolist()
+            first_out = torch.nonzero(_linear_parts(self.linears, outputs)[0][0].reshape(b, -1).any(dim=1)).flatten().tolist()
         total = None
         with torch.no_grad():
             for i, rows in enumerate(self.chunks):
@@ -748,6 +749,9 @@ class _Lanczos:
         return len(order) == k and bool(np.all(residuals <= tol * np.maximum(np.abs(values[order]), 1e-8 * scale)))
 
 
+_DGKS = 1 / math.sqrt(2)  # reorthogonalise again when a pass shrank the vector below this share of its norm
+
+
 def _lanczos_runs(matmat, starts: torch.Tensor, *, max_steps, done=lambda run: False, outputs=None) -> list[_Lanczos]:
     """Independent Lanczos runs with full reorthogonalisation, advanced in lockstep so that each step is one
     batched product H·[q_1 ... q_R]. Run r stops after max_steps (an int, or one per run), when `done(run)` says
@@ -767,9 +771,15 @@ def _lanczos_runs(matmat, starts: torch.Tensor, *, max_steps, done=lambda run: F
         for w, r in zip(products, active):
             run, q = runs[r], basis[r, : j + 1]
             run.alphas.append(float(w @ basis[r, j]))
-            for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
-                w = w - q.T @ (q @ w)
+            # the three-term recurrence, then full reorthogonalisation by classical Gram-Schmidt, repeated only
+            # when it removed much (Daniel, Gragg, Kaufman & Stewart's test: "twice is enough")
+            w = w - run.alphas[-1] * basis[r, j] - (run.betas[-1] * basis[r, j - 1] if j > 0 else 0.0)
+            before = float(w.norm())
+            w = w - q.T @ (q @ w)
             run.beta_next = float(w.norm())
+            if run.beta_next < _DGKS * before:
+                w = w - q.T @ (q @ w)
+                run.beta_next = float(w.norm())
             scale = max(abs(a) for a in run.alphas) + max(run.betas, default=0.0)
             if run.beta_next <= 1e-12 * max(scale, 1e-30) or j + 1 == limits[r] or done(run):
                 run.finished = True
