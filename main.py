@@ -223,7 +223,8 @@ STAGE_FIELDS = {
     "aligned": ("seeds", "interpolation_points", "test_subset", "memory_budget_mb", "probe_seed"),
     "bezier": ("analysis_examples", "seeds", "bezier_epochs", "bezier_lr", "batch_size", "momentum", "test_subset", "probe_seed",
                "memory_budget_mb", "plane_steps"),
-    "reparametrisation": ("analysis_examples", "seeds", "rescale_alphas", "sharpness_tol", "sharpness_max_iter", "sharpness_rho",
+    "reparametrisation": ("analysis_examples", "seeds", "rescale_alphas", "sharpness_method", "sharpness_tol",
+                          "sharpness_max_iter", "sharpness_rho",
                           "adaptive_rho", "worst_case_steps", "flatness_sigmas", "flatness_samples", "probe_seed",
                           "memory_budget_mb"),
     "gradient_noise": ("analysis_examples", "noise_rel_stderr", "two_batch", "probe_seed", "memory_budget_mb"),
@@ -556,13 +557,23 @@ class Run:
                 "plane": {"xs": plane.xs.tolist(), "ys": plane.ys.tolist(), "losses": plane.losses.tolist(),
                           "points": plane.points.tolist(), "curve": path.tolist(), "split": "train"}}
 
-    def reparametrisation(self, model) -> dict:
-        """Dinh et al. 2017: rescaled copies compute the same function; which measures move with α?"""
+    def reparametrisation(self, model, measured: dict) -> dict:
+        """Dinh et al. 2017: rescaled copies compute the same function; which measures move with α? The α = 1
+        row is the model itself: where the seed's own measurements used the same data and solver (the analysis
+        subset is the whole training set), they are that row, not computed twice."""
         cfg, ds, budget = self.cfg, self.ds, self.budget
         x, y = self.sub
         sigma = max(cfg.flatness_sigmas)
         rows = []
-        for alpha in (1.0, *cfg.rescale_alphas):
+        if x.shape[0] == ds.x_train.shape[0] and cfg.sharpness_method == "lanczos":
+            at = measured["flatness"]["sigmas"].index(sigma)
+            rows.append({"alpha": 1.0, "max_output_change": 0.0,
+                         "top_eigenvalue": measured["sharpness"]["eigenvalue"],
+                         "worst_case_absolute": measured["worst_case"]["absolute"]["sharpness"],
+                         "worst_case_adaptive": measured["worst_case"]["adaptive"]["sharpness"],
+                         "filter_normalised": measured["flatness"]["mean_increase"][at],
+                         "adaptive_average": measured["adaptive_flatness"]["mean_increase"][at]})
+        for alpha in (*([] if rows else [1.0]), *cfg.rescale_alphas):
             m = utils.rescaled_copy(model, alpha)
             with torch.no_grad():
                 change = float((m(ds.x_test) - model(ds.x_test)).abs().max())
@@ -758,7 +769,7 @@ def run(cfg: Config) -> dict:
     reparametrisation = {"seed": first, "rows": []}
     if cfg.model == "mlp":
         reparametrisation.update(r.stage("reparametrisation", "reparametrisation",
-                                         lambda: r.reparametrisation(trained[first])))
+                                         lambda: r.reparametrisation(trained[first], per_model[str(first)])))
     else:
         warnings.append(f"weight matching and the rescaling experiment need an MLP: skipped for --model {cfg.model}")
     surface = {"seed": first, **r.stage("surface", "surface", lambda: r.surface(trained[first]))}

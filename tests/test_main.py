@@ -166,3 +166,32 @@ def test_cnn_runs_end_to_end_and_skips_what_needs_an_mlp(tmp_path):
     for m in metrics["models"].values():
         assert math.isfinite(m["sharpness"]["eigenvalue"]) and math.isfinite(m["gradient_noise"]["b_noise"])
     assert plotting.plot_reparametrisation(metrics, tmp_path / "r.png").exists()
+
+
+def test_the_alpha_one_rescaling_row_equals_the_measures_computed_afresh(tmp_path):
+    """The α = 1 row of the rescaling experiment is taken from the seed's own measurements when they used the
+    same data and solver; it must equal computing every measure on the model afresh, as the other rows are."""
+    import utils
+
+    cfg = main.Config(**{**main.QUICK, "train_subset": 300, "test_subset": 100, "offline": True, "quiet": True,
+                         "runs_dir": str(tmp_path / "runs"), "out": str(tmp_path / "out")})
+    run = main.Run(cfg, main.load_data(cfg), progress=False)
+    model, _ = run.trained_model(0)
+    row = run.reparametrisation(model, run.measure_model(model, 0))["rows"][0]
+    x, y = run.sub
+    assert row["alpha"] == 1.0 and x.shape[0] == 300
+    sigma = max(cfg.flatness_sigmas)
+    fresh = {
+        "top_eigenvalue": utils.top_hessian_eigenvalue(model, x, y, tol=cfg.sharpness_tol, seed=cfg.probe_seed,
+                                                       max_iter=cfg.sharpness_max_iter).eigenvalue,
+        "worst_case_absolute": utils.worst_case_sharpness(model, x, y, rho=cfg.sharpness_rho,
+                                                          steps=cfg.worst_case_steps, seed=cfg.probe_seed).sharpness,
+        "worst_case_adaptive": utils.worst_case_sharpness(model, x, y, rho=cfg.adaptive_rho, adaptive=True,
+                                                          steps=cfg.worst_case_steps, seed=cfg.probe_seed).sharpness,
+        "filter_normalised": utils.perturbation_flatness(model, x, y, [sigma], samples=cfg.flatness_samples,
+                                                         seed=cfg.probe_seed).mean_increase[0],
+        "adaptive_average": utils.perturbation_flatness(model, x, y, [sigma], samples=cfg.flatness_samples,
+                                                        seed=cfg.probe_seed, adaptive=True).mean_increase[0],
+    }
+    for name, value in fresh.items():
+        assert row[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
