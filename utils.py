@@ -1369,10 +1369,16 @@ def pac_bayes_flatness(
     if magnitude_aware:
         noise = noise * (theta.abs() + 1e-3)
 
+    known: dict[float, float] = {}
+
     def mean_errors(sigmas: list[float]) -> list[float]:
-        coefficients = torch.cat([torch.eye(samples, dtype=torch.float64) * s for s in sigmas])
-        result = losses_at_points(model, x, y, theta, noise, coefficients, loss_fn=loss_fn, memory_budget=memory_budget)
-        return (1.0 - result.accuracies.reshape(len(sigmas), samples).mean(dim=1)).tolist()
+        new = [s for s in sigmas if s not in known]
+        if new:
+            coefficients = torch.cat([torch.eye(samples, dtype=torch.float64) * s for s in new])
+            result = losses_at_points(model, x, y, theta, noise, coefficients, loss_fn=loss_fn,
+                                      memory_budget=memory_budget)
+            known.update(zip(new, (1.0 - result.accuracies.reshape(len(new), samples).mean(dim=1)).tolist()))
+        return [known[s] for s in sigmas]
 
     base_error, low_error, high_error = mean_errors([0.0, sigma_min, sigma_max])
     low, high = sigma_min, sigma_max
@@ -1973,9 +1979,11 @@ def loss_surface_2d(
     directions: tuple[torch.Tensor, torch.Tensor] | None = None,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    accuracy: bool = True,
 ) -> SurfaceResult:
     """2-D slice of the loss around θ (Li et al. 2018): two random Gaussian filter-normalised directions
-    from `seed` (or the given flat `directions`, used unchanged), on a steps×steps grid over [−span, span]²."""
+    from `seed` (or the given flat `directions`, used unchanged), on a steps×steps grid over [−span, span]².
+    With accuracy=False the accuracies are NaN and cost nothing."""
     grid = symmetric_grid(steps, span)
     if directions is None:
         generator = torch.Generator().manual_seed(seed)
@@ -1984,7 +1992,7 @@ def loss_surface_2d(
     a, b = np.meshgrid(grid, grid, indexing="ij")
     coefficients = torch.from_numpy(np.stack([a.ravel(), b.ravel()], axis=1))
     result = losses_at_points(model, x, y, flat_parameters(model), d, coefficients,
-                              loss_fn=loss_fn, memory_budget=memory_budget)
+                              loss_fn=loss_fn, memory_budget=memory_budget, accuracy=accuracy)
     return SurfaceResult(grid.copy(), grid.copy(), result.losses.numpy().reshape(steps, steps),
                          result.accuracies.numpy().reshape(steps, steps), (d[0], d[1]))
 

@@ -89,6 +89,24 @@ def interpolation_loop(model_a, model_b, x, y, alphas):
     return [loss_at(model_a, (1 - a) * ta + a * tb, x, y) for a in alphas]
 
 
+def filter_normalised_directions(model, samples, seed=0):
+    """Li et al.'s directions, drawn the obvious way: a float32 Gaussian per direction from one seeded
+    generator, each weight row rescaled to the norm of the same row of θ, biases zeroed."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(samples):
+        d = torch.randn(sum(p.numel() for p in model.parameters()), generator=g)
+        parts = []
+        for p, part in zip(model.parameters(), torch.split(d, [p.numel() for p in model.parameters()])):
+            if p.dim() <= 1:
+                parts.append(torch.zeros_like(part))
+                continue
+            rows, w = part.view(p.shape[0], -1), p.detach().view(p.shape[0], -1)
+            parts.append((rows * (w.norm(dim=1, keepdim=True) / rows.norm(dim=1, keepdim=True))).reshape(-1))
+        out.append(torch.cat(parts))
+    return out
+
+
 def flatness_loop(model, x, y, directions, sigmas):
     """One forward pass per direction and σ; returns the mean increase per σ."""
     theta = flat(model)
