@@ -298,7 +298,7 @@ def _linear_parts(layers, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.
 
 
 _INPLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_, nn.Identity: lambda z: z}
-_CACHE_BYTES = 4 << 20  # working set per batch of points: small enough to stay in cache, large enough for GEMMs
+_CACHE_BYTES = 8 << 20  # working set per batch of points: 8 MiB measured 12% faster than 4 or 12 (2 MiB L2 per core here)
 
 
 def _mlp_points(model, layers, x, y, base, directions, coefficients, loss_fn, budget, count_correct):
