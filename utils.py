@@ -581,10 +581,9 @@ class MLPHessianOperator:
             if l == 0:
                 z = _some_columns(lambda cols, k: (a[0] @ dw[cols].reshape(-1, w.shape[1]).T).view(n, k, -1),
                                   first_in, b, (n, b, w.shape[0]), dim=1, like=a[0])
-            else:
-                z = (a[l] @ dw.reshape(-1, w.shape[1]).T).view(n, b, w.shape[0])  # a_l·V_lᵀ
-            if l > 0:
-                z += ra[l] @ w.T
+            else:  # a_l·V_lᵀ + Ra_l·W_lᵀ, the second GEMM accumulating into the first's output
+                z = (a[l] @ dw.reshape(-1, w.shape[1]).T).view(n, b, w.shape[0])
+                z.view(n * b, -1).addmm_(ra[l].reshape(n * b, -1), w.T)
             if db is not None:
                 z += db
             rz.append(z)
@@ -610,7 +609,8 @@ class MLPHessianOperator:
                 grad_w += (deltas[l].T @ ra[l].reshape(n, b * in_f)).view(out_f, b, in_f).transpose(0, 1)
             grads = [grad_w.reshape(b, -1), *([] if bias is None else [r_delta.sum(dim=0)]), *grads]
             if l > 0:
-                r_prev = r_delta @ w + (deltas[l] @ dw.transpose(0, 1).reshape(out_f, b * in_f)).view(n, b, in_f)
+                r_prev = (deltas[l] @ dw.transpose(0, 1).reshape(out_f, b * in_f)).view(n, b, in_f)
+                r_prev.view(n * b, in_f).addmm_(r_delta.reshape(n * b, out_f), w)  # + Rδ_l·W_l
                 r_prev *= d1[l - 1][:, None, :]
                 if d2[l - 1] is not None:
                     r_prev += d2[l - 1][:, None, :] * rz[l - 1] * cache["grad_inputs"][l][:, None, :]
