@@ -552,11 +552,17 @@ class MLPHessianOperator:
                 zs.append(z)
                 if l == len(self.weights) - 1:
                     break
+                if [type(m) for m in self.between[l]] == [nn.ReLU]:  # φ' = [z > 0] (autograd's rule at 0), φ'' = 0
+                    out = torch.relu(z.detach())
+                    d1s.append((z.detach() > 0).to(z.dtype))
+                    d2s.append(None)
+                    a.append(out)
+                    continue
                 out = self._compose(self.between[l], z)
                 d1 = torch.autograd.grad(out.sum(), z, create_graph=True)[0] if out.requires_grad else torch.ones_like(z)
                 d2 = torch.autograd.grad(d1.sum(), z)[0] if d1.requires_grad else None
                 d1s.append(d1.detach())
-                d2s.append(d2 if d2 is not None and bool(d2.any()) else None)  # ReLU: φ'' = 0 almost everywhere
+                d2s.append(d2 if d2 is not None and bool(d2.any()) else None)  # φ'' = 0 almost everywhere: skipped
                 a.append(out.detach())
             logits = zs[-1]
             grad_logits = torch.autograd.grad(weight * self.loss_fn(self._compose(self.tail, logits), self.y[rows]),

@@ -106,11 +106,13 @@ def test_fast_and_general_paths_give_the_same_losses(seed, hidden, act, bias, k,
 
 
 @given(seed=st.integers(0, 10_000), blocks_in=st.lists(st.sets(st.integers(0, 3)), min_size=1, max_size=4),
-       blocks_out=st.lists(st.sets(st.integers(0, 3)), min_size=1, max_size=4))
-def test_restricted_products_equal_the_dense_hessian_times_v_masked(seed, blocks_in, blocks_out):
+       blocks_out=st.lists(st.sets(st.integers(0, 3)), min_size=1, max_size=4),
+       activation=st.sampled_from([nn.Tanh, nn.ReLU]))
+def test_restricted_products_equal_the_dense_hessian_times_v_masked(seed, blocks_in, blocks_out, activation):
     # matmat(V, outputs) = (H·vᵢ)⊙outputsᵢ on both paths, for directions and masks that each cover some of the
     # four parameter tensors: the fast path skips its input GEMMs where vᵢ or outputsᵢ has no first-layer weight
-    model = tiny_mlp(seed % 5, widths=(4, 5, 3))
+    # (and, for ReLU, takes φ' = [z > 0], φ'' = 0 in closed form)
+    model = tiny_mlp(seed % 5, widths=(4, 5, 3), activation=activation)
     x, y = tiny_data(seed % 7)
     hessian = utils.exact_hessian(model, x, y)
     sizes = [p.numel() for p in model.parameters()]
