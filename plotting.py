@@ -660,12 +660,9 @@ FIGURES = {
 REPORT = "Loss_Landscape_Report.pdf"
 
 
-def _draw_figures(names: list[str], metrics: dict, out: Path) -> list[Path]:
-    written = []
+def _draw_figures(names: list[str], metrics: dict, out: Path) -> None:
     for name in names:
-        png = FIGURES[name](metrics, out / name)
-        written += [png, png.with_suffix(".pdf")]
-    return written
+        FIGURES[name](metrics, out / name)
 
 
 def _fork_pool():
@@ -685,16 +682,14 @@ def plot_all(metrics: dict, out: Path) -> list[Path]:
     names = list(FIGURES)
     pool = _fork_pool()
     if pool is None:
-        written = _draw_figures(names, metrics, out)
+        _draw_figures(names, metrics, out)
     else:
         with pool:
             theirs = pool.submit(_draw_figures, names[0::2], metrics, out)
-            mine = _draw_figures(names[1::2], metrics, out)
-            drawn = theirs.result()
-        written = [path for pair in zip(drawn[0::2], drawn[1::2], mine[0::2], mine[1::2]) for path in pair]
-        written += drawn[2 * len(mine):]  # the pool draws the odd one out
-    written.append(plot_report(metrics, out / REPORT))
-    return written
+            _draw_figures(names[1::2], metrics, out)
+            theirs.result()
+    written = [path for name in names for path in (out / name, (out / name).with_suffix(".pdf"))]
+    return [*written, plot_report(metrics, out / REPORT)]
 
 
 if __name__ == "__main__":

@@ -351,11 +351,11 @@ def _mix_rows(c: torch.Tensor, used: np.ndarray, rows: torch.Tensor, *, out: tor
     """out = [base +] c·rows (rows may be strided), in one pass over the output, reading only the rows that
     some point uses (`used`, the pattern c ≠ 0 as a NumPy array: a flatness probe uses one direction)."""
     columns = np.flatnonzero(used.any(axis=0))
-    if base is not None and len(columns) == c.shape[1]:
-        torch.addmm(base, c, rows, out=out)  # small weight blocks: the broadcast copy of base is cheap
-        return
-    if base is None and len(columns) == c.shape[1]:
-        torch.mm(c, rows, out=out)
+    if len(columns) == c.shape[1]:  # every row in use: one GEMM (with base, small weight blocks only)
+        if base is None:
+            torch.mm(c, rows, out=out)
+        else:
+            torch.addmm(base, c, rows, out=out)
         return
     values = c.tolist()
     for i in range(c.shape[0]):

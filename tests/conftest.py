@@ -165,3 +165,18 @@ def mlp_of(widths, activation, bias=True, tail=None) -> nn.Sequential:
     if tail is not None:
         layers.append(tail)
     return nn.Sequential(*layers).double()
+
+
+def quadratic_model(Q: np.ndarray):
+    """An exactly quadratic model: Linear(1, k, bias=False) at x = [[1]] with loss ½·oᵀQo, so θ = W[:, 0],
+    L(θ) = ½·θᵀQθ and H = Q exactly. Returns (model, x, y, loss_fn), all float64."""
+    k = Q.shape[0]
+    lin = nn.Linear(1, k, bias=False).to(torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.linspace(0.3, 1.1, k, dtype=torch.float64).unsqueeze(1))
+    Qt = torch.tensor(Q, dtype=torch.float64)
+
+    def loss_fn(o, t):
+        return 0.5 * torch.einsum("ni,ij,nj->n", o, Qt, o).mean()
+
+    return lin, torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long), loss_fn

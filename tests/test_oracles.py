@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import utils
-from conftest import _loss, acc_at, flat, grad_at, logreg_jacobian, loss_at, make_logreg, scalar_chain, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
+from conftest import _loss, acc_at, flat, grad_at, logreg_jacobian, loss_at, make_logreg, quadratic_model, scalar_chain, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
 from models import SmallCNN, SmallMLP
 
 DT = torch.float64
@@ -155,23 +155,7 @@ def rand_vec(D, seed):
     return torch.randn(D, generator=torch.Generator().manual_seed(seed), dtype=DT)
 
 
-# ---- exactly quadratic model: Linear(1, k, bias=False) with x = [[1]] --------------------
-# theta = W[:, 0];  loss_fn(o, t) = 1/2 o Q o^T  ==>  L(theta) = 1/2 theta^T Q theta,  H = Q.
-
-
-def quadratic_model(Q: np.ndarray):
-    k = Q.shape[0]
-    lin = nn.Linear(1, k, bias=False).to(DT)
-    with torch.no_grad():
-        lin.weight.copy_(torch.linspace(0.3, 1.1, k, dtype=DT).unsqueeze(1))
-    Qt = torch.tensor(Q, dtype=DT)
-
-    def loss_fn(o, t):
-        return 0.5 * torch.einsum("ni,ij,nj->n", o, Qt, o).mean()
-
-    x = torch.ones(1, 1, dtype=DT)
-    y = torch.zeros(1, dtype=torch.long)
-    return lin, x, y, loss_fn
+# ---- exactly quadratic model (conftest.quadratic_model): L(θ) = ½θᵀQθ, H = Q
 
 
 def sym_with_spectrum(eigs, seed=0):

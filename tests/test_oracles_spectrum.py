@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import utils
-from conftest import _loss, flat, grad_at, logreg_jacobian, make_logreg, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
+from conftest import _loss, flat, grad_at, logreg_jacobian, make_logreg, quadratic_model, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
 
 DT = torch.float64
 LIKE = torch.zeros(1, dtype=DT)
@@ -144,21 +144,7 @@ def saddle_loss_fn(c: float):
     return lf
 
 
-# ---- exactly quadratic model: Linear(1, k, bias=False) with x = [[1]] --------------------
-# theta = W[:, 0];  loss_fn(o, t) = 1/2 o Q o^T  ==>  L(theta) = 1/2 theta^T Q theta,  H = Q.
-
-
-def quadratic_model(Q: np.ndarray):
-    k = Q.shape[0]
-    lin = nn.Linear(1, k, bias=False).to(DT)
-    with torch.no_grad():
-        lin.weight.copy_(torch.linspace(0.3, 1.1, k, dtype=DT).unsqueeze(1))
-    Qt = torch.tensor(Q, dtype=DT)
-
-    def loss_fn(o, t):
-        return 0.5 * torch.einsum("ni,ij,nj->n", o, Qt, o).mean()
-
-    return lin, torch.ones(1, 1, dtype=DT), torch.zeros(1, dtype=torch.long), loss_fn
+# ---- exactly quadratic model (conftest.quadratic_model): L(θ) = ½θᵀQθ, H = Q
 
 
 # ---- "never changes the model" --------------------------------------------------------
