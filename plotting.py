@@ -305,6 +305,13 @@ def _fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def _trace_text(trace: dict, *, ascii: bool = False) -> str:
+    """"39.4 (exact)" for the exact diagonal sum, "39.4 ± 0.73" for a stochastic estimate."""
+    if trace.get("method") == "exact":
+        return f"{_fmt(trace['trace'])} (exact)"
+    return f"{_fmt(trace['trace'])} {'+-' if ascii else '±'} {_fmt(trace['stderr'], 2)}"
+
+
 def summary_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     """The summary table as (header, rows of strings): one column per seed."""
     seeds = _seeds(metrics)
@@ -320,7 +327,7 @@ def summary_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
         ["  converged (HVPs)", *[f"{_fmt(x['sharpness']['converged'])} ({x['sharpness']['iterations']})" for x in m]],
         *[[f"  λ_{i + 1}", *[_fmt(x["eigenpairs"]["top"][i]) for x in m]] for i in range(1, len(m[0]["eigenpairs"]["top"]))],
         ["λ_min (< 0: saddle)", *[_fmt(x["eigenpairs"]["lambda_min"]) for x in m]],
-        ["trace tr(H) ± stderr", *[f"{_fmt(x['trace']['trace'])} ± {_fmt(x['trace']['stderr'], 2)}" for x in m]],
+        ["trace tr(H) ± stderr", *[_trace_text(x["trace"]) for x in m]],
         [f"flatness ΔL at σ={_fmt(last_sigma, 3)}", *[_fmt(x["flatness"]["mean_increase"][-1]) for x in m]],
         [f"  adaptive ΔL at σ={_fmt(last_sigma, 3)}", *[_fmt(x["adaptive_flatness"]["mean_increase"][-1]) for x in m]],
         [f"  worst-case ρ={_fmt(m[0]['worst_case']['absolute']['rho'], 3)}",
@@ -451,11 +458,11 @@ def report_sections(metrics: dict) -> list[dict]:
     sections.append({
         "title": "Sharpness and the Hessian spectrum", "reference": REFERENCES["sharpness"],
         "formula": r"$\lambda_{\max} = \max_{v} \frac{v^\top H v}{v^\top v},\quad "
-                   r"H = \nabla^2_\theta \frac{1}{N}\sum_i \ell_i(\theta),\quad \mathrm{tr}(H) = E_z[z^\top H z]$",
+                   r"H = \nabla^2_\theta \frac{1}{N}\sum_i \ell_i(\theta),\quad \mathrm{tr}(H) = \sum_i H_{ii} = E_z[z^\top H z]$",
         "numbers": [f"seed {s}: sharpness lambda_max {_fmt(sharp[s])} (residual {_fmt(m[s]['sharpness']['residual'], 2)}), "
                     f"top eigenvalues {', '.join(_fmt(v) for v in m[s]['eigenpairs']['top'])}, lambda_min "
-                    f"{_fmt(m[s]['eigenpairs']['lambda_min'])}, trace {_fmt(m[s]['trace']['trace'])} +- "
-                    f"{_fmt(m[s]['trace']['stderr'], 2)}" for s in seeds],
+                    f"{_fmt(m[s]['eigenpairs']['lambda_min'])}, trace {_trace_text(m[s]['trace'], ascii=True)}"
+                    for s in seeds],
         "interpretation": _compare(sharp, "lambda_max", "sharper") + (
             f" lambda_min < 0 for seed(s) {', '.join(saddle)}: SGD stopped near, not at, a minimum (small negative "
             "curvature)." if saddle else " lambda_min >= 0: both are local minima up to the solver's tolerance."),

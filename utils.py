@@ -68,9 +68,11 @@ __all__ = [
     "filter_normalize",
     "flat_parameters",
     "gradient_noise_scale",
+    "hessian_diagonal",
     "hessian_eigenpairs",
     "hessian_operator",
     "hessian_spectral_density",
+    "hessian_spectrum_ends",
     "hessian_trace",
     "hessian_vector_product",
     "layer_curvature",
@@ -648,6 +650,34 @@ class MLPHessianOperator:
             total = flat if total is None else total + flat
         return total
 
+    def diagonal(self) -> torch.Tensor | None:
+        """diag(H), exactly, when every activation has φ'' = 0 on the data (ReLU, LeakyReLU, Identity); else None.
+
+        Then the network is piecewise linear in each single parameter, so ∂²f/∂θᵢ² = 0 and H's diagonal is the
+        Gauss-Newton one: Hᵢᵢ = Σ_n J_n[:, i]ᵀ·∇²_z L_n·J_n[:, i] with J_n = ∂z_last/∂θ. For W_l[j, k] that is
+        Σ_n Q_l[n, j]·a_l[n, k]² with Q_l[n, j] = (J_lᵀ·∇²L_n·J_l)_jj and J_l = ∂z_last/∂z_l, carried back
+        like δ (J_{l−1} = (J_l·W_l)⊙φ'); a bias adds Σ_n Q_l[n, j]. One backward pass of C vectors, no products.
+        """
+        total = None
+        for i, rows in enumerate(self.chunks):
+            cache = self._caches[i] if self._caches is not None else self._cache(rows)
+            if any(d2 is not None for d2 in cache["d2"]):
+                return None
+            a = cache["a"]
+            classes = self.weights[-1][0].shape[0]
+            jac = torch.eye(classes, dtype=a[0].dtype).expand(a[0].shape[0], classes, classes)
+            loss_hessian = self._logit_hessian_product(cache, jac)  # (n, C, C): ∇²_z L_n, symmetric
+            parts = []
+            for l in range(len(self.weights) - 1, -1, -1):
+                w, bias = self.weights[l]
+                q = ((loss_hessian @ jac) * jac).sum(dim=1)  # (n, out): (J_lᵀ·∇²L·J_l)_jj
+                parts = [(q.T @ a[l].square()).reshape(-1), *([] if bias is None else [q.sum(dim=0)]), *parts]
+                if l > 0:
+                    jac = (jac @ w) * cache["d1"][l - 1][:, None, :]
+            flat = torch.cat(parts)
+            total = flat if total is None else total.add_(flat)
+        return total
+
     def matmat(self, vs: torch.Tensor, outputs: torch.Tensor | None = None) -> torch.Tensor:
         """H·vᵢ for every row vᵢ of vs (b, D); with `outputs` (b, D) of zeros and ones, (H·vᵢ)⊙outputsᵢ, and the
         two GEMMs with the inputs (most of the cost) are skipped where vᵢ or outputsᵢ has no first-layer weight."""
@@ -1027,6 +1057,31 @@ def trace_estimate(matmat, dim: int, *, method: str = "hutch++", rel_stderr: flo
     return TraceResult(estimate, stderr, used, method, stderr <= rel_stderr * abs(estimate))
 
 
+_NO_EXACT_DIAGONAL = ("the exact Hessian diagonal needs a plain MLP (nn.Sequential of Linear layers) whose "
+                      "activations are piecewise linear (ReLU, LeakyReLU, Identity)")
+
+
+def _exact_diagonal(op: HessianOperator | MLPHessianOperator) -> torch.Tensor | None:
+    return op.diagonal() if isinstance(op, MLPHessianOperator) else None
+
+
+def hessian_diagonal(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
+    """diag(H) of the mean loss, exactly, flat over `model.parameters()`, for a plain MLP with piecewise-linear
+    activations: there ∂²f/∂θᵢ² = 0, so H's diagonal equals the Gauss-Newton diagonal, which one backward pass
+    of the C output directions gives (`MLPHessianOperator.diagonal`). ValueError for any other model."""
+    diagonal = _exact_diagonal(hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget))
+    if diagonal is None:
+        raise ValueError(f"{_NO_EXACT_DIAGONAL}; estimate tr(H) with hessian_trace(method='hutch++') instead")
+    return diagonal
+
+
 def hessian_trace(
     model: nn.Module,
     x: torch.Tensor,
@@ -1041,9 +1096,20 @@ def hessian_trace(
     operator: HessianOperator | MLPHessianOperator | None = None,
 ) -> TraceResult:
     """tr(H) of the mean loss by Hutch++ (default) or Hutchinson on exact products, stopped when the standard
-    error reaches rel_stderr·|tr(H)| (PyHessian stops when the running mean moves < 1e-3, ~3% error here).
+    error reaches rel_stderr·|tr(H)| (PyHessian stops when the running mean moves < 1e-3, ~3% error here);
+    "exact" sums the exact diagonal (`hessian_diagonal`: plain MLPs with piecewise-linear activations, stderr 0,
+    no products); "auto" is "exact" where it applies and Hutch++ elsewhere.
     `operator` reuses a `hessian_operator` of the same model and data."""
+    if method not in ("hutchinson", "hutch++", "exact", "auto"):
+        raise ValueError(f"method must be 'hutchinson', 'hutch++', 'exact' or 'auto', got {method!r}")
     op = operator or hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    if method in ("exact", "auto"):
+        diagonal = _exact_diagonal(op)
+        if diagonal is not None:
+            return TraceResult(float(diagonal.double().sum()), 0.0, 0, "exact", True)
+        if method == "exact":
+            raise ValueError(f"method='exact': {_NO_EXACT_DIAGONAL}; use method='hutch++' or 'auto'")
+        method = "hutch++"
     return trace_estimate(op.matmat, op.dim, method=method, rel_stderr=rel_stderr, max_matvecs=max_matvecs,
                           seed=seed, like=flat_parameters(model))
 
@@ -1125,9 +1191,11 @@ def layer_curvature(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> list[LayerCurvature]:
     """Per parameter tensor b: the top eigenvalue of its diagonal Hessian block H_bb (Lanczos restricted to the
-    block, stopped at ‖H_bb v − λv‖ ≤ tol·|λ|) and tr(H_bb) (exact for blocks of at most `exact_below` entries,
-    else Hutchinson with block-restricted Rademacher probes until the standard error reaches rel_stderr).
-    All blocks advance together: each Lanczos step and each probe round is one batched product."""
+    block, stopped at ‖H_bb v − λv‖ ≤ tol·|λ|) and tr(H_bb): the sum of the exact diagonal where
+    `hessian_diagonal` applies (plain MLPs with piecewise-linear activations), else exact for blocks of at most
+    `exact_below` entries and Hutchinson with block-restricted Rademacher probes until the standard error
+    reaches rel_stderr. All blocks advance together: each Lanczos step and each probe round is one batched
+    product."""
     op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
     like = flat_parameters(model)
     names, sizes = zip(*[(name, math.prod(shape)) for name, shape in _shapes(model)])
@@ -1140,7 +1208,11 @@ def layer_curvature(
     runs = _lanczos_runs(op.matmat, starts, max_steps=[min(max_iter, n) for n in sizes],
                          done=lambda r: r.converged(1, "largest", tol),
                          outputs=masks)
-    traces = _block_traces(op, masks, sizes, offsets, generator, like, rel_stderr, max_probes, exact_below)
+    diagonal = _exact_diagonal(op)
+    if diagonal is not None:
+        traces = [(float(diagonal[offsets[b] : offsets[b + 1]].double().sum()), 0.0) for b in range(len(sizes))]
+    else:
+        traces = _block_traces(op, masks, sizes, offsets, generator, like, rel_stderr, max_probes, exact_below)
     out = []
     for b, run in enumerate(runs):
         values, _, residuals, _ = run.ritz(1, "largest")

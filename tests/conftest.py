@@ -155,6 +155,15 @@ def scalar_chain(w1, w2):
     return m
 
 
+def param_blocks(model):
+    """[(name, offset, numel)] in parameters() order."""
+    out, i = [], 0
+    for name, p in model.named_parameters():
+        out.append((name, i, p.numel()))
+        i += p.numel()
+    return out
+
+
 def mlp_of(widths, activation, bias=True, tail=None) -> nn.Sequential:
     """A float64 plain MLP with the given widths, activation between Linear layers, optional trailing module."""
     layers = []

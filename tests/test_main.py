@@ -124,12 +124,15 @@ def test_plot_only_without_saved_results_says_what_to_do(tmp_path, capsys):
     assert "run without --plot-only first" in capsys.readouterr().err
 
 
-def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path):
+@pytest.mark.parametrize("trace_method", ["auto", "hutch++"])
+def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path, trace_method):
     """Below 3,000 parameters the dense Hessian is computed and each estimate's error is recorded; the
-    certified ones stay within their certificates, the stochastic ones within a few standard errors."""
+    certified ones stay within their certificates, the stochastic ones within a few standard errors, and the
+    exact diagonal's traces (auto, on this ReLU MLP) within float32 rounding of the dense ones."""
     out = tmp_path / "out"
     argv = ["--quick", "--quiet", "--hidden", "3", "3", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
-            "--offline", "--eigen-tol", "1e-6", "--sharpness-tol", "1e-6", "--skip-figures"]
+            "--offline", "--eigen-tol", "1e-6", "--sharpness-tol", "1e-6", "--skip-figures",
+            "--trace-method", trace_method]
     assert main.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for m in metrics["models"].values():
@@ -138,7 +141,15 @@ def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path):
         assert errors["sharpness"] <= m["sharpness"]["residual"] * 1.01 + 1e-7
         assert errors["top"] <= max(m["eigenpairs"]["top_residuals"]) * 1.01 + 1e-7
         assert errors["lambda_min"] <= m["eigenpairs"]["lambda_min_residual"] * 1.01 + 1e-7
-        assert errors["trace_in_stderr"] < 4
+        if trace_method == "auto":
+            assert m["trace"]["method"] == "exact" and m["trace"]["stderr"] == 0
+            assert errors["trace_in_stderr"] is None
+            assert errors["trace"] <= 1e-5 * abs(exact["trace"])
+            assert errors["layer_trace"] <= 1e-5 * max(abs(t) for t in exact["layer_trace"])
+            assert all(layer["trace_stderr"] == 0 for layer in m["layers"])
+        else:
+            assert m["trace"]["method"] == "hutch++" and m["trace"]["stderr"] > 0
+            assert errors["trace_in_stderr"] < 4
         assert errors["b_noise"] <= 4 * m["gradient_noise"]["b_noise"] * metrics["config"]["noise_rel_stderr"]
         assert exact["lambda_min"] <= exact["top"][-1]
 

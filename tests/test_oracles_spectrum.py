@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import utils
-from conftest import _loss, flat, grad_at, logreg_jacobian, make_logreg, quadratic_model, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
+from conftest import _loss, flat, param_blocks, grad_at, logreg_jacobian, make_logreg, quadratic_model, softmax_np, tiny_data, tiny_mlp, unflatten, Wrapped
 
 DT = torch.float64
 LIKE = torch.zeros(1, dtype=DT)
@@ -72,15 +72,6 @@ def noise_stats(gs: np.ndarray, H: np.ndarray) -> dict:
         trace_h_cov=float(np.trace(H @ Sigma)),
         g_h_g=float(G @ H @ G),
     )
-
-
-def param_blocks(model):
-    """[(name, offset, numel)] in parameters() order."""
-    out, i = [], 0
-    for name, p in model.named_parameters():
-        out.append((name, i, p.numel()))
-        i += p.numel()
-    return out
 
 
 def rand_vec(D, seed):
