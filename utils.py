@@ -52,6 +52,7 @@ __all__ = [
     "NoiseScaleResult",
     "PacBayesResult",
     "PlaneResult",
+    "PointEvaluator",
     "PointLosses",
     "SpectralDensity",
     "SurfaceResult",
@@ -82,6 +83,7 @@ __all__ = [
     "losses_at_points",
     "noise_temperature",
     "pac_bayes_flatness",
+    "point_evaluator",
     "per_example_gradient_norms_sq",
     "per_example_gradients",
     "permute_hidden_units",
@@ -223,27 +225,54 @@ def losses_at_points(
     the model is a plain MLP), "fast" or "general"; both give the same numbers. With accuracy=False
     (or targets that are not class labels) the accuracies are NaN and cost nothing.
     """
-    x, y = _prepare(model, x, y)
-    count_correct = accuracy and _is_integer_labels(y)
-    p0 = next(model.parameters())
-    base = base.to(p0)
-    directions = directions.to(p0).reshape(-1, base.numel())
-    coefficients = torch.as_tensor(coefficients).to(p0).reshape(-1, directions.shape[0])
-    loss_fn = _loss_fn(loss_fn)
-    layers = _mlp_layers(model)
-    if path == "fast" and layers is None:
-        raise ValueError("the fast path needs a plain MLP (nn.Sequential of Linear and element-wise layers)")
-    if path not in ("auto", "fast", "general"):
-        raise ValueError(f"path must be 'auto', 'fast' or 'general', got {path!r}")
-    with torch.no_grad():
-        if layers is not None and path != "general":
-            sums, correct = _mlp_points(model, layers, x, y, base, directions, coefficients, loss_fn, memory_budget,
-                                        count_correct)
-        else:
-            sums, correct = _general_points(model, x, y, base, directions, coefficients, loss_fn, memory_budget,
-                                            count_correct)
-    n = x.shape[0]
-    return PointLosses(losses=sums / n, accuracies=correct / n)
+    return point_evaluator(model, x, y, base, directions, loss_fn=loss_fn, memory_budget=memory_budget, path=path,
+                           accuracy=accuracy)(coefficients)
+
+
+class PointEvaluator:
+    """`losses_at_points` for one model, data, base and set of directions, called with many coefficient
+    batches: on the MLP fast path the first layer's outputs for θ and every direction, the largest GEMM,
+    are computed once and kept (when they fit the memory budget), so a search that asks for a few points at
+    a time (PAC-Bayes σ, refined interpolation) pays for them once."""
+
+    def __init__(self, model, x, y, base, directions, *, loss_fn=None, memory_budget=DEFAULT_MEMORY_BUDGET,
+                 path="auto", accuracy=True):
+        self.model = model
+        self.x, self.y = _prepare(model, x, y)
+        self.count_correct = accuracy and _is_integer_labels(self.y)
+        p0 = next(model.parameters())
+        self.base = base.to(p0)
+        self.directions = directions.to(p0).reshape(-1, self.base.numel())
+        self.loss_fn = _loss_fn(loss_fn)
+        self.budget = memory_budget
+        if path not in ("auto", "fast", "general"):
+            raise ValueError(f"path must be 'auto', 'fast' or 'general', got {path!r}")
+        self.layers = _mlp_layers(model)
+        if path == "fast" and self.layers is None:
+            raise ValueError("the fast path needs a plain MLP (nn.Sequential of Linear and element-wise layers)")
+        self.fast = self.layers is not None and path != "general"
+        self._first = _MLPFirstLayer(self.layers, self.x, self.base, self.directions, memory_budget) if self.fast else None
+
+    def __call__(self, coefficients) -> PointLosses:
+        p0 = self.base
+        coefficients = torch.as_tensor(coefficients).to(p0).reshape(-1, self.directions.shape[0])
+        with torch.no_grad():
+            if self.fast:
+                sums, correct = _mlp_points(self._first, self.layers, self.y, self.base, self.directions,
+                                            coefficients, self.loss_fn, self.budget, self.count_correct)
+            else:
+                sums, correct = _general_points(self.model, self.x, self.y, self.base, self.directions, coefficients,
+                                                self.loss_fn, self.budget, self.count_correct)
+        n = self.x.shape[0]
+        return PointLosses(losses=sums / n, accuracies=correct / n)
+
+
+def point_evaluator(model: nn.Module, x: torch.Tensor, y: torch.Tensor, base: torch.Tensor, directions: torch.Tensor,
+                    *, loss_fn: LossFn | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET, path: str = "auto",
+                    accuracy: bool = True) -> PointEvaluator:
+    """A callable coefficients (P, K) -> `PointLosses`, as `losses_at_points` with everything else fixed."""
+    return PointEvaluator(model, x, y, base, directions, loss_fn=loss_fn, memory_budget=memory_budget, path=path,
+                          accuracy=accuracy)
 
 
 def _general_points(model, x, y, base, directions, coefficients, loss_fn, budget, count_correct):
@@ -303,37 +332,55 @@ _INPLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoi
 _CACHE_BYTES = 8 << 20  # working set per batch of points: 8 MiB measured 12% faster than 4 or 12 (2 MiB L2 per core here)
 
 
-def _mlp_points(model, layers, x, y, base, directions, coefficients, loss_fn, budget, count_correct):
-    """Batched MLP evaluation: (W + Σ_k c_k D_k)·Xᵀ = W·Xᵀ + Σ_k c_k D_k·Xᵀ, so the first (largest) layer
-    costs one GEMM for all P points together; later layers run as one `bmm` per batch of points.
+class _MLPFirstLayer:
+    """(W + Σ_k c_k D_k)·Xᵀ = W·Xᵀ + Σ_k c_k D_k·Xᵀ: θ's first-layer output is row block 0 of one GEMM with the
+    directions' (skipped when base = 0, as for points written as mixtures of endpoints); every point is then a
+    mixture of these row blocks. Kept when all rows fit the budget in one chunk, else recomputed per chunk."""
+
+    def __init__(self, layers, x, base, directions, budget):
+        self.xf = x.flatten(1)  # (N, d0)
+        (w0, b0), (dw0, db0) = _linear_parts(layers, base)[0], _linear_parts(layers, directions)[0]
+        self.h0 = w0.shape[0]
+        self.with_base = bool(base.any())
+        self.weight = torch.cat([w0[None], dw0]) if self.with_base else dw0
+        self.bias = None if b0 is None else (torch.cat([b0[None], db0]) if self.with_base else db0)
+        k = directions.shape[0]
+        self.chunks = _row_chunks(self.xf.shape[0], budget // (2 * base.element_size() * self.h0 * (k + 1)))
+        self._kept = None
+        if len(self.chunks) == 1:
+            self._kept = self.outputs(self.chunks[0])
+
+    def outputs(self, rows: slice) -> torch.Tensor:
+        """(1 [+ K], h0·n) for the rows of one of `chunks`."""
+        if self._kept is not None:  # there is one chunk, so `rows` is it
+            return self._kept
+        rows_k, nr = self.weight.shape[0], rows.stop - rows.start
+        z_all = self.weight.reshape(rows_k * self.h0, -1) @ self.xf[rows].T  # (rows·h, n)
+        if self.bias is not None:
+            z_all += self.bias.reshape(rows_k * self.h0, 1)
+        return z_all.view(rows_k, self.h0 * nr)
+
+
+def _mlp_points(first: _MLPFirstLayer, layers, y, base, directions, coefficients, loss_fn, budget, count_correct):
+    """Batched MLP evaluation: the first (largest) layer from `first`, shared by all P points; later layers run
+    as one `bmm` per batch of points.
 
     Activations are feature-major, (p, features, n), and live in buffers reused across batches
     (fresh multi-MB allocations cost more in page faults than the arithmetic).
     """
-    xf = x.flatten(1)  # (N, d0)
-    n, k = xf.shape[0], directions.shape[0]
-    (w0, b0), *rest = _linear_parts(layers, base)
-    (dw0, db0), *rest_dirs = _linear_parts(layers, directions)
-    h0 = w0.shape[0]
-    # θ's own first-layer output is row block 0 of one GEMM with the directions' (skipped when base = 0,
-    # as for points written as mixtures of endpoints); every point is then one product c_aug·z_all
-    with_base = bool(base.any())
-    first_w = torch.cat([w0[None], dw0]) if with_base else dw0
-    first_b = None if b0 is None else (torch.cat([b0[None], db0]) if with_base else db0)
+    rest = _linear_parts(layers, base)[1:]
+    rest_dirs = _linear_parts(layers, directions)[1:]
+    h0, with_base = first.h0, first.with_base
     coefficients_aug = torch.cat([torch.ones_like(coefficients[:, :1]), coefficients], 1) if with_base else coefficients
     used_rows = coefficients_aug.ne(0).cpu().numpy()
-    rows_k = first_w.shape[0]
     n_classes = [m for m in layers if type(m) is nn.Linear][-1].out_features
     width = max(m.out_features for m in layers if type(m) is nn.Linear)
     bytes_per = base.element_size()
     sums = torch.zeros(coefficients.shape[0], dtype=torch.float64)
     correct = torch.zeros_like(sums)
-    for rs in _row_chunks(n, budget // (2 * bytes_per * h0 * (k + 1))):
+    for rs in first.chunks:
         yr, nr = y[rs], rs.stop - rs.start
-        z_all = first_w.reshape(rows_k * h0, -1) @ xf[rs].T  # (rows·h, n)
-        if first_b is not None:
-            z_all += first_b.reshape(rows_k * h0, 1)
-        z_all = z_all.view(rows_k, h0 * nr)
+        z_all = first.outputs(rs)
         per_batch = max(1, min(budget, _CACHE_BYTES) // (2 * bytes_per * nr * width))
         buffers, classes = {}, _Classes(yr, n_classes, count_correct)
         for ps in _row_chunks(coefficients.shape[0], per_batch):
@@ -1448,13 +1495,12 @@ def pac_bayes_flatness(
         noise = noise * (theta.abs() + 1e-3)
 
     known: dict[float, float] = {}
+    evaluate = point_evaluator(model, x, y, theta, noise, loss_fn=loss_fn, memory_budget=memory_budget)
 
     def mean_errors(sigmas: list[float]) -> list[float]:
         new = [s for s in sigmas if s not in known]
         if new:
-            coefficients = torch.cat([torch.eye(samples, dtype=torch.float64) * s for s in new])
-            result = losses_at_points(model, x, y, theta, noise, coefficients, loss_fn=loss_fn,
-                                      memory_budget=memory_budget)
+            result = evaluate(torch.cat([torch.eye(samples, dtype=torch.float64) * s for s in new]))
             known.update(zip(new, (1.0 - result.accuracies.reshape(len(new), samples).mean(dim=1)).tolist()))
         return [known[s] for s in sigmas]
 
@@ -1861,10 +1907,12 @@ def linear_interpolation(
     theta_a = flat_parameters(model_a)
     endpoints = torch.stack([theta_a, flat_parameters(model_b).to(theta_a)])
 
+    mixtures = point_evaluator(model_a, x, y, torch.zeros_like(theta_a), endpoints, loss_fn=loss_fn,
+                               memory_budget=memory_budget)
+
     def evaluate(points: list[float]) -> PointLosses:
         a = torch.tensor(points, dtype=torch.float64)[:, None]
-        return losses_at_points(model_a, x, y, torch.zeros_like(theta_a), endpoints, torch.cat([1 - a, a], dim=1),
-                                loss_fn=loss_fn, memory_budget=memory_budget)
+        return mixtures(torch.cat([1 - a, a], dim=1))
 
     alphas = [float(a) for a in alphas]
     result = evaluate([0.0, 1.0, *alphas])

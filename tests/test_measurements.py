@@ -105,6 +105,23 @@ def test_fast_and_general_paths_give_the_same_losses(seed, hidden, act, bias, k,
     torch.testing.assert_close(g_fast, g_gen, rtol=1e-10, atol=1e-14)
 
 
+@given(seed=st.integers(0, 10_000), budget=st.sampled_from([1 << 30, 3_000]), splits=st.integers(1, 4))
+def test_a_point_evaluator_called_batch_by_batch_equals_one_call(seed, budget, splits):
+    """The evaluator keeps the first layer's outputs between calls (or, under a small budget, recomputes them per
+    row chunk): any split of the points into calls gives the numbers of one losses_at_points call."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), *mlp_of([4, 5, 3], nn.ReLU)).double()
+    x, y = tiny_data(seed % 7, n=23)
+    theta = utils.flat_parameters(model)
+    dirs = torch.randn(3, theta.numel(), generator=g, dtype=torch.float64)
+    coeffs = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    whole = utils.losses_at_points(model, x, y, theta, dirs, coeffs)
+    evaluate = utils.point_evaluator(model, x, y, theta, dirs, memory_budget=budget)
+    parts = [evaluate(c) for c in torch.tensor_split(coeffs, splits)]
+    torch.testing.assert_close(torch.cat([p.losses for p in parts]), whole.losses, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(torch.cat([p.accuracies for p in parts]), whole.accuracies, rtol=0, atol=0)
+
+
 @given(seed=st.integers(0, 10_000), blocks_in=st.lists(st.sets(st.integers(0, 3)), min_size=1, max_size=4),
        blocks_out=st.lists(st.sets(st.integers(0, 3)), min_size=1, max_size=4),
        activation=st.sampled_from([nn.Tanh, nn.ReLU]))
