@@ -54,6 +54,25 @@ def top_eigenvalue_pyhessian_rule(model, x, y, *, tol=1e-3, max_iter=100, seed=0
     return value, hvps
 
 
+def trace_hutchinson_pyhessian_rule(model, x, y, *, tol=1e-3, max_iter=100, seed=0):
+    """PyHessian's trace: Rademacher probes zᵀHz on one kept gradient graph, their running mean stopped when it
+    moves by |t_k − t_{k−1}| / (|t_{k−1}| + 1e-6) < tol (a rule on the mean's movement, not its error)."""
+    params = [p for p in model.parameters()]
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    g = torch.Generator().manual_seed(seed)
+    samples, mean = [], None
+    for _ in range(max_iter):
+        v = [torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1 for p in params]
+        hv = torch.autograd.grad(grads, params, v, retain_graph=True)
+        samples.append(sum((a * b).sum() for a, b in zip(hv, v)).item())
+        new = sum(samples) / len(samples)
+        if mean is not None and abs(new - mean) / (abs(mean) + 1e-6) < tol:
+            return new, len(samples)
+        mean = new
+    return mean, len(samples)
+
+
 def top_eigenvalue_power_to_accuracy(model, x, y, exact: float, *, rel_error=1e-4, max_iter=1000, seed=0):
     """Power iteration on the same kept graph, stopped by an oracle once |λ − exact| ≤ rel_error·exact:
     the cheapest power iteration can be at the accuracy we guarantee (no real stopping rule can do better)."""
