@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -303,6 +304,7 @@ def main(argv=None) -> int:
     parser.add_argument("--write", type=Path, default=ROOT / "bench" / "RESULTS.md", help="where to write the table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    threadpool_limits(limits=1, user_api="blas")  # as main.run: numpy's spinning BLAS threads slow torch down
     ds = data.load_dataset("mnist", download=False)
     model_a, model_b = trained_models(ds)
     rows = []

@@ -244,3 +244,26 @@ def test_closed_form_mlp_hvp_equals_autograd_double_backward(seed, hidden, act, 
     for budget in (1 << 30, 600):
         fast = utils.hessian_operator(model, x, y, loss_fn=loss_fn, path="fast", memory_budget=budget)
         torch.testing.assert_close(fast(v), general, rtol=1e-11, atol=1e-13)
+
+
+def test_numpy_blas_runs_single_threaded_inside_lanczos_and_is_restored_after():
+    """Lanczos interleaves numpy's small eigh with torch's products: while it runs numpy's BLAS has one thread
+    (its spinning workers took the cores from torch), and the caller's setting comes back afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    model, (x, y) = tiny_mlp(2), tiny_data(2)
+    op = utils.hessian_operator(model, x, y)
+    seen = []
+
+    def matmat(v):
+        seen.append(blas_threads())
+        return op.matmat(v)
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        utils._lanczos_runs(matmat, torch.ones(1, op.dim, dtype=torch.float64), max_steps=5)
+        assert blas_threads() == before
+    assert seen and all(threads == [1] * len(threads) for threads in seen)
