@@ -718,7 +718,7 @@ class SharpnessTracker:
             model.train(was_training)
         self.vector = eig.eigenvector
         self.records.append({"step": step, "lambda_max": eig.eigenvalue, "residual": eig.residual,
-                             "trace": trace.trace, "b_simple": noise.b_simple})
+                             "trace": trace.trace, "trace_method": trace.method, "b_simple": noise.b_simple})
         self.seconds += time.perf_counter() - start
 
 

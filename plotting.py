@@ -283,7 +283,10 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
         axes[0].yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         axes[0].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        titles = ("sharpness λ_max", "trace tr(H) (2 Hutchinson probes)", "noise scale B_simple")
+        methods = {r.get("trace_method", "hutchinson") for m in metrics["models"].values()
+                   for r in m["training"].get("tracking", {}).get("records", [])}
+        titles = ("sharpness λ_max", "trace tr(H) (exact)" if methods == {"exact"} else
+                  "trace tr(H) (2 Hutchinson probes)", "noise scale B_simple")
         for ax, title in zip(axes, titles):
             ax.set_xlabel("training step")
             ax.set_title(title)

@@ -32,6 +32,8 @@ def test_quick_run_writes_all_figures_and_metrics(quick_run):
                                                             "fc3.weight", "fc3.bias"]
         tracking = m["training"]["tracking"]
         assert tracking["records"][0]["step"] == 0 and tracking["records"][-1]["step"] == m["training"]["steps"]
+        assert {r["trace_method"] for r in tracking["records"]} == {"exact"}  # a ReLU MLP: the exact diagonal
+        assert m["trace"]["method"] == "exact" and m["trace"]["stderr"] == 0
     assert metrics["config"]["quick"] and metrics["config"]["epochs"] == 1
     assert metrics["data"]["n_train"] == 1000 and len(metrics["data"]["sha256"]) == 64
     assert {"torch", "numpy", "python", "threads"} <= set(metrics["environment"])
