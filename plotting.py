@@ -331,7 +331,7 @@ def summary_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
         ["  converged (HVPs)", *[f"{_fmt(x['sharpness']['converged'])} ({x['sharpness']['iterations']})" for x in m]],
         *[[f"  λ_{i + 1}", *[_fmt(x["eigenpairs"]["top"][i]) for x in m]] for i in range(1, len(m[0]["eigenpairs"]["top"]))],
         ["λ_min (< 0: saddle)", *[_fmt(x["eigenpairs"]["lambda_min"]) for x in m]],
-        ["trace tr(H) ± stderr", *[_trace_text(x["trace"]) for x in m]],
+        ["trace tr(H)", *[_trace_text(x["trace"]) for x in m]],
         [f"flatness ΔL at σ={_fmt(last_sigma, 3)}", *[_fmt(x["flatness"]["mean_increase"][-1]) for x in m]],
         [f"  adaptive ΔL at σ={_fmt(last_sigma, 3)}", *[_fmt(x["adaptive_flatness"]["mean_increase"][-1]) for x in m]],
         [f"  worst-case ρ={_fmt(m[0]['worst_case']['absolute']['rho'], 3)}",
