@@ -208,8 +208,10 @@ def _any_host_resolves(hosts: tuple[str, ...]) -> bool:
 def _torchvision_download(spec: DatasetSpec, data_dir: Path) -> bool:
     """Try torchvision's download; on failure remove what it left behind and return False. Without a name for
     any of its mirrors the download cannot work, so torchvision (1.5 s to import) is not even imported."""
-    if not _any_host_resolves(spec.download_hosts):
-        return False
+    import urllib.request
+
+    if not urllib.request.getproxies() and not _any_host_resolves(spec.download_hosts):
+        return False  # (behind a proxy the proxy resolves the names: always try)
     import torchvision.datasets
 
     cls = getattr(torchvision.datasets, spec.torchvision_class)

@@ -21,6 +21,7 @@ import dataclasses
 import datetime as dt
 import gc
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -37,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 import data as data_module
@@ -69,7 +69,7 @@ class Config:
     sharpness_max_iter: int = field(default=100, metadata={"help": "most Hessian-vector products for the top eigenvalue"})
     eigen_k: int = field(default=5, metadata={"help": "how many top Hessian eigenvalues to compute"})
     eigen_tol: float = field(default=1e-3, metadata={"help": "residual tolerance of the top-k and smallest eigenpairs"})
-    trace_method: str = field(default="auto", metadata={"help": "Hessian trace: exact diagonal sum (ReLU MLPs), stochastic estimate, or auto (exact where it applies)", "choices": ("auto", "exact", "hutch++", "hutchinson")})
+    trace_method: str = field(default="auto", metadata={"help": "each model's Hessian trace: exact diagonal sum (ReLU MLPs), stochastic estimate, or auto (exact where it applies; the per-layer traces and the training-time tracker always use auto)", "choices": ("auto", "exact", "hutch++", "hutchinson")})
     trace_rel_stderr: float = field(default=0.02, metadata={"help": "stop a stochastic Hessian trace estimate at this relative standard error"})
     density_runs: int = field(default=2, metadata={"help": "stochastic Lanczos quadrature runs for the spectral density"})
     density_steps: int = field(default=40, metadata={"help": "Lanczos steps per spectral-density run"})
@@ -201,6 +201,9 @@ def validate(cfg: Config) -> None:
         (cfg.surface_steps >= 2, "--surface-steps must be at least 2", cfg.surface_steps),
         (math.isfinite(cfg.surface_span) and cfg.surface_span > 0, "--surface-span must be a positive number", cfg.surface_span),
         (cfg.train_subset == 0 or cfg.train_subset >= 2, "--train-subset must be 0 (all) or at least 2", cfg.train_subset),
+        (cfg.trace_method != "exact" or cfg.model == "mlp",
+         "--trace-method exact needs the ReLU MLP (--model mlp); use auto, which estimates it for other models",
+         cfg.model),
     ]
     for ok, message, value in checks:
         if not ok:
@@ -212,6 +215,7 @@ def validate(cfg: Config) -> None:
 # of the modules it runs) changes. Trained models live in runs/<key of data + training>/.
 TRAINING_FIELDS = ("dataset", "model", "hidden", "epochs", "lr", "momentum", "batch_size", "weight_decay",
                    "train_subset", "threads", "track_every", "track_examples", "probe_seed")
+REPARAMETRISATION_INPUTS = ("sharpness", "worst_case", "flatness", "adaptive_flatness")  # its α = 1 row
 STAGE_FIELDS = {
     "evaluate": ("test_subset",),
     "sharpness": ("sharpness_method", "sharpness_tol", "sharpness_max_iter", "probe_seed", "memory_budget_mb"),
@@ -383,8 +387,9 @@ class Run:
         self.budget = cfg.memory_budget_mb << 20
         self.timings: dict[str, float] = {}
         fields = {f: getattr(cfg, f) for f in TRAINING_FIELDS}
+        # the history holds the tracker's records too: its code (and the utils it calls) is part of the key
         self.training_key = digest("train", fields, ds.sha256, torch.__version__, torch.get_num_threads(),
-                                   code_digest(models, training))
+                                   code_digest(models, training, utils), inspect.getsource(SharpnessTracker))
         self.store = RunStore(_resolve(cfg.runs_dir) / self.training_key, fresh=cfg.fresh)
         self.measure_code = code_digest(utils, training)
         n = cfg.analysis_examples or ds.x_train.shape[0]
@@ -392,10 +397,11 @@ class Run:
         stages = len(cfg.seeds) * (len(PER_MODEL_STAGES) + int(cfg.exact)) + 5
         self.bar = tqdm(total=stages, desc="measuring", unit="stage", disable=not progress, leave=False)
 
-    def stage(self, name: str, kind: str, compute):
-        """The result of stage `name`: from the run folder if it finished before, else computed now and saved."""
+    def stage(self, name: str, kind: str, compute, depends_on=None):
+        """The result of stage `name`: from the run folder if it finished before, else computed now and saved.
+        `depends_on`: earlier results the stage reads, part of its key (a change there recomputes it)."""
         key = digest(name, {f: getattr(self.cfg, f) for f in STAGE_FIELDS[kind]}, self.training_key,
-                     self.measure_code)
+                     self.measure_code, depends_on)
         found = self.store.load_json(name, key)
         self.bar.set_postfix_str(name)
         self.bar.update(1)
@@ -480,7 +486,8 @@ class Run:
             for kind, aware in (("plain", False), ("magnitude_aware", True))})
         out["gradient_noise"] = self.stage(f"gradient_noise[seed={seed}]", "gradient_noise", lambda: self.noise(model))
         if self.exact_mode(model):
-            out["exact"] = self.stage(f"exact[seed={seed}]", "exact", lambda: exact_comparison(model, ds, self.sub, out))
+            out["exact"] = self.stage(f"exact[seed={seed}]", "exact", lambda: exact_comparison(model, ds, self.sub, out),
+                                      depends_on=out)
         return out
 
     def exact_mode(self, model) -> bool:
@@ -561,7 +568,7 @@ class Run:
                 "plane": {"xs": plane.xs.tolist(), "ys": plane.ys.tolist(), "losses": plane.losses.tolist(),
                           "points": plane.points.tolist(), "curve": path.tolist(), "split": "train"}}
 
-    def reparametrisation(self, model, measured: dict) -> dict:
+    def reparametrisation(self, model, measured: dict) -> dict:  # reads measured[REPARAMETRISATION_INPUTS]
         """Dinh et al. 2017: rescaled copies compute the same function; which measures move with α? The α = 1
         row is the model itself: where the seed's own measurements used the same data and solver (the analysis
         subset is the whole training set), they are that row, not computed twice."""
@@ -722,14 +729,21 @@ class SharpnessTracker:
         self.seconds += time.perf_counter() - start
 
 
-def environment() -> dict:
+def _installed_version(package: str) -> str | None:
     import importlib.metadata
 
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
     import matplotlib
     import scipy
 
     return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "torchvision": importlib.metadata.version("torchvision"),  # importing it costs 1.5 s
+            "torchvision": _installed_version("torchvision"),  # importing it costs 1.5 s
             "numpy": np.__version__, "scipy": scipy.__version__,
             "matplotlib": matplotlib.__version__, "device": "cpu", "threads": torch.get_num_threads(),
             "dtype": str(torch.get_default_dtype()).replace("torch.", "")}
@@ -749,7 +763,7 @@ def run(cfg: Config) -> dict:
     """Every stage in order; returns the metrics dictionary that metrics.json holds. numpy's BLAS gets one thread
     meanwhile: torch does the heavy work, and OpenBLAS threads that spin after numpy's small calls took the
     cores from torch's products (the stages took 27 s instead of 21.5 s)."""
-    with threadpool_limits(limits=1, user_api="blas"):
+    with utils.numpy_blas_single_threaded():
         return _run(cfg)
 
 
@@ -782,8 +796,10 @@ def _run(cfg: Config) -> dict:
     connectivity["bezier"] = r.stage("bezier", "bezier", lambda: r.bezier(trained[first], trained[second]))
     reparametrisation = {"seed": first, "rows": []}
     if cfg.model == "mlp":
+        measured = per_model[str(first)]  # its α = 1 row may come from these
         reparametrisation.update(r.stage("reparametrisation", "reparametrisation",
-                                         lambda: r.reparametrisation(trained[first], per_model[str(first)])))
+                                         lambda: r.reparametrisation(trained[first], measured),
+                                         depends_on={k: measured[k] for k in REPARAMETRISATION_INPUTS}))
     else:
         warnings.append(f"weight matching and the rescaling experiment need an MLP: skipped for --model {cfg.model}")
     surface = {"seed": first, **r.stage("surface", "surface", lambda: r.surface(trained[first]))}

@@ -33,12 +33,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from torch import nn
 from torch.func import functional_call
 
@@ -83,6 +84,7 @@ __all__ = [
     "loss_surface_2d",
     "losses_at_points",
     "noise_temperature",
+    "numpy_blas_single_threaded",
     "pac_bayes_flatness",
     "point_evaluator",
     "per_example_gradient_norms_sq",
@@ -140,6 +142,19 @@ def _split(flat: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
     if offset != flat.numel():
         raise ValueError(f"vector has {flat.numel()} entries but the model has {offset} parameters")
     return out
+
+
+def numpy_blas_single_threaded():
+    """A context manager: the BLAS libraries bundled in numpy's and scipy's wheels run one thread meanwhile.
+    Their OpenBLAS workers spin for a while after each call and take the cores from torch's products (a run's
+    stages took 27 s instead of 21.5 s); a BLAS that torch may share (a system or conda library) is left alone."""
+    controller = ThreadpoolController()
+    bundled = [lib.filepath for lib in controller.lib_controllers
+               if lib.user_api == "blas" and lib.filepath and Path(lib.filepath).parent.name in _BUNDLED_BLAS_DIRS]
+    return controller.select(filepath=bundled).limit(limits=1)
+
+
+_BUNDLED_BLAS_DIRS = ("numpy.libs", "scipy.libs")  # where the wheels keep their own OpenBLAS copies
 
 
 def _loss_fn(loss_fn: LossFn | None) -> LossFn:
@@ -242,8 +257,9 @@ class PointEvaluator:
         self.x, self.y = _prepare(model, x, y)
         self.count_correct = accuracy and _is_integer_labels(self.y)
         p0 = next(model.parameters())
-        self.base = base.to(p0)
-        self.directions = directions.to(p0).reshape(-1, self.base.numel())
+        # private copies: the kept first layer must not go stale if the caller changes its tensors later
+        self.base = base.detach().to(p0, copy=True)
+        self.directions = directions.detach().to(p0, copy=True).reshape(-1, self.base.numel())
         self.loss_fn = _loss_fn(loss_fn)
         self.budget = memory_budget
         if path not in ("auto", "fast", "general"):
@@ -252,7 +268,8 @@ class PointEvaluator:
         if path == "fast" and self.layers is None:
             raise ValueError("the fast path needs a plain MLP (nn.Sequential of Linear and element-wise layers)")
         self.fast = self.layers is not None and path != "general"
-        self._first = _MLPFirstLayer(self.layers, self.x, self.base, self.directions, memory_budget) if self.fast else None
+        with torch.no_grad():
+            self._first = _MLPFirstLayer(self.layers, self.x, self.base, self.directions, memory_budget) if self.fast else None
 
     def __call__(self, coefficients) -> PointLosses:
         p0 = self.base
@@ -581,6 +598,7 @@ class MLPHessianOperator:
         self.weights = [(m.weight.detach(), None if m.bias is None else m.bias.detach()) for m in self.linears]
         self.dim = sum(p.numel() for p in model.parameters())
         self.matvecs = 0
+        self.budget = memory_budget
         # per row, the cache holds about five vectors per hidden layer and three per output (the input is a view)
         per_row = (5 * sum(m.out_features for m in self.linears[:-1]) + 3 * self.linears[-1].out_features)
         self.chunks = _row_chunks(x.shape[0], memory_budget // (per_row * x.element_size()))
@@ -707,24 +725,36 @@ class MLPHessianOperator:
         like δ (J_{l−1} = (J_l·W_l)⊙φ'); a bias adds Σ_n Q_l[n, j]. One backward pass of C vectors, no products.
         """
         total = None
+        classes = self.weights[-1][0].shape[0]
+        # per row: J_l and ∇²L·J_l (C × width each) and the squared inputs
+        per_row = (2 * classes * max(w.shape[0] for w, _ in self.weights) + self.x[:1].flatten(1).shape[1])
         for i, rows in enumerate(self.chunks):
             cache = self._caches[i] if self._caches is not None else self._cache(rows)
             if any(d2 is not None for d2 in cache["d2"]):
                 return None
-            a = cache["a"]
-            classes = self.weights[-1][0].shape[0]
-            jac = torch.eye(classes, dtype=a[0].dtype).expand(a[0].shape[0], classes, classes)
-            loss_hessian = self._logit_hessian_product(cache, jac)  # (n, C, C): ∇²_z L_n, symmetric
-            parts = []
-            for l in range(len(self.weights) - 1, -1, -1):
-                w, bias = self.weights[l]
-                q = ((loss_hessian @ jac) * jac).sum(dim=1)  # (n, out): (J_lᵀ·∇²L·J_l)_jj
-                parts = [(q.T @ a[l].square()).reshape(-1), *([] if bias is None else [q.sum(dim=0)]), *parts]
-                if l > 0:
-                    jac = (jac @ w) * cache["d1"][l - 1][:, None, :]
-            flat = torch.cat(parts)
-            total = flat if total is None else total.add_(flat)
+            n, like = cache["a"][0].shape[0], cache["a"][0]
+            eye = torch.eye(classes, dtype=like.dtype, device=like.device).expand(n, classes, classes)
+            loss_hessian = self._logit_hessian_product(cache, eye)  # (n, C, C): ∇²_z L_n, symmetric
+            for sub in _row_chunks(n, self.budget // (per_row * like.element_size())):
+                flat = self._diagonal_part(cache, loss_hessian[sub], sub)
+                total = flat if total is None else total.add_(flat)
         return total
+
+    def _diagonal_part(self, cache: dict, loss_hessian: torch.Tensor, sub: slice) -> torch.Tensor:
+        """The rows `sub` of one chunk's share of diag(H)."""
+        a, d1 = cache["a"], cache["d1"]
+        jac = None  # J_l (n, C, out) = ∂z_last/∂z_l; the identity for the last layer
+        parts = []
+        for l in range(len(self.weights) - 1, -1, -1):
+            w, bias = self.weights[l]
+            if jac is None:
+                q = torch.diagonal(loss_hessian, dim1=1, dim2=2)  # (n, C)
+            else:
+                q = ((loss_hessian @ jac) * jac).sum(dim=1)  # (n, out): (J_lᵀ·∇²L·J_l)_jj
+            parts = [(q.T @ a[l][sub].square()).reshape(-1), *([] if bias is None else [q.sum(dim=0)]), *parts]
+            if l > 0:
+                jac = (w if jac is None else jac @ w) * d1[l - 1][sub, None, :]  # (n, C, in) by broadcasting
+        return torch.cat(parts)
 
     def matmat(self, vs: torch.Tensor, outputs: torch.Tensor | None = None) -> torch.Tensor:
         """H·vᵢ for every row vᵢ of vs (b, D); with `outputs` (b, D) of zeros and ones, (H·vᵢ)⊙outputsᵢ, and the
@@ -842,9 +872,9 @@ def _lanczos_runs(matmat, starts: torch.Tensor, *, max_steps, done=lambda run: F
     so, or at breakdown (β ≈ 0: its Krylov space is invariant and its Ritz values are exact).
     `outputs` (R, D) of zeros and ones restricts run r's products to outputs[r] (for diagonal blocks: the start
     must lie in the same block); the operator's matmat(vs, outputs) skips work the restriction makes needless."""
-    # numpy's BLAS (OpenBLAS) runs the small eigh of each step on its own threads, which then spin for a while
-    # and take the cores from torch's products: one thread for it here (seed 42's spectrum: 1.7 s -> 0.9 s)
-    with threadpool_limits(limits=1, user_api="blas"):
+    # numpy's BLAS runs the small eigh of each step on its own threads, which then spin for a while and take
+    # the cores from torch's products (seed 42's spectrum: 1.7 s -> 0.9 s with one thread)
+    with numpy_blas_single_threaded():
         return _lanczos_steps(matmat, starts, max_steps, done, outputs)
 
 

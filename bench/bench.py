@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -304,19 +303,20 @@ def main(argv=None) -> int:
     parser.add_argument("--write", type=Path, default=ROOT / "bench" / "RESULTS.md", help="where to write the table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    threadpool_limits(limits=1, user_api="blas")  # as main.run: numpy's spinning BLAS threads slow torch down
     ds = data.load_dataset("mnist", download=False)
     model_a, model_b = trained_models(ds)
     rows = []
-    for stage in (lambda: stage_eigenvalue(model_a, ds, args.reps),
-                  lambda: stage_trace(model_a, ds, args.reps),
-                  lambda: stage_surface(model_a, ds, args.reps),
-                  lambda: stage_noise(model_a, ds, args.reps),
-                  lambda: stage_interpolation(model_a, model_b, ds, args.reps),
-                  lambda: stage_flatness(model_a, ds, args.reps),
-                  lambda: stage_tracking(ds, 3 * args.reps)):  # a 0.2 s training: more repetitions for a stable median
-        rows.append(stage())
-        print(f"{rows[-1]['stage']}: ratio {rows[-1]['ratio']:.3f}", flush=True)
+    stages = (lambda: stage_eigenvalue(model_a, ds, args.reps),
+              lambda: stage_trace(model_a, ds, args.reps),
+              lambda: stage_surface(model_a, ds, args.reps),
+              lambda: stage_noise(model_a, ds, args.reps),
+              lambda: stage_interpolation(model_a, model_b, ds, args.reps),
+              lambda: stage_flatness(model_a, ds, args.reps),
+              lambda: stage_tracking(ds, 3 * args.reps))  # a 0.2 s training: more repetitions for a stable median
+    with utils.numpy_blas_single_threaded():  # as main.run: numpy's spinning BLAS threads slow torch down
+        for stage in stages:
+            rows.append(stage())
+            print(f"{rows[-1]['stage']}: ratio {rows[-1]['ratio']:.3f}", flush=True)
     run = None if args.no_run else whole_run()
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
             "torch": torch.__version__, "threads": args.threads}

@@ -75,6 +75,7 @@ def test_flags_override_defaults_and_quick_budgets():
     (["--flatness-sigmas", "-0.1"], "--flatness-sigmas"),
     (["--dataset", "cifar"], "--dataset"),
     (["--lr", "nan"], "--lr"),
+    (["--trace-method", "exact", "--model", "cnn"], "--trace-method exact needs the ReLU MLP"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, flag, capsys, tmp_path):
     assert main.main([*argv, "--out", str(tmp_path / "o")]) == 2
@@ -154,6 +155,21 @@ def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path, t
             assert errors["trace_in_stderr"] < 4
         assert errors["b_noise"] <= 4 * m["gradient_noise"]["b_noise"] * metrics["config"]["noise_rel_stderr"]
         assert exact["lambda_min"] <= exact["top"][-1]
+
+
+def test_a_stage_that_reads_earlier_results_is_recomputed_when_they_change(tmp_path):
+    """The exact-mode comparison reads the trace stage: rerunning in the same runs folder with another
+    --trace-method must recompute both, not compare the old comparison's numbers with the new trace."""
+    base = ["--quick", "--quiet", "--hidden", "3", "3", "--runs-dir", str(tmp_path / "runs"), "--offline",
+            "--skip-figures"]
+    assert main.main([*base, "--out", str(tmp_path / "a"), "--trace-method", "auto"]) == 0
+    assert main.main([*base, "--out", str(tmp_path / "b"), "--trace-method", "hutch++"]) == 0
+    second = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert not any(name.startswith(("trace[", "exact[")) for name in second["resumed"])
+    for m in second["models"].values():
+        assert m["trace"]["method"] == "hutch++"
+        assert m["exact"]["errors"]["trace_in_stderr"] is not None
+        assert m["exact"]["errors"]["trace"] == pytest.approx(abs(m["trace"]["trace"] - m["exact"]["trace"]))
 
 
 def test_tracking_can_be_switched_off_and_forced(tmp_path):
