@@ -144,6 +144,9 @@ def _split(flat: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+_BUNDLED_BLAS_DIRS = ("numpy.libs", "scipy.libs")  # where the wheels keep their own OpenBLAS copies
+
+
 def numpy_blas_single_threaded():
     """A context manager: the BLAS libraries bundled in numpy's and scipy's wheels run one thread meanwhile.
     Their OpenBLAS workers spin for a while after each call and take the cores from torch's products (a run's
@@ -152,9 +155,6 @@ def numpy_blas_single_threaded():
     bundled = [lib.filepath for lib in controller.lib_controllers
                if lib.user_api == "blas" and lib.filepath and Path(lib.filepath).parent.name in _BUNDLED_BLAS_DIRS]
     return controller.select(filepath=bundled).limit(limits=1)
-
-
-_BUNDLED_BLAS_DIRS = ("numpy.libs", "scipy.libs")  # where the wheels keep their own OpenBLAS copies
 
 
 def _loss_fn(loss_fn: LossFn | None) -> LossFn:
@@ -262,20 +262,16 @@ class PointEvaluator:
         self.directions = directions.detach().to(p0, copy=True).reshape(-1, self.base.numel())
         self.loss_fn = _loss_fn(loss_fn)
         self.budget = memory_budget
-        if path not in ("auto", "fast", "general"):
-            raise ValueError(f"path must be 'auto', 'fast' or 'general', got {path!r}")
-        self.layers = _mlp_layers(model)
-        if path == "fast" and self.layers is None:
-            raise ValueError("the fast path needs a plain MLP (nn.Sequential of Linear and element-wise layers)")
-        self.fast = self.layers is not None and path != "general"
-        with torch.no_grad():
-            self._first = _MLPFirstLayer(self.layers, self.x, self.base, self.directions, memory_budget) if self.fast else None
+        self.layers = _fast_path_layers(model, path)
+        self._first = None
+        if self.layers is not None:
+            with torch.no_grad():
+                self._first = _MLPFirstLayer(self.layers, self.x, self.base, self.directions, memory_budget)
 
     def __call__(self, coefficients) -> PointLosses:
-        p0 = self.base
-        coefficients = torch.as_tensor(coefficients).to(p0).reshape(-1, self.directions.shape[0])
+        coefficients = torch.as_tensor(coefficients).to(self.base).reshape(-1, self.directions.shape[0])
         with torch.no_grad():
-            if self.fast:
+            if self._first is not None:
                 sums, correct = _mlp_points(self._first, self.layers, self.y, self.base, self.directions,
                                             coefficients, self.loss_fn, self.budget, self.count_correct)
             else:
@@ -326,6 +322,16 @@ def _mlp_layers(model: nn.Module) -> list[nn.Module] | None:
         return None
     if sum(1 for _ in model.buffers()):
         return None
+    return layers
+
+
+def _fast_path_layers(model: nn.Module, path: str) -> list[nn.Module] | None:
+    """The plain MLP's layers when `path` ("auto", "fast" or "general") takes the closed-form fast path, else None."""
+    if path not in ("auto", "fast", "general"):
+        raise ValueError(f"path must be 'auto', 'fast' or 'general', got {path!r}")
+    layers = None if path == "general" else _mlp_layers(model)
+    if path == "fast" and layers is None:
+        raise ValueError("the fast path needs a plain MLP (nn.Sequential of Linear and element-wise layers)")
     return layers
 
 
@@ -804,12 +810,8 @@ def hessian_operator(
     (reverse-over-reverse, which every loss supports) for any other model; "fast"/"general" force one.
     """
     x, y = _prepare(model, x, y)
-    layers = _mlp_layers(model)
-    if path not in ("auto", "fast", "general"):
-        raise ValueError(f"path must be 'auto', 'fast' or 'general', got {path!r}")
-    if path == "fast" and layers is None:
-        raise ValueError("the fast path needs a plain MLP (nn.Sequential of Linear and element-wise layers)")
-    if layers is not None and path != "general":
+    layers = _fast_path_layers(model, path)
+    if layers is not None:
         return MLPHessianOperator(model, layers, x, y, _loss_fn(loss_fn), memory_budget)
     return HessianOperator(model, x, y, _loss_fn(loss_fn), memory_budget)
 
@@ -1626,12 +1628,8 @@ class _PerExample:
     def __init__(self, model, x, y, loss_fn, memory_budget, path):
         self.x, self.y = _prepare(model, x, y)
         self.model, self.loss_fn = model, _loss_fn(loss_fn)
-        self.layers = _mlp_layers(model)
-        if path not in ("auto", "fast", "general"):
-            raise ValueError(f"path must be 'auto', 'fast' or 'general', got {path!r}")
-        if path == "fast" and self.layers is None:
-            raise ValueError("the fast path needs a plain MLP (nn.Sequential of Linear and element-wise layers)")
-        self.closed_form = self.layers is not None and path != "general"
+        self.layers = _fast_path_layers(model, path)
+        self.closed_form = self.layers is not None
         self.params = [p.detach() for p in model.parameters()]
         self.dim = sum(p.numel() for p in self.params)
         if self.closed_form:  # inputs, pre-activations and δ of every Linear layer, with room to spare

@@ -86,13 +86,15 @@ def stage_eigenvalue(model, ds, reps):
     row["note"] += (f"; at our accuracy (≤ 1e-4) power iteration needs {equal[1][1]} HVPs, "
                     f"{statistics.median(equal[0]):.3f} s: ours is "
                     f"{statistics.median(runs['ours'][0]) / statistics.median(equal[0]):.2f}× that")
-    peer = _pyhessian_eigenvalue(model, x, y, reps)
+    peer = _time_pyhessian(model, x, y, reps, lambda h: h.eigenvalues()[0][0])
     if peer:
         row["peer"] = f"PyHessian {describe(peer[0])}, rel. error {abs(peer[1] - exact.eigenvalue) / exact.eigenvalue:.1e}"
     return row
 
 
-def _pyhessian_eigenvalue(model, x, y, reps):
+def _time_pyhessian(model, x, y, reps, measure):
+    """Times of `measure(pyhessian's hessian object)` over reps runs and its last value, or None when PyHessian
+    is not installed."""
     try:
         from pyhessian import hessian
     except ImportError:
@@ -102,9 +104,8 @@ def _pyhessian_eigenvalue(model, x, y, reps):
         m = copy.deepcopy(model)
         m.zero_grad(set_to_none=True)  # PyHessian accumulates into .grad: stale gradients double every result
         start = time.perf_counter()
-        values, _ = hessian(m, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False).eigenvalues()
+        value = measure(hessian(m, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False))
         times.append(time.perf_counter() - start)
-        value = values[0]
     return times, value
 
 
@@ -124,25 +125,10 @@ def stage_trace(model, ds, reps):
                    f"baseline: {runs['baseline'][1][1]} probes; our Hutch++ at 2% stderr: {estimate.matvecs} "
                    f"products, {statistics.median(hutchpp['hutch++'][0]):.3f} s, error "
                    f"{abs(estimate.trace - exact) / exact:.1e} (stderr {estimate.stderr / exact:.1e})")
-    peer = _pyhessian_trace(model, x, y, reps)
+    peer = _time_pyhessian(model, x, y, reps, lambda h: float(np.mean(h.trace())))
     if peer:
         row["peer"] = f"PyHessian trace {describe(peer[0])}, rel. error {abs(peer[1] - exact) / exact:.1e}"
     return row
-
-
-def _pyhessian_trace(model, x, y, reps):
-    try:
-        from pyhessian import hessian
-    except ImportError:
-        return None
-    times, value = [], None
-    for _ in range(reps):
-        m = copy.deepcopy(model)
-        m.zero_grad(set_to_none=True)  # PyHessian accumulates into .grad: stale gradients double every result
-        start = time.perf_counter()
-        value = float(np.mean(hessian(m, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False).trace()))
-        times.append(time.perf_counter() - start)
-    return times, value
 
 
 def stage_surface(model, ds, reps, steps=41):
