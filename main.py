@@ -15,13 +15,13 @@ Edit the defaults in `Config` below, or override any of them with a flag (`--hel
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import csv
 import dataclasses
 import datetime as dt
 import gc
 import hashlib
-import inspect
 import io
 import json
 import logging
@@ -259,6 +259,14 @@ def code_digest(*modules) -> str:
     return digest(*[Path(m.__file__).read_text() for m in modules])
 
 
+def own_class_source(cls: type) -> str:
+    """The source text of a class defined in this file. Unlike `inspect.getsource`, it also works when this file
+    runs as another module's `__main__` (python -m cProfile main.py)."""
+    text = Path(__file__).read_text()
+    node = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+    return ast.get_source_segment(text, node)
+
+
 def write_atomic(path: Path, write) -> Path:
     """Call write(file) on a temporary file in the same folder, flush it to disk, then move it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -389,7 +397,7 @@ class Run:
         fields = {f: getattr(cfg, f) for f in TRAINING_FIELDS}
         # the history holds the tracker's records too: its code (and the utils it calls) is part of the key
         self.training_key = digest("train", fields, ds.sha256, torch.__version__, torch.get_num_threads(),
-                                   code_digest(models, training, utils), inspect.getsource(SharpnessTracker))
+                                   code_digest(models, training, utils), own_class_source(SharpnessTracker))
         self.store = RunStore(_resolve(cfg.runs_dir) / self.training_key, fresh=cfg.fresh)
         self.measure_code = code_digest(utils, training)
         n = cfg.analysis_examples or ds.x_train.shape[0]

@@ -43,6 +43,8 @@ from threadpoolctl import ThreadpoolController
 from torch import nn
 from torch.func import functional_call
 
+from training import sgd_step
+
 __all__ = [
     "BezierResult",
     "DEFAULT_MEMORY_BUDGET",
@@ -2085,7 +2087,7 @@ def bezier_curve(
     loss_fn = _loss_fn(loss_fn)
     theta_a, theta_b = flat_parameters(model_a), flat_parameters(model_b).to(flat_parameters(model_a))
     control = ((theta_a + theta_b) / 2).requires_grad_(True)
-    optimizer = torch.optim.SGD([control], lr=lr, momentum=momentum)
+    momentum_buffer: list[torch.Tensor | None] = [None]
     generator = torch.Generator().manual_seed(seed)
     epoch_losses = []
     with torch.enable_grad():
@@ -2098,7 +2100,7 @@ def bezier_curve(
                 theta = (1 - t) ** 2 * theta_a + 2 * t * (1 - t) * control + t**2 * theta_b
                 loss = _functional_loss(model_a, _split(theta, model_a), x[idx], y[idx], loss_fn)
                 control.grad = torch.autograd.grad(loss, control)[0]  # the curve's own point, never a model's
-                optimizer.step()
+                sgd_step([control], momentum_buffer, lr=lr, momentum=momentum)
                 total += float(loss.detach()) * idx.numel()
             epoch_losses.append(total / x.shape[0])
     control = control.detach()

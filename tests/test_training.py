@@ -69,3 +69,43 @@ def test_cnn_trains_and_evaluates(fallback):
     model = models.SmallCNN(generator=torch.Generator().manual_seed(0))
     training.train(model, fallback.x_train[:256], fallback.y_train[:256], epochs=1, lr=0.05, seed=0)
     assert training.evaluate(model, fallback.x_test[:64], fallback.y_test[:64]).loss < 2.31
+
+
+def reference_sgd_training(model, x, y, *, epochs, lr, momentum, weight_decay, batch_size, seed):
+    """The textbook loop with torch.optim.SGD, shuffling from the same seeded generator as `train`."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=generator)
+        for start in range(0, x.shape[0], batch_size):
+            idx = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.5, 1e-3), (0.0, 1e-2)])
+def test_train_takes_exactly_torch_optim_sgds_steps(fallback, momentum, weight_decay):
+    """`train` steps through torch's functional SGD (without importing torch._dynamo): after two epochs with
+    momentum and weight decay its weights equal, bit for bit, those of the same loop driven by torch.optim.SGD."""
+    x, y = fallback.x_train[:600], fallback.y_train[:600]
+    ours = models.SmallMLP(generator=torch.Generator().manual_seed(3))
+    theirs = models.SmallMLP(generator=torch.Generator().manual_seed(3))
+    settings = dict(epochs=2, lr=0.05, momentum=momentum, weight_decay=weight_decay, batch_size=100, seed=5)
+    training.train(ours, x, y, **settings)
+    reference_sgd_training(theirs, x, y, **settings)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_sgd_step_leaves_a_parameter_without_gradient_alone():
+    """As torch.optim.SGD does, a parameter whose .grad is None keeps its value and gets no momentum buffer, while
+    the others take the heavy-ball step: buffer = g on the first step, θ ← θ − lr·buffer."""
+    used, unused = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
+    used.grad = torch.tensor([1.0, 2.0, 3.0])
+    buffers = [None, None]
+    training.sgd_step([used, unused], buffers, lr=0.5, momentum=0.9)
+    assert torch.equal(used.detach(), torch.tensor([0.5, 0.0, -0.5])) and torch.equal(unused.detach(), torch.ones(2))
+    assert torch.equal(buffers[0], torch.tensor([1.0, 2.0, 3.0])) and buffers[1] is None
+    training.sgd_step([used, unused], buffers, lr=0.5, momentum=0.9)  # buffer = 0.9·g + g = 1.9·g
+    assert torch.allclose(used.detach(), torch.tensor([0.5, 0.0, -0.5]) - 0.5 * 1.9 * used.grad)
