@@ -219,9 +219,9 @@ REPARAMETRISATION_INPUTS = ("sharpness", "worst_case", "flatness", "adaptive_fla
 STAGE_FIELDS = {
     "evaluate": ("test_subset",),
     "sharpness": ("sharpness_method", "sharpness_tol", "sharpness_max_iter", "probe_seed", "memory_budget_mb"),
-    "eigenpairs": ("analysis_examples", "eigen_k", "eigen_tol", "probe_seed", "memory_budget_mb"),
+    "spectrum": ("analysis_examples", "eigen_k", "eigen_tol", "density_runs", "density_steps", "probe_seed",
+                 "memory_budget_mb"),
     "trace": ("analysis_examples", "trace_method", "trace_rel_stderr", "probe_seed", "memory_budget_mb"),
-    "density": ("analysis_examples", "density_runs", "density_steps", "probe_seed", "memory_budget_mb"),
     "layers": ("analysis_examples", "layer_rel_stderr", "probe_seed", "memory_budget_mb"),
     "exact": ("analysis_examples", "eigen_k", "eigen_tol", "trace_rel_stderr", "layer_rel_stderr", "noise_rel_stderr", "probe_seed"),
     "flatness": ("flatness_sigmas", "flatness_samples", "probe_seed", "memory_budget_mb"),
@@ -239,7 +239,7 @@ STAGE_FIELDS = {
     "surface": ("analysis_examples", "seeds", "surface_steps", "surface_span", "surface_split", "probe_seed", "test_subset",
                 "memory_budget_mb"),
 }
-PER_MODEL_STAGES = ("evaluate", "sharpness", "eigenpairs", "trace", "density", "layers", "flatness",
+PER_MODEL_STAGES = ("evaluate", "sharpness", "spectrum", "trace", "layers", "flatness",
                     "adaptive_flatness", "worst_case", "pac_bayes", "gradient_noise")
 FAULT_ENV = "LANDSCAPE_FAULT"  # fault injection for the tests: SIGKILL this process at the named point
 
@@ -464,14 +464,11 @@ class Run:
                                                        tol=cfg.sharpness_tol, seed=cfg.probe_seed,
                                                        method=cfg.sharpness_method, memory_budget=budget)),
             "tol": cfg.sharpness_tol})
-        out["eigenpairs"] = self.stage(f"eigenpairs[seed={seed}]", "eigenpairs", lambda: self.eigenpairs(model))
+        out.update(self.stage(f"spectrum[seed={seed}]", "spectrum", lambda: self.spectrum(model)))
         x_sub, y_sub = self.sub
         out["trace"] = self.stage(f"trace[seed={seed}]", "trace", lambda: dataclasses.asdict(utils.hessian_trace(
             model, x_sub, y_sub, method=cfg.trace_method, rel_stderr=cfg.trace_rel_stderr, seed=cfg.probe_seed,
             memory_budget=budget)))
-        out["density"] = self.stage(f"density[seed={seed}]", "density", lambda: _density_dict(
-            utils.hessian_spectral_density(model, x_sub, y_sub, lanczos_steps=cfg.density_steps,
-                                           runs=cfg.density_runs, seed=cfg.probe_seed, memory_budget=budget)))
         out["layers"] = self.stage(f"layers[seed={seed}]", "layers", lambda: [dataclasses.asdict(layer) for layer in
             utils.layer_curvature(model, x_sub, y_sub, seed=cfg.probe_seed, tol=1e-2,
                                   rel_stderr=cfg.layer_rel_stderr, max_probes=64, memory_budget=budget)])
@@ -501,16 +498,19 @@ class Run:
     def exact_mode(self, model) -> bool:
         return self.cfg.exact or sum(p.numel() for p in model.parameters()) <= EXACT_AUTO_MAX_PARAMETERS
 
-    def eigenpairs(self, model) -> dict:
-        """The top-k eigenvalues and λ_min from one Lanczos run, each with its true residual (no eigenvectors:
-        they are D numbers each)."""
+    def spectrum(self, model) -> dict:
+        """{"eigenpairs": the top-k eigenvalues and λ_min with their true residuals (no eigenvectors: they are D
+        numbers each), "density": the SLQ spectral density}, from one set of Lanczos runs."""
         (x, y), cfg = self.sub, self.cfg
-        top, bottom = utils.hessian_spectrum_ends(model, x, y, k=cfg.eigen_k, tol=cfg.eigen_tol,
-                                                  seed=cfg.probe_seed, memory_budget=self.budget)
-        return {"top": top.eigenvalues, "top_residuals": top.residuals, "top_converged": top.converged,
-                "top_iterations": top.iterations, "lambda_min": bottom.eigenvalues[0],
-                "lambda_min_residual": bottom.residuals[0], "lambda_min_converged": bottom.converged,
-                "lambda_min_iterations": bottom.iterations, "tol": cfg.eigen_tol}
+        s = utils.hessian_spectrum(model, x, y, k=cfg.eigen_k, tol=cfg.eigen_tol, lanczos_steps=cfg.density_steps,
+                                   runs=cfg.density_runs, seed=cfg.probe_seed, memory_budget=self.budget)
+        top, bottom = s.top, s.bottom
+        return {"eigenpairs": {"top": top.eigenvalues, "top_residuals": top.residuals,
+                               "top_converged": top.converged, "top_iterations": top.iterations,
+                               "lambda_min": bottom.eigenvalues[0], "lambda_min_residual": bottom.residuals[0],
+                               "lambda_min_converged": bottom.converged, "lambda_min_iterations": bottom.iterations,
+                               "tol": cfg.eigen_tol},
+                "density": _density_dict(s.density)}
 
     def noise(self, model) -> dict:
         """B_simple over all training examples; B_noise, which needs Hessian products, over the analysis subset."""

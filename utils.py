@@ -51,6 +51,7 @@ __all__ = [
     "EigenResult",
     "EigenpairsResult",
     "FlatnessResult",
+    "HessianSpectrum",
     "InterpolationResult",
     "LayerCurvature",
     "NoiseScaleResult",
@@ -77,6 +78,7 @@ __all__ = [
     "hessian_eigenpairs",
     "hessian_operator",
     "hessian_spectral_density",
+    "hessian_spectrum",
     "hessian_spectrum_ends",
     "hessian_trace",
     "hessian_vector_product",
@@ -1073,12 +1075,22 @@ def _extreme_eigenpairs(model, x, y, wanted: dict[str, int], tol, seed, max_iter
     """One Lanczos run from a seeded Gaussian start until every end in `wanted` ({which: k}) has converged,
     then the true residuals of all wanted pairs in one batched product."""
     op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
-    for k in wanted.values():
-        if not 1 <= k <= op.dim:
-            raise ValueError(f"k must be between 1 and the number of parameters ({op.dim}), got {k}")
+    _check_wanted(wanted, op.dim)
     v0 = _start_vector(op.dim, seed, flat_parameters(model))
     run = _lanczos_runs(op.matmat, v0[None], max_steps=max(max_iter, *wanted.values()),
                         done=lambda r: all(r.converged(k, which, tol) for which, k in wanted.items()))[0]
+    return _certified_ends(op, run, wanted, tol)
+
+
+def _check_wanted(wanted: dict[str, int], dim: int) -> None:
+    for k in wanted.values():
+        if not 1 <= k <= dim:
+            raise ValueError(f"k must be between 1 and the number of parameters ({dim}), got {k}")
+
+
+def _certified_ends(op, run: _Lanczos, wanted: dict[str, int], tol: float) -> dict[str, EigenpairsResult]:
+    """The Ritz pairs of `run` at each end in `wanted`, with their true residuals from one batched product;
+    `iterations` counts the run's products and those."""
     ritz = {which: run.ritz(k, which) for which, k in wanted.items()}
     vectors = torch.cat([ritz[which][1] for which in wanted])
     products = op.matmat(vectors)
@@ -1090,7 +1102,8 @@ def _extreme_eigenpairs(model, x, y, wanted: dict[str, int], tol, seed, max_iter
         residuals = (mine - torch.as_tensor(values).to(vecs)[:, None] * vecs).norm(dim=1)
         limits = torch.as_tensor(tol * np.maximum(np.abs(values), 1e-8 * scale)).to(residuals)
         converged = len(values) == k and bool(torch.all(residuals <= limits))
-        out[which] = EigenpairsResult(values.tolist(), vecs, residuals.tolist(), converged, op.matvecs, which)
+        out[which] = EigenpairsResult(values.tolist(), vecs, residuals.tolist(), converged,
+                                      len(run.alphas) + len(vectors), which)
     return out
 
 
@@ -1232,16 +1245,79 @@ def hessian_spectral_density(
     runs of Σ_i U_1i²·N(t; θ_i, σ²), so it integrates to 1 and its mean is ≈ tr(H)/D. σ defaults to
     1% of the spectral range. All runs advance in lockstep, one batched product per step."""
     op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
-    like = flat_parameters(model)
+    results = _slq_runs(op, flat_parameters(model), runs, lanczos_steps, seed, memory_budget)
+    return _slq_density(results, lanczos_steps, sigma, grid_points)
+
+
+@dataclass
+class HessianSpectrum:
+    """Both ends of the Hessian spectrum and its density, from one set of Lanczos runs (`hessian_spectrum`)."""
+
+    top: EigenpairsResult  # the k largest eigenpairs
+    bottom: EigenpairsResult  # the k_smallest most negative
+    density: SpectralDensity
+
+
+def hessian_spectrum(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    k: int = 5,
+    k_smallest: int = 1,
+    tol: float = 1e-6,
+    lanczos_steps: int = 80,
+    runs: int = 10,
+    seed: int = 0,
+    max_iter: int = 300,
+    sigma: float | None = None,
+    grid_points: int = 2000,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> HessianSpectrum:
+    """`hessian_spectral_density` and `hessian_spectrum_ends` from one set of Lanczos runs. The SLQ runs advance
+    in lockstep for `lanczos_steps` steps; the first then goes on alone until the k largest and the k_smallest
+    most negative Ritz pairs pass `hessian_eigenpairs`'s test (at most max(max_iter, lanczos_steps) steps), and
+    their true residuals take one batched product. A run's first m steps do not depend on how long it goes on,
+    so the density, from each run's leading m×m block of T, is `hessian_spectral_density`'s for the same seed;
+    the ends cost the few steps past m instead of a run of their own (35-47 products per model here)."""
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    wanted = {"largest": k, "smallest": k_smallest}
+    _check_wanted(wanted, op.dim)
+    results = _slq_runs(op, flat_parameters(model), runs, lanczos_steps, seed, memory_budget,
+                        first_until=lambda r: all(r.converged(k, which, tol) for which, k in wanted.items()),
+                        first_max_steps=max(max_iter, lanczos_steps, k, k_smallest))
+    ends = _certified_ends(op, results[0], wanted, tol)
+    return HessianSpectrum(ends["largest"], ends["smallest"], _slq_density(results, lanczos_steps, sigma, grid_points))
+
+
+def _slq_runs(op, like: torch.Tensor, runs: int, steps: int, seed: int, memory_budget: int, *, first_until=None,
+              first_max_steps: int = 0) -> list[_Lanczos]:
+    """SLQ's Lanczos runs from seeded Rademacher starts, in lockstep blocks that fit the memory budget, `steps`
+    each; with `first_until`, the first run goes on past `steps` until first_until(run) or first_max_steps."""
     generator = torch.Generator().manual_seed(seed)
     starts = _rademacher((runs, op.dim), generator, like)
-    per_block = max(1, memory_budget // max(1, (lanczos_steps + 1) * op.dim * like.element_size()))
-    results = [run for s in range(0, runs, per_block)
-               for run in _lanczos_runs(op.matmat, starts[s : s + per_block], max_steps=lanczos_steps)]
-    steps = max(len(r.alphas) for r in results)
-    nodes, weights = np.zeros((runs, steps)), np.zeros((runs, steps))
+    per_block = max(1, memory_budget // max(1, (steps + 1) * op.dim * like.element_size()))
+    results = []
+    for s in range(0, runs, per_block):
+        block = starts[s : s + per_block]
+        limits = [steps] * block.shape[0]
+        done = lambda run: False  # noqa: E731
+        if s == 0 and first_until is not None:
+            limits[0] = first_max_steps  # the others stop at `steps` whatever done says
+            done = lambda run: len(run.alphas) >= steps and first_until(run)  # noqa: E731
+        results += _lanczos_runs(op.matmat, block, max_steps=limits, done=done)
+    return results
+
+
+def _slq_density(results: list[_Lanczos], steps: int, sigma: float | None, grid_points: int) -> SpectralDensity:
+    """The SLQ density from each run's first `steps` steps (a longer run's leading block of T)."""
+    runs = len(results)
+    width = min(steps, max(len(r.alphas) for r in results))
+    nodes, weights = np.zeros((runs, width)), np.zeros((runs, width))
     for i, run in enumerate(results):
-        values, vectors = np.linalg.eigh(np.diag(run.alphas) + np.diag(run.betas, 1) + np.diag(run.betas, -1))
+        alphas, betas = run.alphas[:steps], run.betas[: steps - 1]
+        values, vectors = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
         nodes[i, : len(values)], weights[i, : len(values)] = values, vectors[0] ** 2
     used = weights > 0
     low, high = nodes[used].min(), nodes[used].max()

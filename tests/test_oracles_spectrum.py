@@ -291,6 +291,52 @@ def test_both_ends_of_the_spectrum_from_one_run_equal_dense_eigh_and_cost_less_t
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("steps, runs", [(4, 3), (12, 2), (60, 1)])
+def test_spectrum_gives_dense_eigh_ends_and_exactly_the_slq_density_of_the_same_seed(steps, runs):
+    """hessian_spectrum: its top-3 and 2 most negative eigenpairs equal numpy.linalg.eigh of the dense Hessian of a
+    tiny Tanh MLP at a saddle (residuals recomputed here), and its density is hessian_spectral_density's with the
+    same seed, node for node: a Lanczos run's first m steps do not depend on how long the run goes on, so the first
+    run's extension (steps=4, 12: it runs past m to converge the ends) leaves T's leading m×m block as it was;
+    with steps=60 > D=43 every run stops at breakdown, and the ends come from the full Krylov space."""
+    model = tiny_mlp(0)
+    x, y = tiny_data(0)
+    H = dense_hessian(model, x, y)
+    snap = snapshot(model)
+    tol = 1e-10
+    spectrum = utils.hessian_spectrum(model, x, y, k=3, k_smallest=2, tol=tol, lanczos_steps=steps, runs=runs, seed=5)
+    _check_eigenpairs(spectrum.top, H, 3, "largest", tol)
+    _check_eigenpairs(spectrum.bottom, H, 2, "smallest", tol)
+    alone = utils.hessian_spectral_density(model, x, y, lanczos_steps=steps, runs=runs, seed=5)
+    for name in ("nodes", "weights", "grid", "density"):
+        np.testing.assert_array_equal(getattr(spectrum.density, name), getattr(alone, name))
+    assert spectrum.density.sigma == alone.sigma
+    assert_unchanged(model, snap)
+
+
+def test_spectrum_ends_cost_less_than_a_run_of_their_own_beside_the_density():
+    """The ends ride on the density's first run. Separately, the density takes runs·m products and
+    hessian_spectrum_ends its own run; together, (runs − 1)·m plus the first run's length and the 5 residual
+    checks, which the ends report: fewer in all when that count is below m plus the separate run's."""
+    model = tiny_mlp(0)
+    x, y = tiny_data(0)
+    tol, steps = 1e-10, 12
+    spectrum = utils.hessian_spectrum(model, x, y, k=3, k_smallest=2, tol=tol, lanczos_steps=steps, runs=2, seed=0)
+    top, _ = utils.hessian_spectrum_ends(model, x, y, k=3, k_smallest=2, tol=tol, seed=0)
+    assert spectrum.top.iterations == spectrum.bottom.iterations
+    assert steps + 5 <= spectrum.top.iterations < top.iterations + steps
+    np.testing.assert_allclose(spectrum.top.eigenvalues, top.eigenvalues, rtol=0, atol=1e-8)
+
+
+def test_spectrum_refuses_k_beyond_the_parameters():
+    """k and k_smallest must lie in [1, D]: 0 or D + 1 is a ValueError naming the parameter count."""
+    model = tiny_mlp(0)
+    x, y = tiny_data(0)
+    with pytest.raises(ValueError, match="number of parameters"):
+        utils.hessian_spectrum(model, x, y, k=0, lanczos_steps=4, runs=1)
+    with pytest.raises(ValueError, match="number of parameters"):
+        utils.hessian_spectrum(model, x, y, k_smallest=44, lanczos_steps=4, runs=1)
+
+
 @pytest.mark.parametrize("which", ["largest", "smallest"])
 def test_eigenpairs_equal_closed_form_hessian_of_logreg_with_saddle_term(which):
     """Softmax regression plus -(c/2) mean z_0^2 (loss_fn): closed-form numpy Hessian with lambda_min < 0 (verified);
