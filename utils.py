@@ -1503,15 +1503,18 @@ class WorstCaseResult:
     increases: list[float]  # best increase after each ascent step
 
 
-def _loss_and_gradient(model, params_flat, x, y, loss_fn, rows) -> tuple[float, torch.Tensor]:
-    """Mean loss and its gradient at a flat parameter vector, summed over row chunks."""
-    theta = params_flat.detach().requires_grad_(True)
-    total, grad = 0.0, torch.zeros_like(theta)
-    with torch.enable_grad():
+def _loss_and_gradient(model, params_flat, x, y, loss_fn, rows, *,
+                       gradient: bool = True) -> tuple[float, torch.Tensor | None]:
+    """Mean loss and its gradient (None with gradient=False: a forward pass only) at a flat parameter vector,
+    summed over row chunks. The loss is the same number either way."""
+    theta = params_flat.detach().requires_grad_(gradient)
+    total, grad = 0.0, torch.zeros_like(theta) if gradient else None
+    with torch.set_grad_enabled(gradient):
         for rs in _row_chunks(x.shape[0], rows):
             weight = (rs.stop - rs.start) / x.shape[0]
             loss = weight * _functional_loss(model, _split(theta, model), x[rs], y[rs], loss_fn)
-            grad += torch.autograd.grad(loss, theta)[0]
+            if gradient:
+                grad += torch.autograd.grad(loss, theta)[0]
             total += float(loss.detach())
     return total, grad
 
@@ -1544,14 +1547,15 @@ def worst_case_sharpness(
     theta = flat_parameters(model)
     scale = theta.abs() if adaptive else torch.ones_like(theta)
     rows = memory_budget // max(1.0, 2 * _graph_bytes_per_example(model, x, y, loss_fn))
-    base = _loss_and_gradient(model, theta, x, y, loss_fn, rows)[0]
+    base = _loss_and_gradient(model, theta, x, y, loss_fn, rows, gradient=False)[0]
     generator = torch.Generator().manual_seed(seed)
-    candidates = []
+    candidates = []  # the starts' losses by forward passes; a gradient only at the best
     for _ in range(max(1, starts)):
         u = torch.randn(theta.numel(), generator=generator, dtype=torch.float32).to(theta)
         u = u * (rho / u.norm())
-        candidates.append((_loss_and_gradient(model, theta + scale * u, x, y, loss_fn, rows), u))
-    (best_loss, grad), u = max(candidates, key=lambda c: c[0][0])
+        candidates.append((_loss_and_gradient(model, theta + scale * u, x, y, loss_fn, rows, gradient=False)[0], u))
+    _, u = max(candidates, key=lambda c: c[0])
+    best_loss, grad = _loss_and_gradient(model, theta + scale * u, x, y, loss_fn, rows)
     best_u, step, history = u, rho, []
     for _ in range(steps):
         direction = scale * grad
