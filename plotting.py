@@ -590,9 +590,10 @@ def _text_page(pdf, lines: list[tuple[str, dict]]) -> None:
     plt.close(fig)
 
 
-def plot_report(metrics: dict, path: Path) -> Path:
+def plot_report(metrics: dict, path: Path, *, wait_for=lambda name: None) -> Path:
     """Loss_Landscape_Report.pdf: a title page, one page per measure (definition, reference, figure, numbers,
-    an interpretation computed from them), the summary table last. Figures are read from path's folder."""
+    an interpretation computed from them), the summary table last. Figures are read from path's folder;
+    `wait_for(name)` is called before each is read (`plot_all` waits there for another process to draw it)."""
     from matplotlib.backends.backend_pdf import PdfPages
 
     path = Path(path)
@@ -601,13 +602,17 @@ def plot_report(metrics: dict, path: Path) -> Path:
     def write(tmp: str) -> None:
         with plt.rc_context({**STYLE, "axes.grid": False}), PdfPages(tmp) as pdf:
             _title_page(pdf, metrics)
-            for section in report_sections(metrics):
+            for section in [*report_sections(metrics), SUMMARY_SECTION]:
+                if section["figure"]:
+                    wait_for(section["figure"])
                 _section_page(pdf, section, folder)
-            _section_page(pdf, {"title": "Summary table", "formula": "", "reference": "", "numbers": [],
-                                "interpretation": "", "figure": "summary_table.png"}, folder)
             pdf.infodict()["Title"] = "Loss landscape report"
 
     return _write_atomically(path, write)
+
+
+SUMMARY_SECTION = {"title": "Summary table", "formula": "", "reference": "", "numbers": [], "interpretation": "",
+                   "figure": "summary_table.png"}
 
 
 def _title_page(pdf, metrics: dict) -> None:
@@ -671,11 +676,6 @@ FIGURES = {
 REPORT = "Loss_Landscape_Report.pdf"
 
 
-def _draw_figures(names: list[str], metrics: dict, out: Path) -> None:
-    for name in names:
-        FIGURES[name](metrics, out / name)
-
-
 def _fork_pool():
     """A one-process pool forked from this one (it inherits every import, so it starts in milliseconds), or
     None where fork is unavailable or there is only one CPU."""
@@ -684,23 +684,36 @@ def _fork_pool():
     return concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
 
 
+DRAWN_BESIDE_THE_REPORT = ("loss_surface_3d.png", "summary_table.png")  # the report's last pages: drawn first here
+
+
 def plot_all(metrics: dict, out: Path) -> list[Path]:
     """Every figure (PNG at 150 dpi and a vector PDF copy) and the report into the folder `out`. Drawing is
-    single-threaded Python, so a forked process draws every other figure meanwhile; the report, which embeds
-    them all, comes last. A failure in either process raises here."""
+    single-threaded Python, so a forked process draws the figures of the report's early pages, one task each in
+    the report's order, while this one draws the last two and then the report, which waits for each figure it
+    embeds as it reaches its page (about 2.5 s instead of 3.1 s with the report after all the figures).
+    A failure in either process raises here."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(FIGURES)
     pool = _fork_pool()
     if pool is None:
-        _draw_figures(names, metrics, out)
+        for name in names:
+            FIGURES[name](metrics, out / name)
+        report = plot_report(metrics, out / REPORT)
     else:
         with pool:
-            theirs = pool.submit(_draw_figures, names[0::2], metrics, out)
-            _draw_figures(names[1::2], metrics, out)
-            theirs.result()
+            in_report_order = [s["figure"] for s in [*report_sections(metrics), SUMMARY_SECTION] if s["figure"]]
+            theirs = [n for n in dict.fromkeys([*in_report_order, *names]) if n not in DRAWN_BESIDE_THE_REPORT]
+            drawing = {name: pool.submit(FIGURES[name], metrics, out / name) for name in theirs}
+            for name in DRAWN_BESIDE_THE_REPORT:
+                FIGURES[name](metrics, out / name)
+            report = plot_report(metrics, out / REPORT,
+                                 wait_for=lambda name: drawing[name].result() if name in drawing else None)
+            for future in drawing.values():  # figures no page embeds, and any failure
+                future.result()
     written = [path for name in names for path in (out / name, (out / name).with_suffix(".pdf"))]
-    return [*written, plot_report(metrics, out / REPORT)]
+    return [*written, report]
 
 
 if __name__ == "__main__":

@@ -56,6 +56,28 @@ def test_figures_redraw_from_saved_metrics(quick_run, tmp_path):
     assert sorted(p.name for p in written) == sorted(expected)
 
 
+class FigureFailed(RuntimeError):
+    pass
+
+
+def failing_figure(metrics, path):
+    raise FigureFailed(f"could not draw {path.name}")
+
+
+@pytest.mark.parametrize("broken", ["connectivity_plane.png", "summary_table.png"])
+def test_a_figure_that_fails_in_either_process_fails_plot_all_and_leaves_no_report(quick_run, tmp_path, monkeypatch,
+                                                                                 broken):
+    """The forked process draws the report's early figures while this one draws the last two and the report:
+    an error in either (the plane is drawn by the fork, the summary table here) reaches the caller, no report
+    is written and no temporary file is left behind."""
+    _, metrics = quick_run
+    monkeypatch.setitem(plotting.FIGURES, broken, failing_figure)
+    with pytest.raises(FigureFailed, match=broken):
+        plotting.plot_all(metrics, tmp_path)
+    assert not (tmp_path / plotting.REPORT).exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_summary_table_lists_every_seed(quick_run):
     text = plotting.format_summary(quick_run[1])
     assert "seed 0" in text and "seed 42" in text and "sharpness" in text
