@@ -1593,7 +1593,7 @@ def pac_bayes_flatness(
     max_error_increase: float = 0.1,
     samples: int = 10,
     seed: int = 0,
-    rounds: int = 4,
+    rounds: int = 12,
     sigma_min: float = 1e-4,
     sigma_max: float = 2.0,
     loss_fn: LossFn | None = None,
@@ -1603,10 +1603,11 @@ def pac_bayes_flatness(
     error of θ + σ·ε over `samples` Gaussian draws ε rises by at most `max_error_increase`; flatness = 1/σ².
     Magnitude-aware: the noise on each weight is σ·(|w| + 1e-3)·ε (Dziugaite et al.'s magnitude_eps).
 
-    The same draws ε serve every σ (common random numbers), so the search runs on one fixed error curve;
-    like a bisection it assumes the error grows with σ. Each of `rounds` rounds evaluates 7 geometrically
-    spaced σ inside the current bracket [σ_ok, σ_too_big] in one batched pass and keeps the sub-bracket
-    where the target is crossed: relative precision (sigma_max/sigma_min)^(8^−rounds), 0.2% at the defaults.
+    The same draws ε serve every σ (common random numbers), so the search runs on one fixed error curve, which
+    it assumes grows with σ: a bisection in log σ of the bracket [σ_ok, σ_too_big], starting from [sigma_min,
+    sigma_max], one σ per round, for a relative precision of (sigma_max/sigma_min)^(2^−rounds), 0.24% at the
+    defaults. Each σ costs `samples` network evaluations: 15 σ in all here, where 4 rounds of 7 σ (the same
+    precision) took 31 and twice the time.
     """
     if not 0 < max_error_increase < 1 or samples < 1:
         raise ValueError("max_error_increase must be in (0, 1) and samples >= 1")
@@ -1634,10 +1635,11 @@ def pac_bayes_flatness(
         low = 0.0  # even the smallest σ searched raises the error too much
     else:
         for _ in range(rounds):
-            inner = np.geomspace(low, high, 9)[1:-1].tolist()
-            within = [s for s, e in zip(inner, mean_errors(inner)) if e - base_error <= max_error_increase]
-            low = max(within, default=low)
-            high = min([s for s in inner if s > low], default=high)
+            middle = math.sqrt(low * high)
+            if mean_errors([middle])[0] - base_error <= max_error_increase:
+                low = middle
+            else:
+                high = middle
     increase = mean_errors([low])[0] - base_error if low > 0 else 0.0
     return PacBayesResult(low, 1 / low**2 if low > 0 else math.inf, base_error, increase, magnitude_aware)
 
