@@ -975,8 +975,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        sys.exit(code)  # a coverage tool or profiler writes its data at exit: let it
     # every file is written, synced and moved into place: skip the interpreter's teardown of torch's modules and
-    # objects (0.4-0.5 s measured after main returned, with the collector frozen)
+    # objects (0.33-0.45 s measured after main returned)
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()

@@ -590,10 +590,11 @@ def _text_page(pdf, lines: list[tuple[str, dict]]) -> None:
     plt.close(fig)
 
 
-def plot_report(metrics: dict, path: Path, *, wait_for=lambda name: None) -> Path:
+def plot_report(metrics: dict, path: Path, *, wait_for=lambda name: None, before_saving=lambda: None) -> Path:
     """Loss_Landscape_Report.pdf: a title page, one page per measure (definition, reference, figure, numbers,
     an interpretation computed from them), the summary table last. Figures are read from path's folder;
-    `wait_for(name)` is called before each is read (`plot_all` waits there for another process to draw it)."""
+    `wait_for(name)` is called before each is read (`plot_all` waits there for another process to draw it),
+    `before_saving()` after the last page, before the file is moved into place (an error there keeps it out)."""
     from matplotlib.backends.backend_pdf import PdfPages
 
     path = Path(path)
@@ -607,6 +608,7 @@ def plot_report(metrics: dict, path: Path, *, wait_for=lambda name: None) -> Pat
                     wait_for(section["figure"])
                 _section_page(pdf, section, folder)
             pdf.infodict()["Title"] = "Loss landscape report"
+        before_saving()
 
     return _write_atomically(path, write)
 
@@ -706,12 +708,15 @@ def plot_all(metrics: dict, out: Path) -> list[Path]:
             in_report_order = [s["figure"] for s in [*report_sections(metrics), SUMMARY_SECTION] if s["figure"]]
             theirs = [n for n in dict.fromkeys([*in_report_order, *names]) if n not in DRAWN_BESIDE_THE_REPORT]
             drawing = {name: pool.submit(FIGURES[name], metrics, out / name) for name in theirs}
-            for name in DRAWN_BESIDE_THE_REPORT:
-                FIGURES[name](metrics, out / name)
-            report = plot_report(metrics, out / REPORT,
-                                 wait_for=lambda name: drawing[name].result() if name in drawing else None)
-            for future in drawing.values():  # figures no page embeds, and any failure
-                future.result()
+            try:
+                for name in DRAWN_BESIDE_THE_REPORT:
+                    FIGURES[name](metrics, out / name)
+                report = plot_report(metrics, out / REPORT,
+                                     wait_for=lambda name: drawing[name].result() if name in drawing else None,
+                                     before_saving=lambda: [future.result() for future in drawing.values()])
+            except BaseException:  # a failure (or Ctrl-C) here or there: drop the figures not yet started
+                pool.shutdown(cancel_futures=True)
+                raise
     written = [path for name in names for path in (out / name, (out / name).with_suffix(".pdf"))]
     return [*written, report]
 

@@ -606,6 +606,8 @@ class MLPHessianOperator:
                 current.append(m)
         self.between, self.tail = groups, current  # element-wise maps after each hidden Linear, after the last
         self.weights = [(m.weight.detach(), None if m.bias is None else m.bias.detach()) for m in self.linears]
+        # plain cross-entropy on class labels: the logits' gradient and Hessian in closed form
+        self.cross_entropy = loss_fn is F.cross_entropy and not self.tail and _is_integer_labels(y)
         self.dim = sum(p.numel() for p in model.parameters())
         self.matvecs = 0
         self.budget = memory_budget
@@ -632,7 +634,7 @@ class MLPHessianOperator:
                     break
                 if [type(m) for m in self.between[l]] == [nn.ReLU]:  # φ' = [z > 0] (autograd's rule at 0), φ'' = 0
                     out = torch.relu(z.detach())
-                    d1s.append((z.detach() > 0).to(z.dtype))
+                    d1s.append(torch.sign(out))  # [z > 0] in one pass: out ≥ 0
                     d2s.append(None)
                     a.append(out)
                     continue
@@ -643,8 +645,14 @@ class MLPHessianOperator:
                 d2s.append(d2 if d2 is not None and bool(d2.any()) else None)  # φ'' = 0 almost everywhere: skipped
                 a.append(out.detach())
             logits = zs[-1]
-            grad_logits = torch.autograd.grad(weight * self.loss_fn(self._compose(self.tail, logits), self.y[rows]),
-                                              logits, create_graph=True)[0]
+            probabilities = torch.softmax(logits.detach(), dim=1)
+            if self.cross_entropy:  # ∂L/∂z = (p − onehot(y))/N in closed form: no graph to build
+                grad_logits = probabilities.clone()
+                grad_logits[torch.arange(logits.shape[0], device=logits.device), self.y[rows]] -= 1
+                grad_logits *= weight / logits.shape[0]
+            else:
+                grad_logits = torch.autograd.grad(weight * self.loss_fn(self._compose(self.tail, logits),
+                                                                        self.y[rows]), logits, create_graph=True)[0]
         deltas = [None] * len(self.weights)
         deltas[-1] = grad_logits.detach()
         grad_inputs = [None] * len(self.weights)
@@ -653,12 +661,14 @@ class MLPHessianOperator:
             deltas[l - 1] = d1s[l - 1] * grad_inputs[l]
         return {"a": a, "d1": d1s, "d2": d2s, "deltas": deltas,
                 "grad_inputs": grad_inputs, "logits": logits, "grad_logits": grad_logits,
-                "probabilities": torch.softmax(logits.detach(), dim=1)[:, None, :]}
+                "probabilities": probabilities[:, None, :]}
 
     def _r_forward(self, cache: dict, directions, b: int, first_in) -> tuple[list, list]:
         """Rz_l and Ra_l for b directions at once, laid out (n, b, features); a_0·V_0ᵀ, the largest GEMM, only
-        for the directions `first_in` (the others have V_0 = 0)."""
-        a, d1 = cache["a"], cache["d1"]
+        for the directions `first_in` (the others have V_0 = 0). A hidden Rz_l is kept only where φ'' ≠ 0 needs
+        it again (None elsewhere): for ReLU, Ra_l = φ'⊙Rz_l overwrites it in place, which spares a fresh
+        (n, b, width) array per layer."""
+        a, d1, d2 = cache["a"], cache["d1"], cache["d2"]
         n = a[0].shape[0]
         rz, ra = [], [None]
         for l, ((w, _), (dw, db)) in enumerate(zip(self.weights, directions)):
@@ -670,8 +680,13 @@ class MLPHessianOperator:
                 z.view(n * b, -1).addmm_(ra[l].reshape(n * b, -1), w.T)
             if db is not None:
                 z += db
-            rz.append(z)
-            if l < len(self.weights) - 1:
+            if l == len(self.weights) - 1:
+                rz.append(z)
+            elif d2[l] is None:
+                rz.append(None)
+                ra.append(z.mul_(d1[l][:, None, :]))
+            else:
+                rz.append(z)
                 ra.append(d1[l][:, None, :] * z)
         return rz, ra
 
@@ -705,8 +720,7 @@ class MLPHessianOperator:
         """∇²_z L·r for r (n, b, C): for plain cross-entropy the closed form (w/n)(p⊙r − p(pᵀr)), p = softmax(z),
         w the chunk's share of the mean; for any other loss, autograd on the (n, C) graph, one direction at a time
         (vmap's fallback for log-softmax's double backward is slower than a loop)."""
-        logits = cache["logits"].detach()
-        if self.loss_fn is F.cross_entropy and not self.tail and _is_integer_labels(self.y):
+        if self.cross_entropy:
             weight = 1.0 / self.x.shape[0]  # the chunk's share n_c/N of the mean times its own 1/n_c
             p = cache["probabilities"]
             return weight * (p * r - p * (p * r).sum(dim=2, keepdim=True))
@@ -887,36 +901,45 @@ def _lanczos_runs(matmat, starts: torch.Tensor, *, max_steps, done=lambda run: F
 def _lanczos_steps(matmat, starts, max_steps, done, outputs) -> list[_Lanczos]:
     n_runs, dim = starts.shape
     limits = [min(m, dim) for m in (max_steps if isinstance(max_steps, (list, tuple)) else [max_steps] * n_runs)]
-    basis = torch.empty((n_runs, min(max(limits), 16) + 1, dim), dtype=starts.dtype, device=starts.device)
-    basis[:, 0] = starts / starts.norm(dim=1, keepdim=True)
+    # one basis per run, each grown (doubled, up to its limit) only as its own run needs: a run that goes on
+    # after the others stopped does not take their memory with it
+    bases = [torch.empty((min(limit, 16) + 1, dim), dtype=starts.dtype, device=starts.device) for limit in limits]
+    for basis, start in zip(bases, starts):
+        basis[0] = start / start.norm()
     runs = [_Lanczos() for _ in range(n_runs)]
     for j in range(max(limits)):
         active = [r for r in range(n_runs) if not runs[r].finished]
         if not active:
             break
-        products = matmat(basis[active, j]) if outputs is None else matmat(basis[active, j], outputs[active])
+        vectors = torch.stack([bases[r][j] for r in active])
+        products = matmat(vectors) if outputs is None else matmat(vectors, outputs[active])
         for w, r in zip(products, active):
-            run, q = runs[r], basis[r, : j + 1]
-            run.alphas.append(float(w @ basis[r, j]))
+            run, q = runs[r], bases[r][: j + 1]
+            run.alphas.append(float(w @ q[j]))
             # the three-term recurrence, then full reorthogonalisation by classical Gram-Schmidt, repeated only
             # when it removed much (Daniel, Gragg, Kaufman & Stewart's test: "twice is enough")
-            w = w - run.alphas[-1] * basis[r, j] - (run.betas[-1] * basis[r, j - 1] if j > 0 else 0.0)
+            w = torch.sub(w, q[j], alpha=run.alphas[-1])  # a fresh vector, then updated in place
+            if j > 0:
+                w.sub_(q[j - 1], alpha=run.betas[-1])
             before = float(w.norm())
-            w = w - q.T @ (q @ w)
+            w.addmv_(q.T, q @ w, alpha=-1)
             run.beta_next = float(w.norm())
             if run.beta_next < _DGKS * before:
-                w = w - q.T @ (q @ w)
+                w.addmv_(q.T, q @ w, alpha=-1)
                 run.beta_next = float(w.norm())
             scale = max(abs(a) for a in run.alphas) + max(run.betas, default=0.0)
             if run.beta_next <= 1e-12 * max(scale, 1e-30) or j + 1 == limits[r] or done(run):
                 run.finished = True
                 continue
-            if j + 1 >= basis.shape[1] - 1:
-                basis = torch.cat([basis, torch.empty_like(basis)], dim=1)
-            basis[r, j + 1] = w / run.beta_next
+            if j + 1 >= bases[r].shape[0]:
+                grown = torch.empty((min(2 * bases[r].shape[0], limits[r] + 1), dim), dtype=starts.dtype,
+                                    device=starts.device)
+                grown[: j + 1] = bases[r][: j + 1]
+                bases[r] = grown
+            bases[r][j + 1] = w / run.beta_next
             run.betas.append(run.beta_next)
-    for r, run in enumerate(runs):
-        run.basis = basis[r, : len(run.alphas)].clone()
+    for run, basis in zip(runs, bases):
+        run.basis = basis[: len(run.alphas)].clone()
     return runs
 
 
@@ -925,8 +948,9 @@ def _rademacher(shape, generator: torch.Generator, like: torch.Tensor) -> torch.
 
 
 def _start_vector(dim: int, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """A seeded Gaussian vector, drawn in float32 whatever `like`'s dtype (float64 gets the same numbers)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(dim, generator=generator, dtype=torch.float64).to(like)
+    return torch.randn(dim, generator=generator, dtype=torch.float32).to(like)
 
 
 def _gradient_start(op, seed: int, like: torch.Tensor) -> torch.Tensor:
@@ -1240,7 +1264,7 @@ def hessian_spectral_density(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> SpectralDensity:
-    """Stochastic Lanczos quadrature (Ghorbani et al. 2019): for each of `runs` Rademacher vectors v/‖v‖,
+    """Stochastic Lanczos quadrature (Ghorbani et al. 2019): for each of `runs` Gaussian vectors v/‖v‖,
     m Lanczos steps give T = U·diag(θ)·Uᵀ, and vᵀf(H)v ≈ Σ_i U_1i²·f(θ_i); the density is the average over
     runs of Σ_i U_1i²·N(t; θ_i, σ²), so it integrates to 1 and its mean is ≈ tr(H)/D. σ defaults to
     1% of the spectral range. All runs advance in lockstep, one batched product per step."""
@@ -1293,10 +1317,14 @@ def hessian_spectrum(
 
 def _slq_runs(op, like: torch.Tensor, runs: int, steps: int, seed: int, memory_budget: int, *, first_until=None,
               first_max_steps: int = 0) -> list[_Lanczos]:
-    """SLQ's Lanczos runs from seeded Rademacher starts, in lockstep blocks that fit the memory budget, `steps`
-    each; with `first_until`, the first run goes on past `steps` until first_until(run) or first_max_steps."""
+    """SLQ's Lanczos runs from seeded Gaussian starts, in lockstep blocks that fit the memory budget, `steps`
+    each; with `first_until`, the first run goes on past `steps` until first_until(run) or first_max_steps.
+    A normalised Gaussian vector is uniform on the sphere, so E[vvᵀ] = I/D as quadrature needs, and it is
+    orthogonal to a given eigenvector with probability zero, where a Rademacher vector is orthogonal to
+    (e_i − e_j)/√2 half the time: the eigenpairs read off the first run rely on that. Drawn in float32
+    whatever the model's dtype, so float64 gives the same runs."""
     generator = torch.Generator().manual_seed(seed)
-    starts = _rademacher((runs, op.dim), generator, like)
+    starts = torch.randn((runs, op.dim), generator=generator, dtype=torch.float32).to(like)
     per_block = max(1, memory_budget // max(1, (steps + 1) * op.dim * like.element_size()))
     results = []
     for s in range(0, runs, per_block):

@@ -64,12 +64,13 @@ def failing_figure(metrics, path):
     raise FigureFailed(f"could not draw {path.name}")
 
 
-@pytest.mark.parametrize("broken", ["connectivity_plane.png", "summary_table.png"])
+@pytest.mark.parametrize("broken", ["connectivity_plane.png", "summary_table.png", "not_in_the_report.png"])
 def test_a_figure_that_fails_in_either_process_fails_plot_all_and_leaves_no_report(quick_run, tmp_path, monkeypatch,
                                                                                  broken):
     """The forked process draws the report's early figures while this one draws the last two and the report:
-    an error in either (the plane is drawn by the fork, the summary table here) reaches the caller, no report
-    is written and no temporary file is left behind."""
+    an error in either (the plane is drawn by the fork, the summary table here, and a figure that no page
+    embeds, by the fork while the report is written) reaches the caller, no report is written and no
+    temporary file is left behind."""
     _, metrics = quick_run
     monkeypatch.setitem(plotting.FIGURES, broken, failing_figure)
     with pytest.raises(FigureFailed, match=broken):
@@ -155,8 +156,9 @@ def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path, t
     """Below 3,000 parameters the dense Hessian is computed and each estimate's error is recorded; the
     certified ones stay within their certificates, the stochastic ones within a few standard errors, and the
     exact diagonal's traces (auto, on this ReLU MLP) within float32 rounding of the dense ones. A certificate
-    ‖Hv − θv‖ bounds the distance to an eigenvalue of the float32 operator, which differs from the float64
-    Hessian by its rounding (Weyl: by at most ‖δH‖, a few float32 eps·‖H‖): that is added to each bound."""
+    r = ‖Hv − θv‖ is computed with float32 products: |θ − λ(H64)| ≤ ‖H64·v − θv‖ ≤ r + ‖H32(v) − H64·v‖, and the
+    last term is the products' rounding, of order eps32·‖H‖ (each product sums over the examples): an allowance
+    of 2·eps32·λ_max (about 2.4e-7·λ_max) is added to each bound for it."""
     out = tmp_path / "out"
     argv = ["--quick", "--quiet", "--hidden", "3", "3", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
             "--offline", "--eigen-tol", "1e-6", "--sharpness-tol", "1e-6", "--skip-figures",

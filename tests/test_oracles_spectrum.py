@@ -568,7 +568,7 @@ def test_spectral_density_mean_within_3_stderr_of_trace_over_D(steps):
 
 def test_spectral_density_nodes_are_exact_eigenvalues_when_steps_at_least_D():
     """lanczos_steps >= D (D=43): every node carrying weight is an eigenvalue of the dense Hessian (to 1e-8), each
-    weight row sums to 1, every distinct eigenvalue of H carries weight (generic Rademacher start), and
+    weight row sums to 1, every distinct eigenvalue of H carries weight (generic random start), and
     sum_j w_j theta_j^2 = v^T H^2 v lies in [lambda_min^2, lambda_max^2]."""
     model, (x, y) = tiny_mlp(0), tiny_data(0)
     H = dense_hessian(model, x, y)

@@ -155,6 +155,18 @@ def test_any_flag_values_parse_or_give_one_line_usage_error(pairs):
     assert cfg.epochs >= 1 and cfg.lr > 0 and cfg.surface_steps >= 2 and len(set(cfg.seeds)) == len(cfg.seeds)
 
 
+def test_under_a_profiler_the_run_exits_normally_so_the_profile_is_written(tmp_path):
+    """main.py ends with os._exit (the interpreter's teardown of torch costs 0.3-0.45 s) except under a tracer or
+    profiler, which writes its data at exit: `python -m cProfile -o FILE main.py` (here with a bad flag, so that
+    it is quick) leaves FILE behind. (cProfile swallows the script's SystemExit: it exits 0 itself.)"""
+    profile = tmp_path / "main.prof"
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), str(ROOT / "main.py"), "--epochs",
+                           "x", "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert done.stderr.startswith("error: argument --epochs")
+    assert profile.exists() and profile.stat().st_size > 0
+
+
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--momentum", "1"], ["--hidden", "0"], ["--nonsense"],
                                   ["--seeds", "5"], ["--surface-span", "inf"], ["--threads", "-1"]])
 def test_bad_flags_as_a_user_sees_them(tmp_path, argv):
