@@ -1794,7 +1794,8 @@ class _PerExample:
                 continue
             pieces = []
             for a, delta, bias in part:
-                scaled = (u[:, :, None] * delta[None]).transpose(1, 2).reshape(-1, delta.shape[0])  # (P·out, n)
+                # (P, out, n) built in that layout: transposing a (P, n, out) product instead copied P times more
+                scaled = (u[:, None, :] * delta.T.contiguous()[None]).view(-1, delta.shape[0])  # (P·out, n)
                 pieces += [(scaled @ a).reshape(u.shape[0], -1), *([u @ delta] if bias else [])]
             out += torch.cat(pieces, dim=1)
         return out
@@ -1815,7 +1816,7 @@ class _PerExample:
                 out_f, in_f = delta.shape[1], a.shape[1]
                 v_w = vectors[:, offset : offset + out_f * in_f].reshape(-1, in_f)  # (P·out, in)
                 offset += out_f * in_f
-                total += ((a @ v_w.T).view(n, -1, out_f) * delta[:, None, :]).sum(dim=2)  # δ_iᵀ·V·a_i
+                total += (a @ v_w.T).view(n, -1, out_f).mul_(delta[:, None, :]).sum(dim=2)  # δ_iᵀ·V·a_i
                 if bias:
                     total += delta @ vectors[:, offset : offset + out_f].T
                     offset += out_f
