@@ -947,10 +947,14 @@ def _rademacher(shape, generator: torch.Generator, like: torch.Tensor) -> torch.
     return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(like)
 
 
+def _gaussian(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Seeded standard normal draws, made in float32 whatever `like`'s dtype: float64 gets the same numbers."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(like)
+
+
 def _start_vector(dim: int, seed: int, like: torch.Tensor) -> torch.Tensor:
-    """A seeded Gaussian vector, drawn in float32 whatever `like`'s dtype (float64 gets the same numbers)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(dim, generator=generator, dtype=torch.float32).to(like)
+    """A seeded Gaussian vector (`_gaussian`)."""
+    return _gaussian(dim, torch.Generator().manual_seed(seed), like)
 
 
 def _gradient_start(op, seed: int, like: torch.Tensor) -> torch.Tensor:
@@ -1321,10 +1325,8 @@ def _slq_runs(op, like: torch.Tensor, runs: int, steps: int, seed: int, memory_b
     each; with `first_until`, the first run goes on past `steps` until first_until(run) or first_max_steps.
     A normalised Gaussian vector is uniform on the sphere, so E[vvᵀ] = I/D as quadrature needs, and it is
     orthogonal to a given eigenvector with probability zero, where a Rademacher vector is orthogonal to
-    (e_i − e_j)/√2 half the time: the eigenpairs read off the first run rely on that. Drawn in float32
-    whatever the model's dtype, so float64 gives the same runs."""
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randn((runs, op.dim), generator=generator, dtype=torch.float32).to(like)
+    (e_i − e_j)/√2 half the time: the eigenpairs read off the first run rely on that."""
+    starts = _gaussian((runs, op.dim), torch.Generator().manual_seed(seed), like)
     per_block = max(1, memory_budget // max(1, (steps + 1) * op.dim * like.element_size()))
     results = []
     for s in range(0, runs, per_block):
@@ -1467,8 +1469,7 @@ def random_direction(model: nn.Module, generator: torch.Generator, *, normalizat
     """A Gaussian direction in parameter space: "filter"-normalised (Li et al. 2018), "adaptive"
     (each entry scaled by |θ|, Kwon et al. 2021) or "none"."""
     theta = flat_parameters(model)
-    # drawn in float32 whatever the model's dtype: the same seed gives the same directions in float64
-    d = torch.randn(theta.numel(), generator=generator, dtype=torch.float32).to(theta)
+    d = _gaussian(theta.numel(), generator, theta)
     if normalization == "filter":
         return filter_normalize(d, model)
     if normalization == "adaptive":
@@ -1579,7 +1580,7 @@ def worst_case_sharpness(
     generator = torch.Generator().manual_seed(seed)
     candidates = []  # the starts' losses by forward passes; a gradient only at the best
     for _ in range(max(1, starts)):
-        u = torch.randn(theta.numel(), generator=generator, dtype=torch.float32).to(theta)
+        u = _gaussian(theta.numel(), generator, theta)
         u = u * (rho / u.norm())
         candidates.append((_loss_and_gradient(model, theta + scale * u, x, y, loss_fn, rows, gradient=False)[0], u))
     _, u = max(candidates, key=lambda c: c[0])
@@ -1641,7 +1642,7 @@ def pac_bayes_flatness(
         raise ValueError("max_error_increase must be in (0, 1) and samples >= 1")
     theta = flat_parameters(model)
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((samples, theta.numel()), generator=generator, dtype=torch.float32).to(theta)
+    noise = _gaussian((samples, theta.numel()), generator, theta)
     if magnitude_aware:
         noise = noise * (theta.abs() + 1e-3)
 
