@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,11 +65,39 @@ def test_report_has_a_page_per_section_with_names_and_numbers(run):
 def test_every_figure_has_a_png_at_150_dpi_and_a_vector_pdf(run):
     out, _ = run
     for name in plotting.FIGURES:
-        png = plt_image = plotting.plt.imread(out / name)
-        assert plt_image.shape[0] > 300 and png.ndim == 3
+        with PIL.Image.open(out / name) as png:
+            assert png.height > 300 and png.mode == "RGBA"
+            assert tuple(round(d) for d in png.info["dpi"]) == (150, 150)  # the resolution written in the file
         assert (out / name).with_suffix(".pdf").read_bytes().startswith(b"%PDF")
-    assert b"dpi" not in b""  # the dpi is set in plotting.STYLE
-    assert plotting.STYLE["savefig.dpi"] >= 150
+
+
+def _media_box(pdf: Path) -> np.ndarray:
+    return np.array(re.search(rb"/MediaBox \[([^\]]*)\]", pdf.read_bytes()).group(1).split(), dtype=float)
+
+
+def test_figures_are_cropped_as_savefig_tight_crops_them(run, tmp_path, monkeypatch):
+    """_save measures the tight bounding box once for both files: each PNG is pixel for pixel what
+    savefig(bbox_inches="tight") writes, and each PDF page is within 1.5 pt of its (inside the 7.2 pt margin)."""
+    _, metrics = run
+    ours, tight = tmp_path / "ours", tmp_path / "tight"
+    ours.mkdir()
+    tight.mkdir()
+    for name, draw in plotting.FIGURES.items():
+        draw(metrics, ours / name)
+
+    def save_tight(fig, path):
+        for target in (path, path.with_suffix(".pdf")):
+            fig.savefig(target, bbox_inches="tight")
+        plotting.plt.close(fig)
+        return path
+
+    monkeypatch.setattr(plotting, "_save", save_tight)
+    for name, draw in plotting.FIGURES.items():
+        draw(metrics, tight / name)
+        with PIL.Image.open(ours / name) as a, PIL.Image.open(tight / name) as b:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+        box_ours, box_tight = _media_box((ours / name).with_suffix(".pdf")), _media_box((tight / name).with_suffix(".pdf"))
+        assert np.abs(box_ours - box_tight).max() < 1.5, (name, box_ours, box_tight)
 
 
 def test_metrics_csv_agrees_with_metrics_json(run):
