@@ -656,10 +656,18 @@ def exact_comparison(model, ds: data_module.Dataset, sub, measured: dict) -> dic
     model64 = copy.deepcopy(model).double()
     x, y = sub[0].double(), sub[1]
     dense = utils.exact_hessian(model64, x, y)
-    eigenvalues = torch.linalg.eigvalsh(dense).numpy()
-    top = eigenvalues[::-1][: len(measured["eigenpairs"]["top"])]
-    full_top = (float(eigenvalues[-1]) if sub[0].shape[0] == ds.x_train.shape[0] else
-                float(torch.linalg.eigvalsh(utils.exact_hessian(model64, ds.x_train.double(), ds.y_train))[-1]))
+    eigenvalues, eigenvectors = torch.linalg.eigh(dense)
+    k = len(measured["eigenpairs"]["top"])
+    rounding = product_rounding(model, *sub, dense, eigenvectors[:, [0, *range(-k, 0)]])
+    eigenvalues = eigenvalues.numpy()
+    top = eigenvalues[::-1][:k]
+    if sub[0].shape[0] == ds.x_train.shape[0]:
+        full_top = float(eigenvalues[-1])
+    else:
+        full_values, full_vectors = torch.linalg.eigh(utils.exact_hessian(model64, ds.x_train.double(), ds.y_train))
+        full_top = float(full_values[-1])
+        rounding = max(rounding, product_rounding(model, ds.x_train, ds.y_train, None, full_vectors[:, -1:],
+                                                  full_values[-1:]))
     offsets = np.cumsum([0] + [layer["size"] for layer in measured["layers"]])
     blocks = [dense[a:b, a:b].numpy() for a, b in zip(offsets[:-1], offsets[1:])]
     grads = utils.per_example_gradients(model64, x, y)  # (N, D)
@@ -668,7 +676,7 @@ def exact_comparison(model, ds: data_module.Dataset, sub, measured: dict) -> dic
     trace_h_cov = float(((centred @ dense) * centred).sum()) / (x.shape[0] - 1)  # tr(HΣ) = tr(J_c H J_cᵀ)/(N−1)
     exact = {"top": top.tolist(), "lambda_min": float(eigenvalues[0]), "trace": float(np.trace(dense.numpy())),
              "b_noise": trace_h_cov / float(mean @ dense @ mean), "layer_top": [float(np.linalg.eigvalsh(b)[-1]) for b in blocks],
-             "layer_trace": [float(np.trace(b)) for b in blocks]}
+             "layer_trace": [float(np.trace(b)) for b in blocks], "product_rounding": rounding}
     est = measured
     exact["errors"] = {
         "top": float(np.max(np.abs(np.asarray(est["eigenpairs"]["top"]) - top))),
@@ -684,6 +692,16 @@ def exact_comparison(model, ds: data_module.Dataset, sub, measured: dict) -> dic
                                            np.asarray(exact["layer_trace"])))),
     }
     return exact
+
+
+def product_rounding(model, x, y, dense, vectors, values=None) -> float:
+    """max ‖H32·u − H64·u‖ over the unit columns u of `vectors`: the rounding of the float32 Hessian products
+    that every certificate r = ‖H·v − θ·v‖ is computed with, at the dense Hessian's eigenvectors (Hu = λu when
+    `values` are given instead of `dense`). |θ − λ| ≤ r holds up to it: ‖H64·v − θv‖ ≤ r + ‖H32·v − H64·v‖."""
+    like = next(model.parameters())
+    products = utils.hessian_operator(model, x, y).matmat(vectors.T.to(like)).double()  # rows: H32·u
+    exact = (dense @ vectors).T if dense is not None else vectors.T * values[:, None]
+    return float((products - exact).norm(dim=1).max())
 
 
 class SharpnessTracker:

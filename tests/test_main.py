@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_data, tiny_mlp
 
 import main
 import plotting
+import utils
 
 MODEL_FIELDS = {"seed", "parameters", "training", "train", "test", "generalization_gap", "sharpness", "flatness",
                 "gradient_noise", "eigenpairs", "trace", "density", "layers"}
@@ -156,9 +158,9 @@ def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path, t
     """Below 3,000 parameters the dense Hessian is computed and each estimate's error is recorded; the
     certified ones stay within their certificates, the stochastic ones within a few standard errors, and the
     exact diagonal's traces (auto, on this ReLU MLP) within float32 rounding of the dense ones. A certificate
-    r = ‖Hv − θv‖ is computed with float32 products: |θ − λ(H64)| ≤ ‖H64·v − θv‖ ≤ r + ‖H32(v) − H64·v‖, and the
-    last term is the products' rounding, of order eps32·‖H‖ (each product sums over the examples): an allowance
-    of 2·eps32·λ_max (about 2.4e-7·λ_max) is added to each bound for it."""
+    r = ‖Hv − θv‖ is computed with float32 products: |θ − λ(H64)| ≤ ‖H64·v − θv‖ ≤ r + ‖H32·v − H64·v‖. The
+    last term, the products' rounding, is measured by exact mode at the dense eigenvectors u ≈ v
+    (`product_rounding`, about 2·eps32·λ_max at the top one here); twice it is allowed for it."""
     out = tmp_path / "out"
     argv = ["--quick", "--quiet", "--hidden", "3", "3", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
             "--offline", "--eigen-tol", "1e-6", "--sharpness-tol", "1e-6", "--skip-figures",
@@ -167,7 +169,8 @@ def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path, t
     metrics = json.loads((out / "metrics.json").read_text())
     for m in metrics["models"].values():
         exact, errors = m["exact"], m["exact"]["errors"]
-        rounding = 2 * torch.finfo(torch.float32).eps * max(abs(v) for v in exact["top"])
+        rounding = 2 * exact["product_rounding"]
+        assert 0 < exact["product_rounding"] < 1e-5 * max(abs(v) for v in exact["top"])
         assert m["parameters"] < main.EXACT_AUTO_MAX_PARAMETERS
         assert errors["sharpness"] <= m["sharpness"]["residual"] * 1.01 + rounding
         assert errors["top"] <= max(m["eigenpairs"]["top_residuals"]) * 1.01 + rounding
@@ -183,6 +186,21 @@ def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path, t
             assert errors["trace_in_stderr"] < 4
         assert errors["b_noise"] <= 4 * m["gradient_noise"]["b_noise"] * metrics["config"]["noise_rel_stderr"]
         assert exact["lambda_min"] <= exact["top"][-1]
+
+
+def test_product_rounding_is_the_float32_products_distance_from_the_dense_hessian():
+    """product_rounding(u) = max ‖H·u − H64·u‖: at float64 it is float64 rounding (≤ 1e-12·λ_max), and at float32
+    it is float32's, between 0.01 and 10 eps32·λ_max (the certificates' floor that exact mode allows for)."""
+    model = tiny_mlp(3, widths=(4, 6, 3), activation=torch.nn.ReLU)
+    x, y = tiny_data(3, n=40)
+    dense = utils.exact_hessian(model, x, y)
+    values, vectors = torch.linalg.eigh(dense)
+    scale = float(values.abs().max())
+    assert main.product_rounding(model, x, y, dense, vectors[:, -2:]) <= 1e-12 * scale
+    assert main.product_rounding(model, x, y, None, vectors[:, -2:], values[-2:]) <= 1e-12 * scale
+    rounding = main.product_rounding(model.float(), x.float(), y, dense, vectors[:, -2:])
+    eps32 = torch.finfo(torch.float32).eps
+    assert 0.01 * eps32 * scale < rounding < 10 * eps32 * scale
 
 
 def test_a_stage_that_reads_earlier_results_is_recomputed_when_they_change(tmp_path):
