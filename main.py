@@ -258,12 +258,12 @@ def code_digest(*modules) -> str:
     return digest(*[Path(m.__file__).read_text() for m in modules])
 
 
-def own_class_source(cls: type) -> str:
-    """The source text of a class defined in this file. Unlike `inspect.getsource`, it also works when this file
-    runs as another module's `__main__` (python -m cProfile main.py)."""
+def own_source(*definitions) -> str:
+    """The source text of classes or functions defined in this file. Unlike `inspect.getsource`, it also works
+    when this file runs as another module's `__main__` (python -m cProfile main.py)."""
     text = Path(__file__).read_text()
-    node = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
-    return ast.get_source_segment(text, node)
+    nodes = {n.name: n for n in ast.parse(text).body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+    return "\n".join(ast.get_source_segment(text, nodes[d.__name__]) for d in definitions)
 
 
 def write_atomic(path: Path, write) -> Path:
@@ -396,7 +396,7 @@ class Run:
         fields = {f: getattr(cfg, f) for f in TRAINING_FIELDS}
         # the history holds the tracker's records too: its code (and the utils it calls) is part of the key
         self.training_key = digest("train", fields, ds.sha256, torch.__version__, torch.get_num_threads(),
-                                   code_digest(models, training, utils), own_class_source(SharpnessTracker))
+                                   code_digest(models, training, utils), own_source(SharpnessTracker))
         self.store = RunStore(_resolve(cfg.runs_dir) / self.training_key, fresh=cfg.fresh)
         self.measure_code = code_digest(utils, training)
         n = cfg.analysis_examples or ds.x_train.shape[0]
@@ -490,8 +490,9 @@ class Run:
             for kind, aware in (("plain", False), ("magnitude_aware", True))})
         out["gradient_noise"] = self.stage(f"gradient_noise[seed={seed}]", "gradient_noise", lambda: self.noise(model))
         if self.exact_mode(model):
+            code = own_source(exact_comparison, product_rounding)  # not in utils: part of the key here
             out["exact"] = self.stage(f"exact[seed={seed}]", "exact", lambda: exact_comparison(model, ds, self.sub, out),
-                                      depends_on=out)
+                                      depends_on={"measured": out, "code": code})
         return out
 
     def exact_mode(self, model) -> bool:

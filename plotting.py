@@ -61,18 +61,21 @@ def _write_atomically(target: Path, write) -> Path:
 
 def _save(fig, path: Path) -> Path:
     """Save the PNG and, beside it, a vector PDF copy, each atomically, both cropped to one tight bounding box
-    measured once at the PNG's resolution. bbox_inches="tight" would lay the figure out again for each file: the
-    eight figures took 4.8 s that way against 3.6 s (the PNGs are pixel-identical; the PDFs' pages differ by
-    under 1.5 pt, inside the 0.1 inch margin)."""
+    measured once at the PNG's resolution. bbox_inches="tight" would measure it again for each file: the eight
+    figures, drawn one after another, took 4.8 s that way against 3.6 s (the PNGs are pixel-identical; the PDFs'
+    pages differ by under 1.5 pt, inside the 0.1 inch margin). A figure with a layout engine, which moves its
+    artists when it is drawn, is cropped by savefig's own tight mode."""
     path = Path(path)
     try:
         dpi = fig.dpi if plt.rcParams["savefig.dpi"] == "figure" else plt.rcParams["savefig.dpi"]
-        screen_dpi = fig.dpi
-        fig.set_dpi(dpi)  # text extents depend on the resolution: measure them at the PNG's
-        try:
-            box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(plt.rcParams["savefig.pad_inches"])
-        finally:
-            fig.set_dpi(screen_dpi)
+        box = "tight"
+        if fig.get_layout_engine() is None:  # a layout engine (a user's rc may set one) moves artists as it draws
+            screen_dpi = fig.dpi
+            fig.set_dpi(dpi)  # text extents depend on the resolution: measure them at the PNG's
+            try:
+                box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(plt.rcParams["savefig.pad_inches"])
+            finally:
+                fig.set_dpi(screen_dpi)
         for target in (path, path.with_suffix(".pdf")):
             _write_atomically(target, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches=box))
     finally:

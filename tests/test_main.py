@@ -1,5 +1,6 @@
 """End to end: `main --quick` writes every figure and a complete metrics.json; bad flags exit 2 with one line."""
 
+import copy
 import json
 import math
 
@@ -153,24 +154,26 @@ def test_plot_only_without_saved_results_says_what_to_do(tmp_path, capsys):
     assert "run without --plot-only first" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("trace_method", ["auto", "hutch++"])
-def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path, trace_method):
+@pytest.mark.parametrize("trace_method, analysis", [("auto", None), ("hutch++", None), ("auto", 500)])
+def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path, trace_method, analysis):
     """Below 3,000 parameters the dense Hessian is computed and each estimate's error is recorded; the
     certified ones stay within their certificates, the stochastic ones within a few standard errors, and the
     exact diagonal's traces (auto, on this ReLU MLP) within float32 rounding of the dense ones. A certificate
     r = ‖Hv − θv‖ is computed with float32 products: |θ − λ(H64)| ≤ ‖H64·v − θv‖ ≤ r + ‖H32·v − H64·v‖. The
     last term, the products' rounding, is measured by exact mode at the dense eigenvectors u ≈ v
-    (`product_rounding`, about 2·eps32·λ_max at the top one here); twice it is allowed for it."""
+    (`product_rounding`, about 2·eps32·λ_max at the top one here); at vectors 1e-3 from u it was up to 1.74 times
+    that at u, and four times it is allowed. With 500 analysis examples of the 1,000, λ_max (on all of them) is
+    compared with a second dense Hessian's."""
     out = tmp_path / "out"
     argv = ["--quick", "--quiet", "--hidden", "3", "3", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
             "--offline", "--eigen-tol", "1e-6", "--sharpness-tol", "1e-6", "--skip-figures",
-            "--trace-method", trace_method]
+            "--trace-method", trace_method, *([] if analysis is None else ["--analysis-examples", str(analysis)])]
     assert main.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for m in metrics["models"].values():
         exact, errors = m["exact"], m["exact"]["errors"]
-        rounding = 2 * exact["product_rounding"]
-        assert 0 < exact["product_rounding"] < 1e-5 * max(abs(v) for v in exact["top"])
+        rounding = 4 * exact["product_rounding"]
+        assert 0 < exact["product_rounding"] < 10 * torch.finfo(torch.float32).eps * max(abs(v) for v in exact["top"])
         assert m["parameters"] < main.EXACT_AUTO_MAX_PARAMETERS
         assert errors["sharpness"] <= m["sharpness"]["residual"] * 1.01 + rounding
         assert errors["top"] <= max(m["eigenpairs"]["top_residuals"]) * 1.01 + rounding
@@ -188,17 +191,33 @@ def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path, t
         assert exact["lambda_min"] <= exact["top"][-1]
 
 
+def test_the_exact_comparison_is_recomputed_when_its_code_changes(tmp_path, monkeypatch):
+    """exact_comparison lives in main.py, whose edits do not change the other stages' keys: its own source is
+    part of its stage's key, so a changed comparison is recomputed while every other stage resumes."""
+    base = ["--quick", "--quiet", "--hidden", "3", "3", "--runs-dir", str(tmp_path / "runs"), "--offline",
+            "--skip-figures"]
+    assert main.main([*base, "--out", str(tmp_path / "a")]) == 0
+    own_source = main.own_source
+    edited = lambda *defs: own_source(*defs) + ("\n# edited" if main.exact_comparison in defs else "")  # noqa: E731
+    monkeypatch.setattr(main, "own_source", edited)
+    assert main.main([*base, "--out", str(tmp_path / "b")]) == 0
+    resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())["resumed"]
+    assert not any(name.startswith("exact[") for name in resumed)
+    assert any(name.startswith("trace[") for name in resumed) and any(name.startswith("model[") for name in resumed)
+
+
 def test_product_rounding_is_the_float32_products_distance_from_the_dense_hessian():
     """product_rounding(u) = max ‖H·u − H64·u‖: at float64 it is float64 rounding (≤ 1e-12·λ_max), and at float32
     it is float32's, between 0.01 and 10 eps32·λ_max (the certificates' floor that exact mode allows for)."""
-    model = tiny_mlp(3, widths=(4, 6, 3), activation=torch.nn.ReLU)
-    x, y = tiny_data(3, n=40)
+    model32 = tiny_mlp(3, widths=(4, 6, 3), activation=torch.nn.ReLU).float()
+    x32, y = tiny_data(3, n=40, dtype=torch.float32)
+    model, x = copy.deepcopy(model32).double(), x32.double()  # the same numbers: H64 is the float32 model's Hessian
     dense = utils.exact_hessian(model, x, y)
     values, vectors = torch.linalg.eigh(dense)
     scale = float(values.abs().max())
     assert main.product_rounding(model, x, y, dense, vectors[:, -2:]) <= 1e-12 * scale
     assert main.product_rounding(model, x, y, None, vectors[:, -2:], values[-2:]) <= 1e-12 * scale
-    rounding = main.product_rounding(model.float(), x.float(), y, dense, vectors[:, -2:])
+    rounding = main.product_rounding(model32, x32, y, dense, vectors[:, -2:])
     eps32 = torch.finfo(torch.float32).eps
     assert 0.01 * eps32 * scale < rounding < 10 * eps32 * scale
 
