@@ -396,9 +396,13 @@ class Run:
         fields = {f: getattr(cfg, f) for f in TRAINING_FIELDS}
         # the history holds the tracker's records too: its code (and the utils it calls) is part of the key
         self.training_key = digest("train", fields, ds.sha256, torch.__version__, torch.get_num_threads(),
-                                   code_digest(models, training, utils), own_source(SharpnessTracker))
+                                   code_digest(models, training, utils), own_source(SharpnessTracker, build_model))
         self.store = RunStore(_resolve(cfg.runs_dir) / self.training_key, fresh=cfg.fresh)
-        self.measure_code = code_digest(utils, training)
+        # the code behind the stages' results: utils, training and this file's own part of it (not its Config
+        # defaults, whose values are in the keys already, nor the code that parses, writes and draws)
+        self.measure_code = digest(code_digest(utils, training),
+                                   own_source(Run, evaluation, _eigen_dict, _flatness_dict, _worst_dict, _density_dict,
+                                              exact_comparison, product_rounding))
         n = cfg.analysis_examples or ds.x_train.shape[0]
         self.sub = (ds.x_train[:n], ds.y_train[:n])  # what the costlier analyses see
         stages = len(cfg.seeds) * (len(PER_MODEL_STAGES) + int(cfg.exact)) + 5
@@ -490,9 +494,8 @@ class Run:
             for kind, aware in (("plain", False), ("magnitude_aware", True))})
         out["gradient_noise"] = self.stage(f"gradient_noise[seed={seed}]", "gradient_noise", lambda: self.noise(model))
         if self.exact_mode(model):
-            code = own_source(exact_comparison, product_rounding)  # not in utils: part of the key here
             out["exact"] = self.stage(f"exact[seed={seed}]", "exact", lambda: exact_comparison(model, ds, self.sub, out),
-                                      depends_on={"measured": out, "code": code})
+                                      depends_on=out)
         return out
 
     def exact_mode(self, model) -> bool:

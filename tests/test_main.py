@@ -191,19 +191,25 @@ def test_exact_mode_reports_every_estimate_against_the_dense_hessian(tmp_path, t
         assert exact["lambda_min"] <= exact["top"][-1]
 
 
-def test_the_exact_comparison_is_recomputed_when_its_code_changes(tmp_path, monkeypatch):
-    """exact_comparison lives in main.py, whose edits do not change the other stages' keys: its own source is
-    part of its stage's key, so a changed comparison is recomputed while every other stage resumes."""
+def test_stages_are_recomputed_when_the_code_in_main_behind_them_changes(tmp_path, monkeypatch):
+    """Part of what the stages compute lives in main.py (Run's stage methods, exact_comparison, ...), part of the
+    training in build_model: their source is in the keys, so an edit there recomputes the stages (and, for
+    build_model, retrains), where a stale result would otherwise be loaded. An unchanged rerun resumes all."""
     base = ["--quick", "--quiet", "--hidden", "3", "3", "--runs-dir", str(tmp_path / "runs"), "--offline",
             "--skip-figures"]
-    assert main.main([*base, "--out", str(tmp_path / "a")]) == 0
     own_source = main.own_source
-    edited = lambda *defs: own_source(*defs) + ("\n# edited" if main.exact_comparison in defs else "")  # noqa: E731
-    monkeypatch.setattr(main, "own_source", edited)
-    assert main.main([*base, "--out", str(tmp_path / "b")]) == 0
-    resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())["resumed"]
-    assert not any(name.startswith("exact[") for name in resumed)
-    assert any(name.startswith("trace[") for name in resumed) and any(name.startswith("model[") for name in resumed)
+
+    def rerun(out: str, edited=None) -> list[str]:
+        monkeypatch.setattr(main, "own_source", lambda *defs: own_source(*defs) + ("\n# edited" if edited in defs else ""))
+        assert main.main([*base, "--out", str(tmp_path / out)]) == 0
+        return json.loads((tmp_path / out / "metrics.json").read_text())["resumed"]
+
+    assert rerun("a") == []
+    everything = rerun("b")
+    models = [name for name in everything if name.startswith("model[")]
+    assert len(models) == 2 and any(name.startswith("exact[") for name in everything)
+    assert rerun("c", edited=main.exact_comparison) == models
+    assert rerun("d", edited=main.build_model) == []
 
 
 def test_product_rounding_is_the_float32_products_distance_from_the_dense_hessian():
