@@ -302,7 +302,7 @@ def _json_safe(value):
 class RunStore:
     """The finished stages of one configuration, one file each, written atomically and verified on load.
 
-    A file that is damaged, truncated or belongs to other settings is recomputed with a warning.
+    A file that is damaged, truncated or belongs to other settings or code is recomputed with a warning.
     """
 
     def __init__(self, folder: Path, *, fresh: bool) -> None:
@@ -327,7 +327,7 @@ class RunStore:
         try:
             payload = json.loads(path.read_text())
             if payload.get("key") != key:
-                self._reject(path, "was computed with other settings")
+                self._reject(path, "was computed with other settings or code")
                 return None
             result, seconds = payload["result"], float(payload["seconds"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -347,7 +347,7 @@ class RunStore:
         try:
             payload = torch.load(path, weights_only=True)
             if payload.get("key") != key:
-                self._reject(path, "was trained with other settings")
+                self._reject(path, "was trained with other settings or code")
                 return None
             model.load_state_dict(payload["state_dict"], strict=True)
             history = payload["history"]
