@@ -13,7 +13,7 @@ Contents
    reorthogonalisation (`top_hessian_eigenvalue`, also by power iteration; `hessian_eigenpairs`),
    stochastic traces (`trace_estimate`, `hessian_trace`: Hutchinson, Hutch++), the spectral density
    (`hessian_spectral_density`, stochastic Lanczos quadrature) and per-layer blocks (`layer_curvature`).
-3. Flatness: `filter_normalize`, `random_direction`, `perturbation_flatness` (filter-normalised or
+3. Flatness: `filter_normalize`, `random_direction(s)`, `perturbation_flatness` (filter-normalised or
    adaptive), `worst_case_sharpness`, `pac_bayes_flatness`, `rescaled_copy` (Dinh et al.'s rescaling).
 4. Gradient noise: `per_example_gradient_norms_sq`, `gradient_noise_scale` (B_simple, B_noise),
    `two_batch_noise_scale`, `noise_temperature`.
@@ -96,6 +96,7 @@ __all__ = [
     "permute_hidden_units",
     "perturbation_flatness",
     "random_direction",
+    "random_directions",
     "rescaled_copy",
     "symmetric_grid",
     "top_hessian_eigenvalue",
@@ -245,8 +246,8 @@ def losses_at_points(
     the model is a plain MLP), "fast" or "general"; both give the same numbers. With accuracy=False
     (or targets that are not class labels) the accuracies are NaN and cost nothing.
     """
-    return point_evaluator(model, x, y, base, directions, loss_fn=loss_fn, memory_budget=memory_budget, path=path,
-                           accuracy=accuracy)(coefficients)
+    return PointEvaluator(model, x, y, base, directions, loss_fn=loss_fn, memory_budget=memory_budget, path=path,
+                          accuracy=accuracy, copy=False)(coefficients)
 
 
 class PointEvaluator:
@@ -256,14 +257,15 @@ class PointEvaluator:
     a time (PAC-Bayes σ, refined interpolation) pays for them once."""
 
     def __init__(self, model, x, y, base, directions, *, loss_fn=None, memory_budget=DEFAULT_MEMORY_BUDGET,
-                 path="auto", accuracy=True):
+                 path="auto", accuracy=True, copy=True):
         self.model = model
         self.x, self.y = _prepare(model, x, y)
         self.count_correct = accuracy and _is_integer_labels(self.y)
         p0 = next(model.parameters())
         # private copies: the kept first layer must not go stale if the caller changes its tensors later
-        self.base = base.detach().to(p0, copy=True)
-        self.directions = directions.detach().to(p0, copy=True).reshape(-1, self.base.numel())
+        # (copy=False: called once, at once, as by `losses_at_points`)
+        self.base = base.detach().to(p0, copy=copy)
+        self.directions = directions.detach().to(p0, copy=copy).reshape(-1, self.base.numel())
         self.loss_fn = _loss_fn(loss_fn)
         self.budget = memory_budget
         self.layers = _fast_path_layers(model, path)
@@ -1447,36 +1449,53 @@ def _block_traces(op, masks, sizes, offsets, generator, like, rel_stderr, max_pr
 
 
 def filter_normalize(direction: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Li et al. 2018 filter normalisation of a flat direction: every row / conv filter of each weight
-    tensor rescaled to the norm of the same row of θ; 1-D tensors (biases) set to zero."""
-    reference = dict(model.named_parameters())
-    out = []
-    for name, d in _split(direction, model).items():
-        if d.dim() <= 1:
-            out.append(torch.zeros_like(d).reshape(-1))
+    """Li et al. 2018 filter normalisation of a flat direction (D,), or of each row of a batch (K, D): every
+    row / conv filter of each weight tensor rescaled to the norm of the same row of θ; 1-D tensors (biases)
+    set to zero."""
+    total = sum(p.numel() for p in model.parameters())
+    if direction.shape[-1] != total:
+        raise ValueError(f"vector has {direction.shape[-1]} entries but the model has {total} parameters")
+    out = torch.empty_like(direction)
+    lead, offset = direction.shape[:-1], 0
+    for p in model.parameters():
+        n, part, target = p.numel(), direction[..., offset : offset + p.numel()], out[..., offset : offset + p.numel()]
+        offset += n
+        if p.dim() <= 1:
+            target.zero_()
             continue
-        w = reference[name].detach()
-        d_rows, w_rows = d.reshape(d.shape[0], -1), w.reshape(w.shape[0], -1)
-        d_norms = d_rows.norm(dim=1, keepdim=True)
+        d_rows = part.reshape(*lead, p.shape[0], -1)
+        d_norms = d_rows.norm(dim=-1, keepdim=True)
+        w_norms = p.detach().reshape(p.shape[0], -1).norm(dim=1, keepdim=True).to(direction)
         # exact rescaling (Li et al.'s code adds 1e-10 to the norm, which is wrong for small directions);
         # an all-zero row has no direction to rescale and stays zero
-        scale = torch.where(d_norms > 0, w_rows.norm(dim=1, keepdim=True) / d_norms.clamp_min(torch.finfo(d.dtype).tiny), 0.0)
-        out.append((d_rows * scale).reshape(-1))
-    return torch.cat(out)
+        scale = torch.where(d_norms > 0, w_norms / d_norms.clamp_min(torch.finfo(direction.dtype).tiny), 0.0)
+        torch.mul(d_rows, scale, out=target.view(d_rows.shape))
+    return out
+
+
+def random_directions(model: nn.Module, generator: torch.Generator, count: int, *,
+                      normalization: str = "filter") -> torch.Tensor:
+    """`count` Gaussian directions (count, D) in parameter space, one after another from `generator` (the
+    numbers of `count` calls of `random_direction`): "filter"-normalised (Li et al. 2018), "adaptive" (each
+    entry scaled by |θ|, Kwon et al. 2021) or "none"."""
+    if normalization not in ("filter", "adaptive", "none"):
+        raise ValueError(f"normalization must be 'filter', 'adaptive' or 'none', got {normalization!r}")
+    theta = flat_parameters(model)
+    drawn = torch.empty((count, theta.numel()), dtype=torch.float32)  # `_gaussian`'s float32 draws, row by row
+    for row in drawn:
+        torch.randn(theta.numel(), generator=generator, out=row)
+    d = drawn.to(theta)
+    if normalization == "filter":
+        return filter_normalize(d, model)
+    if normalization == "adaptive":
+        return d.mul_(theta.abs())
+    return d
 
 
 def random_direction(model: nn.Module, generator: torch.Generator, *, normalization: str = "filter") -> torch.Tensor:
     """A Gaussian direction in parameter space: "filter"-normalised (Li et al. 2018), "adaptive"
     (each entry scaled by |θ|, Kwon et al. 2021) or "none"."""
-    theta = flat_parameters(model)
-    d = _gaussian(theta.numel(), generator, theta)
-    if normalization == "filter":
-        return filter_normalize(d, model)
-    if normalization == "adaptive":
-        return d * theta.abs()
-    if normalization == "none":
-        return d
-    raise ValueError(f"normalization must be 'filter', 'adaptive' or 'none', got {normalization!r}")
+    return random_directions(model, generator, 1, normalization=normalization)[0]
 
 
 @dataclass
@@ -1508,7 +1527,7 @@ def perturbation_flatness(
     sigmas = [float(s) for s in sigmas]
     generator = torch.Generator().manual_seed(seed)
     normalization = "adaptive" if adaptive else "filter"
-    directions = torch.stack([random_direction(model, generator, normalization=normalization) for _ in range(samples)])
+    directions = random_directions(model, generator, samples, normalization=normalization)
     # point 0 is θ itself; then, direction by direction, every σ
     coefficients = torch.zeros(1 + samples * len(sigmas), samples, dtype=torch.float64)
     for k in range(samples):

@@ -515,6 +515,27 @@ def test_random_direction_filter_normalized_and_deterministic_given_generator():
         assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("normalization", ["filter", "adaptive", "none"])
+def test_random_directions_are_successive_random_direction_draws(normalization):
+    """random_directions(K) draws the K rows one after another from the generator: row k is bit for bit the
+    k-th of K calls of random_direction with the same generator (float32 and float64 models, MLP and CNN), and
+    the batched filter normalisation of the raw rows is the row-by-row one (and my_filter_normalize's)."""
+    for model in (tiny_mlp(0), tiny_mlp(0).float(), TinyCNN(0)):
+        batch = utils.random_directions(model, torch.Generator().manual_seed(3), 4, normalization=normalization)
+        g = torch.Generator().manual_seed(3)
+        one_by_one = torch.stack([utils.random_direction(model, g, normalization=normalization) for _ in range(4)])
+        assert batch.shape == (4, flat(model).numel()) and batch.dtype == flat(model).dtype
+        torch.testing.assert_close(batch, one_by_one, rtol=0, atol=0)
+    model = TinyCNN(0)
+    raw = utils.random_directions(model, torch.Generator().manual_seed(4), 3, normalization="none")
+    normalised = utils.filter_normalize(raw, model)
+    for row, out in zip(raw, normalised):
+        torch.testing.assert_close(out, utils.filter_normalize(row, model), rtol=0, atol=0)
+        torch.testing.assert_close(out, my_filter_normalize(row, model), rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="entries but the model has"):
+        utils.filter_normalize(raw[:, :-1], model)
+
+
 def test_random_direction_none_is_standard_gaussian():
     """normalization='none': D = 25,450 i.i.d. N(0,1) entries: |mean| < 5/sqrt(D), |var - 1| < 5 sqrt(2/D), |kurtosis - 3| < 0.3."""
     model = SmallMLP(hidden=(32,), generator=torch.Generator().manual_seed(0)).to(DT)
