@@ -363,19 +363,23 @@ _CACHE_BYTES = 8 << 20  # working set per batch of points: 8 MiB measured 12% fa
 
 
 class _MLPFirstLayer:
-    """(W + Σ_k c_k D_k)·Xᵀ = W·Xᵀ + Σ_k c_k D_k·Xᵀ: θ's first-layer output is row block 0 of one GEMM with the
-    directions' (skipped when base = 0, as for points written as mixtures of endpoints); every point is then a
-    mixture of these row blocks. Kept when all rows fit the budget in one chunk, else recomputed per chunk."""
+    """(W + Σ_k c_k D_k)·Xᵀ = W·Xᵀ + Σ_k c_k D_k·Xᵀ: θ's first-layer output is row block 0 of one array and the
+    directions' the blocks after it (θ's is skipped when base = 0, as for points written as mixtures of
+    endpoints); every point is then a mixture of these row blocks. Kept when all rows fit the budget in one
+    chunk, else recomputed per chunk."""
 
     def __init__(self, layers, x, base, directions, budget):
         self.xf = x.flatten(1)  # (N, d0)
         (w0, b0), (dw0, db0) = _linear_parts(layers, base)[0], _linear_parts(layers, directions)[0]
         self.h0 = w0.shape[0]
         self.with_base = bool(base.any())
-        self.weight = torch.cat([w0[None], dw0]) if self.with_base else dw0
-        self.bias = None if b0 is None else (torch.cat([b0[None], db0]) if self.with_base else db0)
-        k = directions.shape[0]
-        self.chunks = _row_chunks(self.xf.shape[0], budget // (2 * base.element_size() * self.h0 * (k + 1)))
+        # the row blocks' weights and biases as views (no concatenated copy); a bias block that is all zeros
+        # (filter-normalised directions have none) is not added
+        self.blocks = [(w0, b0)] if self.with_base else []
+        self.blocks.append((dw0.reshape(-1, dw0.shape[-1]), db0))
+        self.blocks = [(w, None if b is None or not bool(b.any()) else b.reshape(-1, 1)) for w, b in self.blocks]
+        self.rows_k = directions.shape[0] + int(self.with_base)
+        self.chunks = _row_chunks(self.xf.shape[0], budget // (2 * base.element_size() * self.h0 * self.rows_k))
         self._kept = None
         if len(self.chunks) == 1:
             self._kept = self.outputs(self.chunks[0])
@@ -384,11 +388,16 @@ class _MLPFirstLayer:
         """(1 [+ K], h0·n) for the rows of one of `chunks`."""
         if self._kept is not None:  # there is one chunk, so `rows` is it
             return self._kept
-        rows_k, nr = self.weight.shape[0], rows.stop - rows.start
-        z_all = self.weight.reshape(rows_k * self.h0, -1) @ self.xf[rows].T  # (rows·h, n)
-        if self.bias is not None:
-            z_all += self.bias.reshape(rows_k * self.h0, 1)
-        return z_all.view(rows_k, self.h0 * nr)
+        nr = rows.stop - rows.start
+        z_all = torch.empty((self.rows_k * self.h0, nr), dtype=self.xf.dtype, device=self.xf.device)  # (rows·h, n)
+        start = 0
+        for w, b in self.blocks:  # each block's GEMM written in place: no concatenated weights, no copied output
+            block = z_all[start : start + w.shape[0]]
+            torch.mm(w, self.xf[rows].T, out=block)
+            if b is not None:
+                block += b
+            start += w.shape[0]
+        return z_all.view(self.rows_k, self.h0 * nr)
 
 
 def _mlp_points(first: _MLPFirstLayer, layers, y, base, directions, coefficients, loss_fn, budget, count_correct):
