@@ -268,7 +268,7 @@ def whole_runs(count: int) -> dict:
 
 def host_gemm_rate(reps: int = 10, size: int = 2000) -> float:
     """This host's speed now, as G multiply-adds per second of a size³ float32 GEMM (median of `reps`): the
-    whole run's seconds are absolute and move with a shared machine's other tenants (it has read 122-150)."""
+    whole run's seconds are absolute and move with a shared machine's other tenants (it has read 97-150)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     times = []
@@ -300,7 +300,7 @@ def render(rows, run, meta) -> str:
         lines += ["", f"Whole `python main.py` (defaults, offline data cached): {run['wall']:.1f} s wall, the median "
                       f"of {len(walls)} runs ({min(walls):.1f}-{max(walls):.1f} s; goal ≤ 20 s). This host ran a "
                       f"2000×2000×2000 float32 GEMM at {run['gemm']:.0f} G multiply-adds/s in the same minutes "
-                      f"(it has read 122-150 here). Stages of the median run: {shares}."]
+                      f"(it has read 97-150 here). Stages of the median run: {shares}."]
     return "\n".join(lines) + "\n"
 
 
