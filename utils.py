@@ -1464,7 +1464,7 @@ def filter_normalize(direction: torch.Tensor, model: nn.Module) -> torch.Tensor:
     total = sum(p.numel() for p in model.parameters())
     if direction.shape[-1] != total:
         raise ValueError(f"vector has {direction.shape[-1]} entries but the model has {total} parameters")
-    out = torch.empty_like(direction)
+    out = torch.empty(direction.shape, dtype=direction.dtype, device=direction.device)  # contiguous, whatever the input
     lead, offset = direction.shape[:-1], 0
     for p in model.parameters():
         n, part, target = p.numel(), direction[..., offset : offset + p.numel()], out[..., offset : offset + p.numel()]
