@@ -373,13 +373,14 @@ class _MLPFirstLayer:
         (w0, b0), (dw0, db0) = _linear_parts(layers, base)[0], _linear_parts(layers, directions)[0]
         self.h0 = w0.shape[0]
         self.with_base = bool(base.any())
-        # the row blocks' weights and biases as views (no concatenated copy); a bias block that is all zeros
-        # (filter-normalised directions have none) is not added
+        # the row blocks' weights and biases (θ's a view, the directions' one (K·h0, d0) matrix: a copy, since
+        # their rows are D apart; no concatenation with θ's); a bias block that is all zeros
+        # (as filter-normalised directions have) is not added
         self.blocks = [(w0, b0)] if self.with_base else []
         self.blocks.append((dw0.reshape(-1, dw0.shape[-1]), db0))
         self.blocks = [(w, None if b is None or not bool(b.any()) else b.reshape(-1, 1)) for w, b in self.blocks]
         self.rows_k = directions.shape[0] + int(self.with_base)
-        self.chunks = _row_chunks(self.xf.shape[0], budget // (2 * base.element_size() * self.h0 * self.rows_k))
+        self.chunks = _row_chunks(self.xf.shape[0], budget // (2 * base.element_size() * self.h0 * max(1, self.rows_k)))
         self._kept = None
         if len(self.chunks) == 1:
             self._kept = self.outputs(self.chunks[0])
@@ -1461,20 +1462,25 @@ def filter_normalize(direction: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """Li et al. 2018 filter normalisation of a flat direction (D,), or of each row of a batch (K, D): every
     row / conv filter of each weight tensor rescaled to the norm of the same row of θ; 1-D tensors (biases)
     set to zero."""
-    total = sum(p.numel() for p in model.parameters())
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
     if direction.shape[-1] != total:
         raise ValueError(f"vector has {direction.shape[-1]} entries but the model has {total} parameters")
-    out = torch.empty(direction.shape, dtype=direction.dtype, device=direction.device)  # contiguous, whatever the input
+    direction = direction.contiguous()  # each row then gives the bits it gives alone
+    dtype = direction.dtype
+    for p in params:  # as arithmetic with θ's norms promotes it: float32 rows of a float64 model give float64
+        dtype = torch.promote_types(dtype, p.dtype)
+    out = torch.empty(direction.shape, dtype=dtype, device=direction.device)
     lead, offset = direction.shape[:-1], 0
-    for p in model.parameters():
+    for p in params:
         n, part, target = p.numel(), direction[..., offset : offset + p.numel()], out[..., offset : offset + p.numel()]
         offset += n
         if p.dim() <= 1:
             target.zero_()
             continue
-        d_rows = part.reshape(*lead, p.shape[0], -1)
+        d_rows = part.reshape(*lead, p.shape[0], n // p.shape[0])
         d_norms = d_rows.norm(dim=-1, keepdim=True)
-        w_norms = p.detach().reshape(p.shape[0], -1).norm(dim=1, keepdim=True).to(direction)
+        w_norms = p.detach().reshape(p.shape[0], -1).norm(dim=1, keepdim=True)
         # exact rescaling (Li et al.'s code adds 1e-10 to the norm, which is wrong for small directions);
         # an all-zero row has no direction to rescale and stays zero
         scale = torch.where(d_norms > 0, w_norms / d_norms.clamp_min(torch.finfo(direction.dtype).tiny), 0.0)

@@ -516,22 +516,37 @@ def test_random_direction_filter_normalized_and_deterministic_given_generator():
 
 
 @pytest.mark.parametrize("normalization", ["filter", "adaptive", "none"])
-def test_random_directions_are_successive_random_direction_draws(normalization):
-    """random_directions(K) draws the K rows one after another from the generator: row k is bit for bit the
-    k-th of K calls of random_direction with the same generator (float32 and float64 models, MLP and CNN), and
-    the batched filter normalisation of the raw rows is the row-by-row one (and my_filter_normalize's)."""
+def test_random_directions_are_successive_float32_gaussian_draws(normalization):
+    """random_directions(K) draws K rows one after another, each a float32 standard normal vector of the
+    generator (converted to the model's dtype), then filter-normalised (my_filter_normalize), scaled by |θ| or
+    left alone: bit for bit for MLPs in float32 and float64 and a CNN; K successive random_direction calls give
+    the same rows, and K = 0 gives none."""
     for model in (tiny_mlp(0), tiny_mlp(0).float(), TinyCNN(0)):
+        theta = flat(model)
         batch = utils.random_directions(model, torch.Generator().manual_seed(3), 4, normalization=normalization)
         g = torch.Generator().manual_seed(3)
+        raw = [torch.randn(theta.numel(), generator=g, dtype=torch.float32).to(theta) for _ in range(4)]
+        expected = torch.stack([my_filter_normalize(d, model) if normalization == "filter" else
+                                d * theta.abs() if normalization == "adaptive" else d for d in raw])
+        assert batch.shape == (4, theta.numel()) and batch.dtype == theta.dtype
+        torch.testing.assert_close(batch, expected, rtol=1e-12 if normalization == "filter" else 0,
+                                   atol=1e-15 if normalization == "filter" else 0)
+        g = torch.Generator().manual_seed(3)
         one_by_one = torch.stack([utils.random_direction(model, g, normalization=normalization) for _ in range(4)])
-        assert batch.shape == (4, flat(model).numel()) and batch.dtype == flat(model).dtype
         torch.testing.assert_close(batch, one_by_one, rtol=0, atol=0)
+        assert utils.random_directions(model, g, 0, normalization=normalization).shape == (0, theta.numel())
+
+
+def test_filter_normalize_of_a_batch_is_row_by_row():
+    """A (K, D) batch, contiguous or not, is filter-normalised row by row, bit for bit; float32 rows of a
+    float64 model come out float64, as arithmetic with θ's norms promotes them; a wrong length is refused."""
     model = TinyCNN(0)
     raw = utils.random_directions(model, torch.Generator().manual_seed(4), 3, normalization="none")
-    normalised = utils.filter_normalize(raw, model)
-    for row, out in zip(raw, normalised):
-        torch.testing.assert_close(out, utils.filter_normalize(row, model), rtol=0, atol=0)
-        torch.testing.assert_close(out, my_filter_normalize(row, model), rtol=1e-12, atol=1e-15)
+    for batch in (raw, raw.T.contiguous().T):
+        normalised = utils.filter_normalize(batch, model)
+        for row, out in zip(raw, normalised):
+            torch.testing.assert_close(out, utils.filter_normalize(row.clone(), model), rtol=0, atol=0)
+    assert utils.filter_normalize(raw.float(), model).dtype == torch.float64
     with pytest.raises(ValueError, match="entries but the model has"):
         utils.filter_normalize(raw[:, :-1], model)
 
