@@ -263,7 +263,8 @@ def own_source(*definitions) -> str:
     when this file runs as another module's `__main__` (python -m cProfile main.py)."""
     text = Path(__file__).read_text()
     nodes = {n.name: n for n in ast.parse(text).body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
-    return "\n".join(ast.get_source_segment(text, nodes[d.__name__]) for d in definitions)
+    lines = text.splitlines(keepends=True)  # whole lines: ast.get_source_segment splits the file again per call
+    return "".join("".join(lines[nodes[d.__name__].lineno - 1 : nodes[d.__name__].end_lineno]) for d in definitions)
 
 
 def write_atomic(path: Path, write) -> Path:

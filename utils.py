@@ -376,9 +376,8 @@ class _MLPFirstLayer:
         # the row blocks' weights and biases (θ's a view, the directions' one (K·h0, d0) matrix: a copy, since
         # their rows are D apart; no concatenation with θ's); a bias block that is all zeros
         # (as filter-normalised directions have) is not added
-        self.blocks = [(w0, b0)] if self.with_base else []
-        self.blocks.append((dw0.reshape(-1, dw0.shape[-1]), db0))
-        self.blocks = [(w, None if b is None or not bool(b.any()) else b.reshape(-1, 1)) for w, b in self.blocks]
+        self.blocks = [(w, None if b is None or not bool(b.any()) else b.reshape(-1, 1))
+                       for w, b in [*([(w0, b0)] if self.with_base else []), (dw0.reshape(-1, dw0.shape[-1]), db0)]]
         self.rows_k = directions.shape[0] + int(self.with_base)
         self.chunks = _row_chunks(self.xf.shape[0], budget // (2 * base.element_size() * self.h0 * max(1, self.rows_k)))
         self._kept = None
@@ -1118,8 +1117,12 @@ def _extreme_eigenpairs(model, x, y, wanted: dict[str, int], tol, seed, max_iter
     _check_wanted(wanted, op.dim)
     v0 = _start_vector(op.dim, seed, flat_parameters(model))
     run = _lanczos_runs(op.matmat, v0[None], max_steps=max(max_iter, *wanted.values()),
-                        done=lambda r: all(r.converged(k, which, tol) for which, k in wanted.items()))[0]
+                        done=lambda r: _ends_converged(r, wanted, tol))[0]
     return _certified_ends(op, run, wanted, tol)
+
+
+def _ends_converged(run: _Lanczos, wanted: dict[str, int], tol: float) -> bool:
+    return all(run.converged(k, which, tol) for which, k in wanted.items())
 
 
 def _check_wanted(wanted: dict[str, int], dim: int) -> None:
@@ -1325,7 +1328,7 @@ def hessian_spectrum(
     wanted = {"largest": k, "smallest": k_smallest}
     _check_wanted(wanted, op.dim)
     results = _slq_runs(op, flat_parameters(model), runs, lanczos_steps, seed, memory_budget,
-                        first_until=lambda r: all(r.converged(k, which, tol) for which, k in wanted.items()),
+                        first_until=lambda r: _ends_converged(r, wanted, tol),
                         first_max_steps=max(max_iter, lanczos_steps, k, k_smallest))
     ends = _certified_ends(op, results[0], wanted, tol)
     return HessianSpectrum(ends["largest"], ends["smallest"], _slq_density(results, lanczos_steps, sigma, grid_points))
