@@ -362,6 +362,64 @@ _INPLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoi
 _CACHE_BYTES = 8 << 20  # working set per batch of points: 8 MiB measured 12% faster than 4 or 12 (2 MiB L2 per core here)
 
 
+_SPLIT_PAYS = 160  # see _InputColumns.split
+
+
+class _InputColumns:
+    """A first layer's inputs X (N, d) kept as [X_v | 1]: the columns that vary over the rows, then one column
+    of ones standing for the constant columns and for the bias. Products with X then skip the constant
+    columns (MNIST's border pixels: 125 of 784 on the 4,000 training digits, 16% of the largest GEMMs), exactly:
+        X·Wᵀ + b = [X_v | 1]·[W_v | W·c + b]ᵀ,   Gᵀ·X = Gᵀ·X_v on the varying columns and (Gᵀ·1)·cᵀ on the others,
+    c (d,) the constant columns' values and zero elsewhere. Any rows of `x` may be used: a column constant on
+    all is constant on each. Columns are moved as runs of neighbours (24 on MNIST), not gathered one by one:
+    index_select took 11 ms for 20 directions' weights, the runs 1.3 ms."""
+
+    def __init__(self, x: torch.Tensor, varies: torch.Tensor):
+        varying = torch.nonzero(varies).flatten().cpu().numpy()
+        self.runs = [(int(run[0]), int(run[-1]) + 1)
+                     for run in np.split(varying, np.flatnonzero(np.diff(varying) != 1) + 1) if len(run)]
+        self.width, self.varying = x.shape[1], len(varying)
+        self.values = torch.where(varies, 0.0, x[0])  # c
+        self.x = self._narrow(x)
+        self.x[:, -1] = 1
+
+    @staticmethod
+    def split(x: torch.Tensor, weight_rows: int | None = None) -> "_InputColumns | None":
+        """The split of x (N, d), or None when no column is constant or when, given how many weight rows will
+        be multiplied with X (once), skipping the constant columns saves less than finding them and copying X
+        cost: measured here, about 1.3 ns per entry of X against 8 ps per multiply-add, so it pays when
+        constant columns × weight rows ≥ 160·d (20 flatness directions of 128 rows: yes; a surface's 3: no)."""
+        varies = x.amax(dim=0) != x.amin(dim=0)  # a NaN column counts as varying
+        constant = x.shape[1] - int(varies.sum())
+        if constant == 0 or weight_rows is not None and constant * weight_rows < _SPLIT_PAYS * x.shape[1]:
+            return None
+        return _InputColumns(x, varies)
+
+    def _narrow(self, t: torch.Tensor) -> torch.Tensor:
+        """t (..., d) -> (..., d_v + 1): the varying columns, then one column left for the caller to fill."""
+        out = t.new_empty(*t.shape[:-1], self.varying + 1)
+        at = 0
+        for start, stop in self.runs:
+            out[..., at : at + stop - start] = t[..., start:stop]
+            at += stop - start
+        return out
+
+    def weights(self, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """w (..., d) [and b (...)] -> (..., d_v + 1), with X·wᵀ + b = self.x·weights(w, b)ᵀ."""
+        out = self._narrow(w)
+        out[..., -1] = w @ self.values if b is None else torch.add(w @ self.values, b)
+        return out
+
+    def spread(self, g: torch.Tensor, *, squared: bool = False) -> torch.Tensor:
+        """g (..., d_v + 1) = Gᵀ·self.x (of self.x² with squared=True) -> Gᵀ·X (..., d) (Gᵀ·X²)."""
+        out = g[..., -1:] * (self.values.square() if squared else self.values)  # right on the constant columns
+        at = 0
+        for start, stop in self.runs:
+            out[..., start:stop] = g[..., at : at + stop - start]
+            at += stop - start
+        return out
+
+
 class _MLPFirstLayer:
     """(W + Σ_k c_k D_k)·Xᵀ = W·Xᵀ + Σ_k c_k D_k·Xᵀ: θ's first-layer output is row block 0 of one array and the
     directions' the blocks after it (θ's is skipped when base = 0, as for points written as mixtures of
@@ -369,17 +427,24 @@ class _MLPFirstLayer:
     chunk, else recomputed per chunk."""
 
     def __init__(self, layers, x, base, directions, budget):
-        self.xf = x.flatten(1)  # (N, d0)
         (w0, b0), (dw0, db0) = _linear_parts(layers, base)[0], _linear_parts(layers, directions)[0]
         self.h0 = w0.shape[0]
         self.with_base = bool(base.any())
-        # the row blocks' weights and biases (θ's a view, the directions' one (K·h0, d0) matrix: a copy, since
-        # their rows are D apart; no concatenation with θ's); a bias block that is all zeros
-        # (as filter-normalised directions have) is not added
-        self.blocks = [(w, None if b is None or not bool(b.any()) else b.reshape(-1, 1))
-                       for w, b in [*([(w0, b0)] if self.with_base else []), (dw0.reshape(-1, dw0.shape[-1]), db0)]]
         self.rows_k = directions.shape[0] + int(self.with_base)
-        self.chunks = _row_chunks(self.xf.shape[0], budget // (2 * base.element_size() * self.h0 * max(1, self.rows_k)))
+        # the row blocks' weights and biases: θ's, then the directions' as one (K·h0, d0) matrix (no concatenation
+        # with θ's). On the inputs' varying columns and a column of ones when that pays (the ones carry the
+        # constant columns' share and the biases); else on X itself, a bias block that is all zeros
+        # (as filter-normalised directions have) not added
+        blocks = [*([(w0, b0)] if self.with_base else []), (dw0, db0)]
+        inputs = _InputColumns.split(x.flatten(1), self.rows_k * self.h0)
+        if inputs is None:
+            self.x = x.flatten(1)
+            self.blocks = [(w.reshape(-1, self.x.shape[1]),
+                            None if b is None or not bool(b.any()) else b.reshape(-1, 1)) for w, b in blocks]
+        else:
+            self.x = inputs.x
+            self.blocks = [(inputs.weights(w, b).reshape(-1, self.x.shape[1]), None) for w, b in blocks]
+        self.chunks = _row_chunks(self.x.shape[0], budget // (2 * base.element_size() * self.h0 * max(1, self.rows_k)))
         self._kept = None
         if len(self.chunks) == 1:
             self._kept = self.outputs(self.chunks[0])
@@ -389,11 +454,11 @@ class _MLPFirstLayer:
         if self._kept is not None:  # there is one chunk, so `rows` is it
             return self._kept
         nr = rows.stop - rows.start
-        z_all = torch.empty((self.rows_k * self.h0, nr), dtype=self.xf.dtype, device=self.xf.device)  # (rows·h, n)
+        z_all = torch.empty((self.rows_k * self.h0, nr), dtype=self.x.dtype, device=self.x.device)  # (rows·h, n)
         start = 0
         for w, b in self.blocks:  # each block's GEMM written in place: no concatenated weights, no copied output
             block = z_all[start : start + w.shape[0]]
-            torch.mm(w, self.xf[rows].T, out=block)
+            torch.mm(w, self.x[rows].T, out=block)
             if b is not None:
                 block += b
             start += w.shape[0]
@@ -422,7 +487,7 @@ def _mlp_points(first: _MLPFirstLayer, layers, y, base, directions, coefficients
         z_all = first.outputs(rs)
         per_batch = max(1, min(budget, _CACHE_BYTES) // (2 * bytes_per * nr * width))
         buffers, classes = {}, _Classes(yr, n_classes, count_correct)
-        for ps in _row_chunks(coefficients.shape[0], per_batch):
+        for ps in _point_batches(used_rows, per_batch):
             c = coefficients[ps]  # (p, K)
             z = _buffer(buffers, "first", (c.shape[0], h0, nr), base)
             _mix_rows(coefficients_aug[ps], used_rows[ps], z_all, out=z.view(c.shape[0], -1))  # (p, h, n)
@@ -434,16 +499,56 @@ def _mlp_points(first: _MLPFirstLayer, layers, y, base, directions, coefficients
     return sums, correct
 
 
+def _evenly_spaced(columns) -> bool:
+    """Whether sorted indices are an arithmetic progression (so rows[columns] is a strided view)."""
+    return len(columns) < 3 or len(set(np.diff(columns).tolist())) == 1
+
+
+def _point_batches(used: np.ndarray, most: int) -> list[slice]:
+    """Consecutive points in batches of at most `most`; a batch whose rows in use are evenly spaced ends
+    early rather than take a point that would break that, so that its mixture stays one GEMM over a view
+    (a flatness probe's σ values share θ's row and one direction's: each direction gets batches of its own).
+    Walks runs of points with the same rows, not points: a 41×41 surface has 123 runs."""
+    points = used.shape[0]
+    starts = [0, *(np.flatnonzero((used[1:] != used[:-1]).any(axis=1)) + 1).tolist()] if points else []
+    batches, first, rows = [], 0, None
+    for run, stop in zip(starts, [*starts[1:], points]):
+        if rows is not None:
+            joined = rows | used[run]
+            if _evenly_spaced(np.flatnonzero(rows)) and not _evenly_spaced(np.flatnonzero(joined)):
+                batches.append(slice(first, run))
+                first, joined = run, used[run]
+            rows = joined
+        else:
+            rows = used[run]
+        while stop - first >= most:  # full batches within the run; the rest joins the next run's points
+            batches.append(slice(first, first + most))
+            first, rows = first + most, (used[first + most] if first + most < stop else None)
+    if first < points:
+        batches.append(slice(first, points))
+    return batches
+
+
 def _mix_rows(c: torch.Tensor, used: np.ndarray, rows: torch.Tensor, *, out: torch.Tensor,
               base: torch.Tensor | None = None) -> None:
-    """out = [base +] c·rows (rows may be strided), in one pass over the output, reading only the rows that
-    some point uses (`used`, the pattern c ≠ 0 as a NumPy array: a flatness probe uses one direction)."""
+    """out = [base +] c·rows (rows may be strided), reading only the rows that some point uses (`used`, the
+    pattern c ≠ 0 as a NumPy array: a flatness probe uses θ's row and one direction's). When those rows are
+    evenly spaced it is one GEMM over a view of them, which reads each row once for all p points (a GEMM with
+    K = 2 mixed 6 flatness points in half the time of 6 additions); else a pass per point and row."""
     columns = np.flatnonzero(used.any(axis=0))
-    if len(columns) == c.shape[1]:  # every row in use: one GEMM (with base, small weight blocks only)
+    if len(columns) == 0:
         if base is None:
-            torch.mm(c, rows, out=out)
+            out.zero_()
         else:
-            torch.addmm(base, c, rows, out=out)
+            out.copy_(base.expand_as(out))
+        return
+    if _evenly_spaced(columns):
+        step = int(columns[1] - columns[0]) if len(columns) > 1 else 1
+        picked = slice(int(columns[0]), int(columns[-1]) + 1, step)
+        if base is None:
+            torch.mm(c[:, picked], rows[picked], out=out)
+        else:
+            torch.addmm(base, c[:, picked], rows[picked], out=out)
         return
     values = c.tolist()
     for i in range(c.shape[0]):
@@ -475,22 +580,37 @@ def _buffer(buffers: dict, key, shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp_tail(layers, z, c, used, rest, rest_dirs, buffers):
-    """The layers after the first Linear, on a batch of points (p, features, n), each with its own weights."""
+    """The layers after the first Linear, on a batch of points (p, features, n), each with its own weights.
+
+    A hidden Linear followed by ReLU and another Linear defers its bias b: ReLU(o + b) = max(o, −b) + b, so
+    max(o, −b) is one pass where adding b and the ReLU were two, and the next Linear adds W·b to its own bias."""
+    modules = layers[1:]
+    carried = None  # (p, features): the bias deferred past a ReLU
     linear_index = 0
-    for i, m in enumerate(layers[1:]):
+    for i, m in enumerate(modules):
         if type(m) is not nn.Linear:
-            z = _INPLACE[type(m)](z) if type(m) in _INPLACE else m(z)
+            if carried is not None:  # the ReLU after a deferred bias
+                z = torch.maximum(z, carried.neg()[:, :, None], out=z)
+            else:
+                z = _INPLACE[type(m)](z) if type(m) in _INPLACE else m(z)
             continue
         (w, b), (dw, db) = rest[linear_index], rest_dirs[linear_index]
         linear_index += 1
         w_p = _buffer(buffers, ("w", i), (c.shape[0], w.numel()), w)
         _mix_rows(c, used, dw.reshape(dw.shape[0], -1), base=w.reshape(1, -1), out=w_p)
         w_p = w_p.view(-1, *w.shape)  # (p, out, in): this layer's weights at each point
+        bias = None if b is None else b + c @ db  # (p, out)
+        if carried is not None:
+            moved = torch.bmm(w_p, carried[:, :, None])[:, :, 0]
+            bias = moved if bias is None else bias.add_(moved)
+        defer = (bias is not None and i + 2 < len(modules) and type(modules[i + 1]) is nn.ReLU
+                 and type(modules[i + 2]) is nn.Linear)
+        carried = bias if defer else None
         out = _buffer(buffers, i, (z.shape[0], w.shape[0], z.shape[2]), z)
-        if b is None:
+        if bias is None or defer:
             z = torch.bmm(w_p, z, out=out)  # (p, out, n)
         else:
-            z = torch.baddbmm((b + c @ db)[:, :, None], w_p, z, out=out)
+            z = torch.baddbmm(bias[:, :, None], w_p, z, out=out)
     return z
 
 
@@ -625,6 +745,9 @@ class MLPHessianOperator:
         # per row, the cache holds about five vectors per hidden layer and three per output (the input is a view)
         per_row = (5 * sum(m.out_features for m in self.linears[:-1]) + 3 * self.linears[-1].out_features)
         self.chunks = _row_chunks(x.shape[0], memory_budget // (per_row * x.element_size()))
+        # the first layer's inputs without their constant columns: every product multiplies them twice
+        self.inputs = _InputColumns.split(x.flatten(1))
+        self.first = None if self.inputs is None else self.inputs.weights(*self.weights[0])
         self._caches = [self._cache(rows) for rows in self.chunks] if len(self.chunks) == 1 else None
 
     @staticmethod
@@ -639,7 +762,8 @@ class MLPHessianOperator:
         a, zs, d1s, d2s = [self.x[rows].flatten(1)], [], [], []
         with torch.enable_grad():
             for l, (w, b) in enumerate(self.weights):
-                z = F.linear(a[-1], w, b).detach().requires_grad_(True)
+                z = F.linear(a[-1], w, b) if l or self.inputs is None else self.inputs.x[rows] @ self.first.T
+                z = z.detach().requires_grad_(True)
                 zs.append(z)
                 if l == len(self.weights) - 1:
                     break
@@ -670,8 +794,8 @@ class MLPHessianOperator:
         for l in range(len(self.weights) - 1, 0, -1):
             grad_inputs[l] = deltas[l] @ self.weights[l][0]  # ∂L/∂a_l
             deltas[l - 1] = d1s[l - 1] * grad_inputs[l]
-        return {"a": a, "d1": d1s, "d2": d2s, "deltas": deltas,
-                "grad_inputs": grad_inputs, "logits": logits, "grad_logits": grad_logits,
+        return {"a": a, "inputs": None if self.inputs is None else self.inputs.x[rows], "d1": d1s, "d2": d2s,
+                "deltas": deltas, "grad_inputs": grad_inputs, "logits": logits, "grad_logits": grad_logits,
                 "probabilities": probabilities[:, None, :]}
 
     def _r_forward(self, cache: dict, directions, b: int, first_in) -> tuple[list, list]:
@@ -684,7 +808,7 @@ class MLPHessianOperator:
         rz, ra = [], [None]
         for l, ((w, _), (dw, db)) in enumerate(zip(self.weights, directions)):
             if l == 0:
-                z = _some_columns(lambda cols, k: (a[0] @ dw[cols].reshape(-1, w.shape[1]).T).view(n, k, -1),
+                z = _some_columns(lambda cols: self._times_inputs(cache, dw[cols].reshape(-1, w.shape[1])),
                                   first_in, b, (n, b, w.shape[0]), dim=1, like=a[0])
             else:  # a_l·V_lᵀ + Ra_l·W_lᵀ, the second GEMM accumulating into the first's output
                 z = (a[l] @ dw.reshape(-1, w.shape[1]).T).view(n, b, w.shape[0])
@@ -711,7 +835,7 @@ class MLPHessianOperator:
             (w, bias), dw = self.weights[l], directions[l][0]
             out_f, in_f = w.shape
             if l == 0:  # Rδ_0ᵀ·a_0, the other large GEMM, only for the products whose V_0 block is wanted
-                grad_w = _some_columns(lambda cols, k: (r_delta[:, cols].reshape(n, -1).T @ a[0]).view(k, out_f, in_f),
+                grad_w = _some_columns(lambda cols: self._inputs_times(cache, r_delta[:, cols].reshape(n, -1)),
                                        first_out, b, (b, out_f, in_f), dim=0, like=a[0])
             else:
                 grad_w = (r_delta.reshape(n, b * out_f).T @ a[l]).view(b, out_f, in_f)
@@ -726,6 +850,21 @@ class MLPHessianOperator:
                     r_prev += d2[l - 1][:, None, :] * rz[l - 1] * cache["grad_inputs"][l][:, None, :]
                 r_delta = r_prev
         return torch.cat(grads, dim=1)
+
+    def _times_inputs(self, cache: dict, w: torch.Tensor) -> torch.Tensor:
+        """X·wᵀ (n, R) for the chunk's inputs X and w (R, d)."""
+        if self.inputs is None:
+            return cache["a"][0] @ w.T
+        return cache["inputs"] @ self.inputs.weights(w).T
+
+    def _inputs_times(self, cache: dict, g: torch.Tensor, sub: slice = slice(None), *,
+                      squared: bool = False) -> torch.Tensor:
+        """gᵀ·X (R, d) for the inputs X of the chunk's rows `sub` (gᵀ·X² with squared=True) and g (n, R)."""
+        if self.inputs is None:
+            x = cache["a"][0][sub]
+            return g.T @ (x.square() if squared else x)
+        x = cache["inputs"][sub]
+        return self.inputs.spread(g.T @ (x.square() if squared else x), squared=squared)
 
     def _logit_hessian_product(self, cache: dict, r: torch.Tensor) -> torch.Tensor:
         """∇²_z L·r for r (n, b, C): for plain cross-entropy the closed form (w/n)(p⊙r − p(pᵀr)), p = softmax(z),
@@ -745,8 +884,9 @@ class MLPHessianOperator:
         for i, rows in enumerate(self.chunks):
             cache = self._caches[i] if self._caches is not None else self._cache(rows)
             parts = []
-            for (_, bias), a, delta in zip(self.weights, cache["a"], cache["deltas"]):
-                parts += [(delta.T @ a).reshape(-1), *([] if bias is None else [delta.sum(dim=0)])]
+            for l, ((_, bias), a, delta) in enumerate(zip(self.weights, cache["a"], cache["deltas"])):
+                grad_w = self._inputs_times(cache, delta) if l == 0 else delta.T @ a
+                parts += [grad_w.reshape(-1), *([] if bias is None else [delta.sum(dim=0)])]
             flat = torch.cat(parts)
             total = flat if total is None else total + flat
         return total
@@ -786,7 +926,8 @@ class MLPHessianOperator:
                 q = torch.diagonal(loss_hessian, dim1=1, dim2=2)  # (n, C)
             else:
                 q = ((loss_hessian @ jac) * jac).sum(dim=1)  # (n, out): (J_lᵀ·∇²L·J_l)_jj
-            parts = [(q.T @ a[l][sub].square()).reshape(-1), *([] if bias is None else [q.sum(dim=0)]), *parts]
+            grad_w = self._inputs_times(cache, q, sub, squared=True) if l == 0 else q.T @ a[l][sub].square()
+            parts = [grad_w.reshape(-1), *([] if bias is None else [q.sum(dim=0)]), *parts]
             if l > 0:
                 jac = (w if jac is None else jac @ w) * d1[l - 1][sub, None, :]  # (n, C, in) by broadcasting
         return torch.cat(parts)
@@ -814,13 +955,16 @@ class MLPHessianOperator:
 
 
 def _some_columns(compute, columns: list[int], b: int, shape, *, dim: int, like: torch.Tensor) -> torch.Tensor:
-    """compute(index, count) for the listed columns (indices along `dim` of a result of `shape`), zeros
-    elsewhere; all b columns at once (index = slice(None)) when every one is listed."""
+    """compute(index) for the listed columns (indices along `dim` of a result of `shape`; compute's result is
+    viewed so), zeros elsewhere; all b columns at once (index = slice(None)) when every one is listed."""
+    def part(index, count: int) -> torch.Tensor:
+        return compute(index).view(*shape[:dim], count, *shape[dim + 1 :])
+
     if len(columns) == b:
-        return compute(slice(None), b)
+        return part(slice(None), b)
     out = torch.zeros(shape, dtype=like.dtype, device=like.device)
     if columns:
-        out.index_copy_(dim, torch.tensor(columns, device=like.device), compute(columns, len(columns)))
+        out.index_copy_(dim, torch.tensor(columns, device=like.device), part(columns, len(columns)))
     return out
 
 

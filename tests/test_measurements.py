@@ -3,6 +3,7 @@ chunking under a small memory budget changes nothing, and bad models are refused
 
 import math
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -82,21 +83,33 @@ def test_non_finite_parameters_are_refused():
 ACTIVATIONS = [nn.Tanh, nn.ReLU, nn.Sigmoid, nn.GELU, nn.SiLU]
 
 
+def with_constant_columns(x: torch.Tensor, columns) -> torch.Tensor:
+    """x (N, d) with the given columns set to constants (0, 1.5, -0.7, ... in turn), as MNIST's border pixels."""
+    x = x.clone()
+    for i, c in enumerate(columns):
+        x[:, c] = (0.0, 1.5, -0.7)[i % 3]
+    return x
+
+
 @given(seed=st.integers(0, 10_000), hidden=st.lists(st.integers(1, 6), min_size=0, max_size=3),
        act=st.sampled_from(ACTIVATIONS), bias=st.booleans(), k=st.integers(1, 6), p=st.integers(1, 7),
-       sparse=st.booleans(), zero_base=st.booleans())
-def test_fast_and_general_paths_give_the_same_losses(seed, hidden, act, bias, k, p, sparse, zero_base):
+       sparse=st.booleans(), zero_base=st.booleans(), constant=st.sets(st.integers(0, 3), max_size=4))
+def test_fast_and_general_paths_give_the_same_losses(seed, hidden, act, bias, k, p, sparse, zero_base, constant):
     # sparse coefficients (a probe uses one direction) and a zero base (points as mixtures of endpoints)
-    # take the fast path's other ways of mixing the directions
+    # take the fast path's other ways of mixing the directions; constant input columns are dropped from the
+    # first layer's GEMM (forced here: on its own the split waits for enough weight rows to pay); two or more
+    # hidden ReLU layers defer a bias past the ReLU
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), *mlp_of([4, *hidden, 3], act, bias)).double()
     x, y = tiny_data(seed % 7, n=9)
+    x = with_constant_columns(x, sorted(constant))
     theta = torch.zeros_like(utils.flat_parameters(model)) if zero_base else utils.flat_parameters(model)
     dirs = torch.randn(k, theta.numel(), generator=g, dtype=torch.float64)
     coeffs = torch.randn(p, k, generator=g, dtype=torch.float64)
     if sparse:
         coeffs *= torch.rand(p, k, generator=g, dtype=torch.float64) < 0.4
-    fast = utils.losses_at_points(model, x, y, theta, dirs, coeffs, path="fast")
+    with mock.patch.object(utils, "_SPLIT_PAYS", 0):
+        fast = utils.losses_at_points(model, x, y, theta, dirs, coeffs, path="fast")
     general = utils.losses_at_points(model, x, y, theta, dirs, coeffs, path="general")
     torch.testing.assert_close(fast.losses, general.losses, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast.accuracies, general.accuracies, rtol=0, atol=0)
@@ -228,14 +241,17 @@ def test_interpolating_different_architectures_is_refused():
 
 
 @given(seed=st.integers(0, 10_000), hidden=st.lists(st.integers(1, 6), min_size=0, max_size=3),
-       act=st.sampled_from(ACTIVATIONS), bias=st.booleans(), tail=st.booleans())
-def test_closed_form_mlp_hvp_equals_autograd_double_backward(seed, hidden, act, bias, tail):
+       act=st.sampled_from(ACTIVATIONS), bias=st.booleans(), tail=st.booleans(),
+       constant=st.sets(st.integers(0, 3), max_size=4))
+def test_closed_form_mlp_hvp_equals_autograd_double_backward(seed, hidden, act, bias, tail, constant):
     """Pearlmutter's R-operator, written out for MLPs, gives the same H·v as reverse-over-reverse autograd,
-    for any element-wise activation (φ'' ≠ 0 included), with or without biases, chunked or not, and for a loss
-    taken after a trailing activation (MSE on a Tanh output)."""
+    for any element-wise activation (φ'' ≠ 0 included), with or without biases, chunked or not, for a loss
+    taken after a trailing activation (MSE on a Tanh output), and for inputs with constant columns (which the
+    first layer's products skip)."""
     g = torch.Generator().manual_seed(seed)
     model = mlp_of([4, *hidden, 3], act, bias, tail=nn.Tanh() if tail else None)
     x, y = tiny_data(seed % 5, n=10)
+    x = with_constant_columns(x, sorted(constant))
     loss_fn = None
     if tail:
         y = torch.randn(10, 3, generator=g, dtype=torch.float64)
@@ -270,3 +286,88 @@ def test_numpy_blas_runs_single_threaded_inside_lanczos_and_is_restored_after():
         utils._lanczos_runs(matmat, torch.ones(1, op.dim, dtype=torch.float64), max_steps=5)
         assert blas_threads() == before
     assert seen and all(threads == [1] * len(threads) for threads in seen)
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), d=st.integers(1, 12), rows=st.integers(1, 5),
+       constant=st.sets(st.integers(0, 11), max_size=12))
+def test_inputs_without_constant_columns_give_exact_products_with_x(seed, n, d, rows, constant):
+    """With c the constant columns' values (zero elsewhere): X·Wᵀ + b = [X_v | 1]·[W_v | W·c + b]ᵀ, and Gᵀ·X (Gᵀ·X²)
+    is Gᵀ·X_v (Gᵀ·X_v²) on the varying columns and (Gᵀ1)·c (·c²) on the constant ones. One row makes every
+    column constant; no constant column needs no split."""
+    g = torch.Generator().manual_seed(seed)
+    x = with_constant_columns(torch.randn(n, d, generator=g, dtype=torch.float64), sorted(c for c in constant if c < d))
+    w, b = torch.randn(rows, d, generator=g, dtype=torch.float64), torch.randn(rows, generator=g, dtype=torch.float64)
+    grads = torch.randn(n, rows, generator=g, dtype=torch.float64)
+    split = utils._InputColumns.split(x)
+    same = [j for j in range(d) if bool((x[:, j] == x[0, j]).all())]
+    if not same:
+        assert split is None
+        return
+    assert split.x.shape == (n, d - len(same) + 1) and bool((split.x[:, -1] == 1).all())
+    torch.testing.assert_close(split.x @ split.weights(w, b).T, x @ w.T + b, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(split.x @ split.weights(w).T, x @ w.T, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(split.spread(grads.T @ split.x), grads.T @ x, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(split.spread(grads.T @ split.x.square(), squared=True), grads.T @ x.square(),
+                               rtol=1e-13, atol=1e-13)
+
+
+def test_inputs_are_split_only_when_skipping_the_constant_columns_pays():
+    """Skipping c constant columns of d saves c·rows multiply-adds per row of X and costs about 160·d: 20
+    flatness directions of 128 rows on MNIST-like inputs (16% constant) pay, a surface's 3 directions do not."""
+    x = with_constant_columns(torch.randn(50, 784, dtype=torch.float64), range(125))
+    assert utils._InputColumns.split(x, 21 * 128) is not None
+    assert utils._InputColumns.split(x, 3 * 128) is None
+    assert utils._InputColumns.split(x) is not None  # the Hessian operator: many products, always
+    assert utils._InputColumns.split(torch.randn(50, 784, dtype=torch.float64)) is None
+
+
+def evenly_spaced(rows) -> bool:
+    return len(rows) < 3 or len({b - a for a, b in zip(rows, rows[1:])}) == 1
+
+
+@given(used=st.lists(st.lists(st.booleans(), min_size=5, max_size=5), min_size=0, max_size=30), most=st.integers(1, 7))
+def test_point_batches_cover_the_points_in_order_and_end_early_only_to_keep_rows_evenly_spaced(used, most):
+    """Batches are consecutive, cover every point once, hold at most `most`; one that ends short (not the last)
+    does so because its rows were evenly spaced and the next point's would break that."""
+    used = np.array(used, dtype=bool).reshape(len(used), 5)
+    batches = utils._point_batches(used, most)
+    assert [i for s in batches for i in range(s.start, s.stop)] == list(range(len(used)))
+    for s, after in zip(batches, batches[1:]):
+        assert 1 <= s.stop - s.start <= most
+        if s.stop - s.start < most:
+            rows = np.flatnonzero(used[s].any(axis=0)).tolist()
+            joined = np.flatnonzero(used[s.start : s.stop + 1].any(axis=0)).tolist()
+            assert evenly_spaced(rows) and not evenly_spaced(joined)
+
+
+@pytest.mark.parametrize("most", [1, 2, 6, 7])
+def test_flatness_batches_each_read_evenly_spaced_rows(most):
+    """θ's point, then 6 σ for each of 20 directions (θ's row and one direction's row each): every batch's rows
+    are evenly spaced, so each batch mixes its points with one GEMM."""
+    used = np.zeros((1 + 20 * 6, 21), dtype=bool)
+    used[:, 0] = True
+    for k in range(20):
+        used[1 + 6 * k : 7 + 6 * k, k + 1] = True
+    for s in utils._point_batches(used, most):
+        assert evenly_spaced(np.flatnonzero(used[s].any(axis=0)).tolist())
+
+
+@pytest.mark.parametrize("widths", [[4, 5, 6, 3], [4, 5, 6, 5, 3]])
+@pytest.mark.parametrize("budget", [1 << 30, 2_000])
+def test_deep_relu_networks_defer_each_hidden_bias_past_its_relu_exactly(widths, budget):
+    """ReLU(o + b) = max(o, −b) + b, the next layer adding W·b: with two or more hidden ReLU layers (each
+    hidden bias deferred) the fast path gives the general path's losses, whole or in small batches."""
+    g = torch.Generator().manual_seed(5)
+    model = mlp_of(widths, nn.ReLU)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.bias.normal_(0, 1.0, generator=g)  # large biases: W·b matters
+    x, y = tiny_data(2, n=11)
+    theta = utils.flat_parameters(model)
+    dirs = torch.randn(3, theta.numel(), generator=g, dtype=torch.float64)
+    coeffs = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    fast = utils.losses_at_points(model, x, y, theta, dirs, coeffs, path="fast", memory_budget=budget)
+    general = utils.losses_at_points(model, x, y, theta, dirs, coeffs, path="general")
+    torch.testing.assert_close(fast.losses, general.losses, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.accuracies, general.accuracies, rtol=0, atol=0)

@@ -148,6 +148,9 @@ def test_hessian_diagonal_equals_diagonal_of_dense_hessian_property(seed, hidden
     H = dense_hessian(model, x, y)
     got = utils.hessian_diagonal(model, x, y)
     assert got.dtype == DT and got.shape == (sum(p.numel() for p in model.parameters()),)
+    if not bool(torch.diagonal(H).any()):  # every path dead on every example (a bias-free ReLU unit, n = 1)
+        assert not bool(got.any())
+        return
     assert rel_err(got, torch.diagonal(H)) < REL
 
 
