@@ -359,10 +359,14 @@ def _linear_parts(layers, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.
 
 
 _INPLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_, nn.Identity: lambda z: z}
-_CACHE_BYTES = 8 << 20  # working set per batch of points: 8 MiB measured 12% faster than 4 or 12 (2 MiB L2 per core here)
+# working set per batch of points (4 MLP points of 4,000 examples): with batches mixed by one GEMM that reads
+# each direction's rows once, a 41×41 surface took 1.57 s at 16 MiB against 1.84 s at 8 (flatness: the same)
+_CACHE_BYTES = 16 << 20
 
 
-_SPLIT_PAYS = 160  # see _InputColumns.split
+# when dropping X's constant columns pays (see _InputColumns.split): once, constant columns × weight rows ≥
+# 160·d; per Hessian product, rows × constant columns × first-layer width ≥ 2**25
+_SPLIT_PAYS, _SPLIT_PAYS_PER_PRODUCT = 160, 1 << 25
 
 
 class _InputColumns:
@@ -384,16 +388,16 @@ class _InputColumns:
         self.x[:, -1] = 1
 
     @staticmethod
-    def split(x: torch.Tensor, weight_rows: int | None = None) -> "_InputColumns | None":
-        """The split of x (N, d), or None when no column is constant or when, given how many weight rows will
-        be multiplied with X (once), skipping the constant columns saves less than finding them and copying X
-        cost: measured here, about 1.3 ns per entry of X against 8 ps per multiply-add, so it pays when
-        constant columns × weight rows ≥ 160·d (20 flatness directions of 128 rows: yes; a surface's 3: no)."""
+    def split(x: torch.Tensor, pays: Callable[[int], bool]) -> "_InputColumns | None":
+        """The split of x (N, d), or None when no column is constant or `pays(number of constant columns)` is
+        false. Measured here: finding the columns and copying X cost about 1.3 ns per entry of X, a GEMM
+        multiply-add 8 ps, so multiplying X once with R weight rows pays when constant columns × R ≥ 160·d (20
+        flatness directions of 128 rows: yes; a surface's 3: no); moving one Hessian product's columns costs
+        about 0.5 ms (48 slices), so per product it pays when N × constant columns × width ≥ 2**25 (the 4,000
+        training digits: 11.65 ms a product against 12.1; 1,000 or fewer: slower)."""
         varies = x.amax(dim=0) != x.amin(dim=0)  # a NaN column counts as varying
         constant = x.shape[1] - int(varies.sum())
-        if constant == 0 or weight_rows is not None and constant * weight_rows < _SPLIT_PAYS * x.shape[1]:
-            return None
-        return _InputColumns(x, varies)
+        return _InputColumns(x, varies) if constant and pays(constant) else None
 
     def _narrow(self, t: torch.Tensor) -> torch.Tensor:
         """t (..., d) -> (..., d_v + 1): the varying columns, then one column left for the caller to fill."""
@@ -436,7 +440,8 @@ class _MLPFirstLayer:
         # constant columns' share and the biases); else on X itself, a bias block that is all zeros
         # (as filter-normalised directions have) not added
         blocks = [*([(w0, b0)] if self.with_base else []), (dw0, db0)]
-        inputs = _InputColumns.split(x.flatten(1), self.rows_k * self.h0)
+        inputs = _InputColumns.split(x.flatten(1), lambda constant: constant * self.rows_k * self.h0
+                                     >= _SPLIT_PAYS * math.prod(x.shape[1:]))
         if inputs is None:
             self.x = x.flatten(1)
             self.blocks = [(w.reshape(-1, self.x.shape[1]),
@@ -746,7 +751,9 @@ class MLPHessianOperator:
         per_row = (5 * sum(m.out_features for m in self.linears[:-1]) + 3 * self.linears[-1].out_features)
         self.chunks = _row_chunks(x.shape[0], memory_budget // (per_row * x.element_size()))
         # the first layer's inputs without their constant columns: every product multiplies them twice
-        self.inputs = _InputColumns.split(x.flatten(1))
+        rows, width = max((c.stop - c.start for c in self.chunks), default=0), self.linears[0].out_features
+        self.inputs = _InputColumns.split(x.flatten(1), lambda constant: rows * constant * width
+                                          >= _SPLIT_PAYS_PER_PRODUCT)
         self.first = None if self.inputs is None else self.inputs.weights(*self.weights[0])
         self._caches = [self._cache(rows) for rows in self.chunks] if len(self.chunks) == 1 else None
 

@@ -259,7 +259,8 @@ def test_closed_form_mlp_hvp_equals_autograd_double_backward(seed, hidden, act, 
     v = torch.randn(utils.flat_parameters(model).numel(), generator=g, dtype=torch.float64)
     general = utils.hessian_operator(model, x, y, loss_fn=loss_fn, path="general")(v)
     for budget in (1 << 30, 600):
-        fast = utils.hessian_operator(model, x, y, loss_fn=loss_fn, path="fast", memory_budget=budget)
+        with mock.patch.object(utils, "_SPLIT_PAYS_PER_PRODUCT", 0):  # split whenever a column is constant
+            fast = utils.hessian_operator(model, x, y, loss_fn=loss_fn, path="fast", memory_budget=budget)
         torch.testing.assert_close(fast(v), general, rtol=1e-11, atol=1e-13)
 
 
@@ -298,7 +299,7 @@ def test_inputs_without_constant_columns_give_exact_products_with_x(seed, n, d, 
     x = with_constant_columns(torch.randn(n, d, generator=g, dtype=torch.float64), sorted(c for c in constant if c < d))
     w, b = torch.randn(rows, d, generator=g, dtype=torch.float64), torch.randn(rows, generator=g, dtype=torch.float64)
     grads = torch.randn(n, rows, generator=g, dtype=torch.float64)
-    split = utils._InputColumns.split(x)
+    split = utils._InputColumns.split(x, lambda constant: True)
     same = [j for j in range(d) if bool((x[:, j] == x[0, j]).all())]
     if not same:
         assert split is None
@@ -312,13 +313,21 @@ def test_inputs_without_constant_columns_give_exact_products_with_x(seed, n, d, 
 
 
 def test_inputs_are_split_only_when_skipping_the_constant_columns_pays():
-    """Skipping c constant columns of d saves c·rows multiply-adds per row of X and costs about 160·d: 20
-    flatness directions of 128 rows on MNIST-like inputs (16% constant) pay, a surface's 3 directions do not."""
-    x = with_constant_columns(torch.randn(50, 784, dtype=torch.float64), range(125))
-    assert utils._InputColumns.split(x, 21 * 128) is not None
-    assert utils._InputColumns.split(x, 3 * 128) is None
-    assert utils._InputColumns.split(x) is not None  # the Hessian operator: many products, always
-    assert utils._InputColumns.split(torch.randn(50, 784, dtype=torch.float64)) is None
+    """Skipping c of d constant columns saves c·R multiply-adds per row of X for R weight rows and costs about
+    160·d once (finding them, copying X): 20 flatness directions of a 128-wide first layer on MNIST-like inputs
+    (125 of 784 constant) pay, a surface's 3 do not. Per Hessian product the columns' moves cost about 2**25
+    multiply-adds: 4,000 examples pay, 1,000 do not. No constant column: nothing to split."""
+    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    theta = utils.flat_parameters(model)
+    layers = utils._mlp_layers(model)
+    for n, rows in ((4000, 21), (4000, 3), (1000, 21), (1000, 3)):
+        x = with_constant_columns(torch.randn(n, 784), range(125))
+        first = utils._MLPFirstLayer(layers, x, theta, torch.randn(rows - 1, theta.numel()), 1 << 30)
+        assert first.x.shape[1] == (660 if rows == 21 else 784)
+        op = utils.hessian_operator(model, x, torch.zeros(n, dtype=torch.long))
+        assert (op.inputs is not None) == (n == 4000)
+    op = utils.hessian_operator(model, torch.randn(4000, 784), torch.zeros(4000, dtype=torch.long))
+    assert op.inputs is None
 
 
 def evenly_spaced(rows) -> bool:

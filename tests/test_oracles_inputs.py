@@ -36,6 +36,19 @@ from conftest import flat, unflatten
 DT = torch.float64
 REL = 1e-10
 
+
+@pytest.fixture(autouse=True, scope="module", params=["split forced", "split where it pays"])
+def split_policy(request):
+    """Every test twice: with constant input columns always dropped from the first layer's products (the split
+    otherwise waits until it saves more than it costs, which these small problems never reach), and as shipped."""
+    from unittest import mock
+
+    if request.param == "split where it pays":
+        yield request.param
+        return
+    with mock.patch.object(utils, "_SPLIT_PAYS", 0), mock.patch.object(utils, "_SPLIT_PAYS_PER_PRODUCT", 0):
+        yield request.param
+
 # hidden activation cycles: "relu_tanh" = ReLU after the 1st hidden Linear, Tanh after the 2nd, ReLU after the 3rd ...
 ACTS = {
     "relu": (nn.ReLU,),
