@@ -145,7 +145,11 @@ def plot_mode_connectivity(metrics: dict, path: Path) -> Path:
         ax_acc.set_title("Accuracy between the two solutions")
         for ax in (ax_loss, ax_acc):
             ax.set_xlabel(f"α or t   (0: seed {a},  1: seed {b})")
-            ax.legend(fontsize=7.5)
+        # one legend for both panels (same colours and styles), below them: inside, it hid the barrier's peak
+        # and the accuracy's dip; a column per path, train above test
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
+        fig.legend(*ax_loss.get_legend_handles_labels(), loc="lower center", ncol=len(paths), fontsize=8.5,
+                   frameon=False, bbox_to_anchor=(0.5, 0.0))
         return _save(fig, path)
 
 
