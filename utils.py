@@ -509,18 +509,24 @@ def _evenly_spaced(columns) -> bool:
     return len(columns) < 3 or len(set(np.diff(columns).tolist())) == 1
 
 
+def _mixable(columns) -> bool:
+    """Whether `_mix_rows` mixes these rows with one GEMM over a view: evenly spaced but perhaps for the first
+    (θ's row beside a block of directions, added as a rank-one update)."""
+    return _evenly_spaced(columns) or _evenly_spaced(columns[1:])
+
+
 def _point_batches(used: np.ndarray, most: int) -> list[slice]:
-    """Consecutive points in batches of at most `most`; a batch whose rows in use are evenly spaced ends
-    early rather than take a point that would break that, so that its mixture stays one GEMM over a view
-    (a flatness probe's σ values share θ's row and one direction's: each direction gets batches of its own).
-    Walks runs of points with the same rows, not points: a 41×41 surface has 123 runs."""
+    """Consecutive points in batches of at most `most`; a batch whose rows in use are `_mixable` ends early
+    rather than take a point that would break that, so that its mixture stays one GEMM (noise draws that are
+    not filter-normalised, or directions some way apart). Walks runs of points with the same rows, not points:
+    a 41×41 surface has 123 runs."""
     points = used.shape[0]
     starts = [0, *(np.flatnonzero((used[1:] != used[:-1]).any(axis=1)) + 1).tolist()] if points else []
     batches, first, rows = [], 0, None
     for run, stop in zip(starts, [*starts[1:], points]):
         if rows is not None:
             joined = rows | used[run]
-            if _evenly_spaced(np.flatnonzero(rows)) and not _evenly_spaced(np.flatnonzero(joined)):
+            if _mixable(np.flatnonzero(rows)) and not _mixable(np.flatnonzero(joined)):
                 batches.append(slice(first, run))
                 first, joined = run, used[run]
             rows = joined
@@ -539,7 +545,8 @@ def _mix_rows(c: torch.Tensor, used: np.ndarray, rows: torch.Tensor, *, out: tor
     """out = [base +] c·rows (rows may be strided), reading only the rows that some point uses (`used`, the
     pattern c ≠ 0 as a NumPy array: a flatness probe uses θ's row and one direction's). When those rows are
     evenly spaced it is one GEMM over a view of them, which reads each row once for all p points (a GEMM with
-    K = 2 mixed 6 flatness points in half the time of 6 additions); else a pass per point and row."""
+    K = 2 mixed 6 flatness points in half the time of 6 additions), plus a rank-one update for a first row
+    apart from the others; else a pass per point and row."""
     columns = np.flatnonzero(used.any(axis=0))
     if len(columns) == 0:
         if base is None:
@@ -547,13 +554,17 @@ def _mix_rows(c: torch.Tensor, used: np.ndarray, rows: torch.Tensor, *, out: tor
         else:
             out.copy_(base.expand_as(out))
         return
-    if _evenly_spaced(columns):
-        step = int(columns[1] - columns[0]) if len(columns) > 1 else 1
-        picked = slice(int(columns[0]), int(columns[-1]) + 1, step)
+    if _mixable(columns):
+        lone = None if _evenly_spaced(columns) else int(columns[0])
+        block = columns if lone is None else columns[1:]
+        step = int(block[1] - block[0]) if len(block) > 1 else 1
+        picked = slice(int(block[0]), int(block[-1]) + 1, step)
         if base is None:
             torch.mm(c[:, picked], rows[picked], out=out)
         else:
             torch.addmm(base, c[:, picked], rows[picked], out=out)
+        if lone is not None:
+            out.addr_(c[:, lone], rows[lone])
         return
     values = c.tolist()
     for i in range(c.shape[0]):

@@ -334,10 +334,15 @@ def evenly_spaced(rows) -> bool:
     return len(rows) < 3 or len({b - a for a, b in zip(rows, rows[1:])}) == 1
 
 
+def mixable(rows) -> bool:
+    """Rows one GEMM over a strided view mixes: evenly spaced, perhaps but for the first (a rank-one update)."""
+    return evenly_spaced(rows) or evenly_spaced(rows[1:])
+
+
 @given(used=st.lists(st.lists(st.booleans(), min_size=5, max_size=5), min_size=0, max_size=30), most=st.integers(1, 7))
 def test_point_batches_cover_the_points_in_order_and_end_early_only_to_keep_rows_evenly_spaced(used, most):
     """Batches are consecutive, cover every point once, hold at most `most`; one that ends short (not the last)
-    does so because its rows were evenly spaced and the next point's would break that."""
+    does so because its rows were mixable by one GEMM and the next point's would break that."""
     used = np.array(used, dtype=bool).reshape(len(used), 5)
     batches = utils._point_batches(used, most)
     assert [i for s in batches for i in range(s.start, s.stop)] == list(range(len(used)))
@@ -346,19 +351,23 @@ def test_point_batches_cover_the_points_in_order_and_end_early_only_to_keep_rows
         if s.stop - s.start < most:
             rows = np.flatnonzero(used[s].any(axis=0)).tolist()
             joined = np.flatnonzero(used[s.start : s.stop + 1].any(axis=0)).tolist()
-            assert evenly_spaced(rows) and not evenly_spaced(joined)
+            assert mixable(rows) and not mixable(joined)
 
 
-@pytest.mark.parametrize("most", [1, 2, 6, 7])
-def test_flatness_batches_each_read_evenly_spaced_rows(most):
-    """θ's point, then 6 σ for each of 20 directions (θ's row and one direction's row each): every batch's rows
-    are evenly spaced, so each batch mixes its points with one GEMM."""
-    used = np.zeros((1 + 20 * 6, 21), dtype=bool)
+@pytest.mark.parametrize("most", [1, 2, 4, 6, 7])
+@pytest.mark.parametrize("sigmas", [6, 1])
+def test_probe_batches_are_full_and_each_mixed_by_one_gemm(most, sigmas):
+    """θ's point, then `sigmas` points for each of 20 directions (θ's row and one direction's row each, as
+    flatness and PAC-Bayes probes): every batch but the last holds `most` points and its rows are θ's and an
+    evenly spaced block, so each batch mixes its points with one GEMM."""
+    used = np.zeros((1 + 20 * sigmas, 21), dtype=bool)
     used[:, 0] = True
     for k in range(20):
-        used[1 + 6 * k : 7 + 6 * k, k + 1] = True
-    for s in utils._point_batches(used, most):
-        assert evenly_spaced(np.flatnonzero(used[s].any(axis=0)).tolist())
+        used[1 + sigmas * k : 1 + sigmas * (k + 1), k + 1] = True
+    batches = utils._point_batches(used, most)
+    assert all(s.stop - s.start == most for s in batches[:-1])
+    for s in batches:
+        assert mixable(np.flatnonzero(used[s].any(axis=0)).tolist())
 
 
 @pytest.mark.parametrize("widths", [[4, 5, 6, 3], [4, 5, 6, 5, 3]])
