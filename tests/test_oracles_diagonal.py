@@ -151,7 +151,9 @@ def test_hessian_diagonal_equals_diagonal_of_dense_hessian_property(seed, hidden
     if not bool(torch.diagonal(H).any()):  # every path dead on every example (a bias-free ReLU unit, n = 1)
         assert not bool(got.any())
         return
-    assert rel_err(got, torch.diagonal(H)) < REL
+    # a saturated softmax makes the diagonal tiny (1e-6 in one drawn case) by cancellation in p(1 − p): both
+    # sides then carry rounding of ~1e-16 times the O(1) terms that cancelled, hence the absolute floor
+    assert rel_err(got, torch.diagonal(H)) < REL or float((got - torch.diagonal(H)).abs().max()) < 1e-13
 
 
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
