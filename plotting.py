@@ -282,13 +282,13 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
     lr, beta = cfg["lr"], cfg["momentum"]
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-        examples = None
+        examples, checks = None, 0
         for i, seed in enumerate(_seeds(metrics)):
             track = metrics["models"][seed]["training"].get("tracking", {})
             records = track.get("records", [])
             if not records:
                 continue
-            examples = track["examples"]
+            examples, checks = track["examples"], max(checks, len(records))
             steps = [r["step"] for r in records]
             for ax, key in zip(axes, ("lambda_max", "trace", "b_simple")):
                 ax.plot(steps, [r[key] if r[key] is not None else np.nan for r in records], marker="o", ms=3,
@@ -309,7 +309,9 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
             ax.set_title(title)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-        fig.suptitle(f"During training, on the first {examples} training examples" if examples else
+        few = (f" ({checks} checks per seed within the default 20% time budget; --track-every N for more)"
+               if 0 < checks <= 3 and cfg.get("track_every", 0) == 0 else "")  # few points: straight lines
+        fig.suptitle(f"During training, on the first {examples} training examples{few}" if examples else
                      "No tracking in this run (--track-every -1)", fontsize=10)
         return _save(fig, path)
 
