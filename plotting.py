@@ -147,7 +147,8 @@ def plot_mode_connectivity(metrics: dict, path: Path) -> Path:
             ax.set_xlabel(f"α or t   (0: seed {a},  1: seed {b})")
         # one legend for both panels (same colours and styles), below them: inside, it hid the barrier's peak
         # and the accuracy's dip; a column per path, train above test
-        fig.tight_layout(rect=(0, 0.1, 1, 1))
+        if fig.get_layout_engine() is None:  # a user's rc may set one, which places the axes itself
+            fig.tight_layout(rect=(0, 0.1, 1, 1))
         fig.legend(*ax_loss.get_legend_handles_labels(), loc="lower center", ncol=len(paths), fontsize=8.5,
                    frameon=False, bbox_to_anchor=(0.5, 0.0))
         return _save(fig, path)
@@ -309,7 +310,7 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
             ax.set_title(title)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-        few = (f" ({checks} checks per seed within the default 20% time budget; --track-every N for more)"
+        few = (f" (at most {checks} checks per seed within the default 20% overhead target; --track-every N for more)"
                if 0 < checks <= 3 and cfg.get("track_every", 0) == 0 else "")  # few points: straight lines
         fig.suptitle(f"During training, on the first {examples} training examples{few}" if examples else
                      "No tracking in this run (--track-every -1)", fontsize=10)

@@ -358,6 +358,7 @@ def _linear_parts(layers, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.
     return parts
 
 
+_DEFER_BIAS_MAX = 8.0  # see _mlp_tail: at |b| ≤ 10 the float32 loss matched the general path's error (7e-8)
 _INPLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_, nn.Identity: lambda z: z}
 # working set per batch of points (4 MLP points of 4,000 examples): with batches mixed by one GEMM that reads
 # each direction's rows once, a 41×41 surface took 1.57 s at 16 MiB against 1.84 s at 8 (flatness: the same)
@@ -395,6 +396,8 @@ class _InputColumns:
         flatness directions of 128 rows: yes; a surface's 3: no); moving one Hessian product's columns costs
         about 0.5 ms (48 slices), so per product it pays when N × constant columns × width ≥ 2**25 (the 4,000
         training digits: 11.65 ms a product against 12.1; 1,000 or fewer: slower)."""
+        if not pays(x.shape[1]):  # not even with every column constant: no need to look
+            return None
         varies = x.amax(dim=0) != x.amin(dim=0)  # a NaN column counts as varying
         constant = x.shape[1] - int(varies.sum())
         return _InputColumns(x, varies) if constant and pays(constant) else None
@@ -442,6 +445,7 @@ class _MLPFirstLayer:
         blocks = [*([(w0, b0)] if self.with_base else []), (dw0, db0)]
         inputs = _InputColumns.split(x.flatten(1), lambda constant: constant * self.rows_k * self.h0
                                      >= _SPLIT_PAYS * math.prod(x.shape[1:]))
+        self.split = inputs is not None
         if inputs is None:
             self.x = x.flatten(1)
             self.blocks = [(w.reshape(-1, self.x.shape[1]),
@@ -453,6 +457,7 @@ class _MLPFirstLayer:
         self._kept = None
         if len(self.chunks) == 1:
             self._kept = self.outputs(self.chunks[0])
+            self.x = self.blocks = None  # not read again: the copy of X and the narrowed weights are freed
 
     def outputs(self, rows: slice) -> torch.Tensor:
         """(1 [+ K], h0·n) for the rows of one of `chunks`."""
@@ -599,7 +604,9 @@ def _mlp_tail(layers, z, c, used, rest, rest_dirs, buffers):
     """The layers after the first Linear, on a batch of points (p, features, n), each with its own weights.
 
     A hidden Linear followed by ReLU and another Linear defers its bias b: ReLU(o + b) = max(o, −b) + b, so
-    max(o, −b) is one pass where adding b and the ReLU were two, and the next Linear adds W·b to its own bias."""
+    max(o, −b) is one pass where adding b and the ReLU were two, and the next Linear adds W·b to its own bias.
+    Where a unit is off, W·(−b) and W·b cancel, which costs float32 digits when |b| is large (1e-5 of the loss
+    at |b| = 10⁴): biases beyond `_DEFER_BIAS_MAX` are added the plain way."""
     modules = layers[1:]
     carried = None  # (p, features): the bias deferred past a ReLU
     linear_index = 0
@@ -620,7 +627,7 @@ def _mlp_tail(layers, z, c, used, rest, rest_dirs, buffers):
             moved = torch.bmm(w_p, carried[:, :, None])[:, :, 0]
             bias = moved if bias is None else bias.add_(moved)
         defer = (bias is not None and i + 2 < len(modules) and type(modules[i + 1]) is nn.ReLU
-                 and type(modules[i + 2]) is nn.Linear)
+                 and type(modules[i + 2]) is nn.Linear and float(bias.abs().max()) <= _DEFER_BIAS_MAX)
         carried = bias if defer else None
         out = _buffer(buffers, i, (z.shape[0], w.shape[0], z.shape[2]), z)
         if bias is None or defer:
@@ -758,13 +765,15 @@ class MLPHessianOperator:
         self.dim = sum(p.numel() for p in model.parameters())
         self.matvecs = 0
         self.budget = memory_budget
-        # per row, the cache holds about five vectors per hidden layer and three per output (the input is a view)
+        # per row, the cache holds about five vectors per hidden layer and three per output (the input is a view;
+        # the split's copy of it, below, is kept whole and only made when it takes at most a quarter of the budget)
         per_row = (5 * sum(m.out_features for m in self.linears[:-1]) + 3 * self.linears[-1].out_features)
         self.chunks = _row_chunks(x.shape[0], memory_budget // (per_row * x.element_size()))
         # the first layer's inputs without their constant columns: every product multiplies them twice
         rows, width = max((c.stop - c.start for c in self.chunks), default=0), self.linears[0].out_features
         self.inputs = _InputColumns.split(x.flatten(1), lambda constant: rows * constant * width
-                                          >= _SPLIT_PAYS_PER_PRODUCT)
+                                          >= _SPLIT_PAYS_PER_PRODUCT and 4 * x.numel() * x.element_size()
+                                          <= memory_budget)
         self.first = None if self.inputs is None else self.inputs.weights(*self.weights[0])
         self._caches = [self._cache(rows) for rows in self.chunks] if len(self.chunks) == 1 else None
 
