@@ -645,7 +645,7 @@ class _Classes:
         if count_correct:
             self.index = y.view(1, 1, -1)
             # earlier[j, i]: class j comes before example i's label (argmax returns the first maximum)
-            self.earlier = torch.arange(n_classes)[:, None] < y[None, :]
+            self.earlier = torch.arange(n_classes, device=y.device)[:, None] < y[None, :]
 
 
 def _batched_loss_and_correct(logits, classes: _Classes, loss_fn):
