@@ -583,9 +583,6 @@ def _mix_rows(c: torch.Tensor, used: np.ndarray, rows: torch.Tensor, *, out: tor
             continue
         if base is not None:
             torch.add(base[0], rows[first], alpha=values[i][first], out=target)
-        elif values[i][first] == 1.0 and others:  # θ's row and one direction (a probe): one pass
-            torch.add(rows[first], rows[others[0]], alpha=values[i][others[0]], out=target)
-            others = others[1:]
         else:
             torch.mul(rows[first], values[i][first], out=target)
         for j in others:
