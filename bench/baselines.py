@@ -73,6 +73,19 @@ def trace_hutchinson_pyhessian_rule(model, x, y, *, tol=1e-3, max_iter=100, seed
     return mean, len(samples)
 
 
+def kept_graph_product(model, x, y):
+    """v (flat) -> H·v (flat) by autograd's double backward through one gradient graph built here and kept:
+    the product that `top_eigenvalue_pyhessian_rule` repeats."""
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        parts = list(_params_from_flat(model, v).values())
+        return torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, parts, retain_graph=True)])
+
+    return product
+
+
 def top_eigenvalue_power_to_accuracy(model, x, y, exact: float, *, rel_error=1e-4, max_iter=1000, seed=0):
     """Power iteration on the same kept graph, stopped by an oracle once |λ − exact| ≤ rel_error·exact:
     the cheapest power iteration can be at the accuracy we guarantee (no real stopping rule can do better)."""
