@@ -379,7 +379,7 @@ def summary_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     rows += [[f"loss barrier {pair} ({split})", _fmt(_barrier(c[split])), *[""] * (len(seeds) - 1)]
              for split in ("train", "test")]
     if "aligned" in c:
-        rows += [[f"  after weight matching ({split})", _fmt(c["aligned"][split]["barriers"]["loss_linear"]),
+        rows += [[f"  after weight matching ({split})", _fmt(_barrier(c["aligned"][split])),
                   *[""] * (len(seeds) - 1)] for split in ("train", "test")]
     if "bezier" in c:
         rows += [[f"  Bézier curve, max loss ({split})", _fmt(max(c["bezier"][split]["losses"])),
@@ -566,7 +566,7 @@ def report_sections(metrics: dict) -> list[dict]:
         "formula": r"$B = \max_\alpha L((1-\alpha)\theta_A + \alpha\theta_B) - "
                    r"[(1-\alpha) L(\theta_A) + \alpha L(\theta_B)]$",
         "numbers": [f"loss barrier {split} {_fmt(_barrier(c[split]))}"
-                    + (f", after weight matching {_fmt(c['aligned'][split]['barriers']['loss_linear'])}"
+                    + (f", after weight matching {_fmt(_barrier(c['aligned'][split]))}"
                        if "aligned" in c else "")
                     + (f", Bezier curve max loss {_fmt(max(c['bezier'][split]['losses']))}" if "bezier" in c else "")
                     for split in ("train", "test")],

@@ -383,7 +383,7 @@ class _InputColumns:
         varying = torch.nonzero(varies).flatten().cpu().numpy()
         self.runs = [(int(run[0]), int(run[-1]) + 1)
                      for run in np.split(varying, np.flatnonzero(np.diff(varying) != 1) + 1) if len(run)]
-        self.width, self.varying = x.shape[1], len(varying)
+        self.varying = len(varying)
         self.values = torch.where(varies, 0.0, x[0])  # c
         self.x = self._narrow(x)
         self.x[:, -1] = 1
