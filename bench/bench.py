@@ -39,6 +39,7 @@ import data  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
+from landscape.plumbing import start_vector  # noqa: E402
 
 GOALS = {"top eigenvalue": 0.5, "41x41 surface": 0.2, "noise scale": 0.02, "interpolation": 0.33, "flatness": 0.33,
          "tracking overhead": 0.25}
@@ -99,7 +100,7 @@ def _one_product(model, x, y, reps) -> str:
     baseline's (autograd's double backward on its kept graph), alternating, 4·reps each. Both do the same GEMMs,
     so the ratio of the eigenvalue row can only come from taking fewer products."""
     op = utils.hessian_operator(model, x, y)
-    v = utils._start_vector(op.dim, 0, utils.flat_parameters(model))
+    v = start_vector(op.dim, 0, utils.flat_parameters(model))
     product = baselines.kept_graph_product(model, x, y)
     times = alternate({"baseline": lambda: product(v), "ours": lambda: op(v)}, 4 * reps)
     base, ours = (statistics.median(times[k][0]) for k in ("baseline", "ours"))

@@ -5,16 +5,16 @@ import os
 import struct
 import subprocess
 import sys
-from pathlib import Path
+
+N_TRAIN, N_TEST = 6, 4
+
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import data
-
-ROOT = Path(__file__).resolve().parents[1]
-N_TRAIN, N_TEST = 6, 4
 
 
 def write_idx(path, array: np.ndarray, *, compress: bool = False) -> None:
@@ -145,3 +145,4 @@ def test_without_a_name_for_any_mirror_the_fallback_loads_without_importing_torc
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=env)
     assert done.returncode == 0, done.stderr
+

@@ -20,6 +20,19 @@ def train_once(ds, seed, n=1000, epochs=1, lr=0.1):
     return model, history
 
 
+def reference_sgd_training(model, x, y, *, epochs, lr, momentum, weight_decay, batch_size, seed):
+    """The textbook loop with torch.optim.SGD, shuffling from the same seeded generator as `train`."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=generator)
+        for start in range(0, x.shape[0], batch_size):
+            idx = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+
+
 def test_same_seed_gives_bit_identical_weights(fallback):
     a, ha = train_once(fallback, 0)
     b, hb = train_once(fallback, 0)
@@ -44,7 +57,7 @@ def test_initialisation_matches_pytorch_default_distribution():
 
 def test_default_settings_reach_90_percent_on_the_offline_fallback(fallback):
     cfg = main.Config()
-    model = main.build_model(cfg, cfg.seeds[0])
+    model = main.build_model(main.Training.of(cfg, seed=cfg.seeds[0]))
     training.train(model, fallback.x_train, fallback.y_train, epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
                    batch_size=cfg.batch_size, seed=cfg.seeds[0])
     assert training.evaluate(model, fallback.x_test, fallback.y_test).accuracy >= 0.90
@@ -69,19 +82,6 @@ def test_cnn_trains_and_evaluates(fallback):
     model = models.SmallCNN(generator=torch.Generator().manual_seed(0))
     training.train(model, fallback.x_train[:256], fallback.y_train[:256], epochs=1, lr=0.05, seed=0)
     assert training.evaluate(model, fallback.x_test[:64], fallback.y_test[:64]).loss < 2.31
-
-
-def reference_sgd_training(model, x, y, *, epochs, lr, momentum, weight_decay, batch_size, seed):
-    """The textbook loop with torch.optim.SGD, shuffling from the same seeded generator as `train`."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=generator)
-        for start in range(0, x.shape[0], batch_size):
-            idx = order[start : start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            optimizer.step()
 
 
 @pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.5, 1e-3), (0.0, 1e-2)])
@@ -109,3 +109,4 @@ def test_sgd_step_leaves_a_parameter_without_gradient_alone():
     assert torch.equal(buffers[0], torch.tensor([1.0, 2.0, 3.0])) and buffers[1] is None
     training.sgd_step([used, unused], buffers, lr=0.5, momentum=0.9)  # buffer = 0.9·g + g = 1.9·g
     assert torch.allclose(used.detach(), torch.tensor([0.5, 0.0, -0.5]) - 0.5 * 1.9 * used.grad)
+

@@ -1,0 +1,195 @@
+"""The loss at many parameter points θ_p = base + Σ_k c[p, k]·d_k: one interface (`PointEvaluator`), the
+reference (`FunctionalPoints`, one functional forward per point), the MLP fast path (`MLPPoints`) and one
+dispatch point (`point_evaluator`). Surfaces, interpolation, curves and every flatness measure use it."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, fast_path_layers, graph_bytes_per_example,
+                                is_integer_labels, linear_parts, prepare, resolve_loss, row_chunks, split_flat)
+
+# Working set of one batch of MLP points (activations of p points × n examples): small enough to stay in
+# cache-friendly sizes, large enough that each batched product is a real GEMM (bench/RESULTS.md).
+POINT_BATCH_BYTES = 16 << 20
+
+
+@dataclass
+class PointLosses:
+    """Mean loss and accuracy at each parameter point of a batch."""
+
+    losses: torch.Tensor  # (P,) float64
+    accuracies: torch.Tensor  # (P,) float64, NaN when the targets are not class labels
+
+
+class PointEvaluator(ABC):
+    """coefficients (P, K) -> `PointLosses` at θ_p = base + Σ_k coefficients[p, k]·directions[k], for one model,
+    data set, base (D,) and directions (K, D), called as often as a search needs. The model's own parameters
+    are not used, only its architecture. Subclasses sum the loss and count correct predictions per point."""
+
+    def __init__(self, model, x, y, base, directions, *, loss_fn=None, memory_budget=DEFAULT_MEMORY_BUDGET,
+                 accuracy=True, copy=True):
+        self.model = model
+        self.x, self.y = prepare(model, x, y)
+        self.count_correct = accuracy and is_integer_labels(self.y)
+        p0 = next(model.parameters())
+        # private copies: what an evaluator keeps must not go stale if the caller changes its tensors later
+        # (copy=False: called once, at once, as by `losses_at_points`)
+        self.base = base.detach().to(p0, copy=copy)
+        self.directions = directions.detach().to(p0, copy=copy).reshape(-1, self.base.numel())
+        self.loss_fn = resolve_loss(loss_fn)
+        self.budget = memory_budget
+
+    @abstractmethod
+    def _sums(self, coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, number of correct predictions) per point, float64 (P,); NaN counts without labels."""
+
+    def __call__(self, coefficients) -> PointLosses:
+        coefficients = torch.as_tensor(coefficients).to(self.base).reshape(-1, self.directions.shape[0])
+        with torch.no_grad():
+            sums, correct = self._sums(coefficients)
+        n = self.x.shape[0]
+        return PointLosses(losses=sums / n, accuracies=correct / n)
+
+
+class FunctionalPoints(PointEvaluator):
+    """The reference: one functional forward per point (and per row chunk), for any model."""
+
+    def _sums(self, coefficients):
+        rows = self.budget // max(1.0, graph_bytes_per_example(self.model, self.x, self.y, self.loss_fn))
+        sums = torch.zeros(coefficients.shape[0], dtype=torch.float64, device=self.x.device)
+        correct = torch.zeros_like(sums)
+        for i, c in enumerate(coefficients):
+            params = split_flat(self.base + c @ self.directions, self.model)
+            for part in row_chunks(self.x.shape[0], rows):
+                logits = functional_call(self.model, params, (self.x[part],))
+                sums[i] += (self.loss_fn(logits, self.y[part]) * (part.stop - part.start)).double()
+                if self.count_correct:
+                    correct[i] += (logits.argmax(dim=-1) == self.y[part]).sum()
+        return sums, correct if self.count_correct else torch.full_like(sums, math.nan)
+
+
+class MLPPoints(PointEvaluator):
+    """The MLP fast path. The first layer is linear in its weights,
+        (W + Σ_k c_k·D_k)·Xᵀ + (b + Σ_k c_k·e_k) = (W·Xᵀ + b) + Σ_k c_k·(D_k·Xᵀ + e_k),
+    so the first layer's outputs for θ and for each direction (the largest GEMMs: h × d × N each) are computed
+    once and kept, and every point's first-layer output is a mixture of them: one small GEMM per batch of points.
+    The later layers run as one batched product per batch, each point with its own weights, features first,
+    (p, features, n). Equal to `FunctionalPoints`:
+    tests/test_points.py::test_fast_and_general_paths_give_the_same_losses."""
+
+    def __init__(self, model, layers, x, y, base, directions, **kwargs):
+        super().__init__(model, x, y, base, directions, **kwargs)
+        self.layers = layers
+        self.rest = linear_parts(layers, self.base)[1:]
+        self.rest_directions = linear_parts(layers, self.directions)[1:]
+        self.classes = [m for m in layers if type(m) is nn.Linear][-1].out_features
+        self.width = max(m.out_features for m in layers if type(m) is nn.Linear)
+        # θ's own first-layer block is left out when base = 0 (points written as mixtures of endpoints)
+        self.with_base = bool(self.base.any())
+        (w0, b0), (dw0, db0) = linear_parts(layers, self.base)[0], linear_parts(layers, self.directions)[0]
+        self.h0 = w0.shape[0]
+        weights = torch.cat([*([w0[None]] if self.with_base else []), dw0]).reshape(-1, w0.shape[1])  # (R·h, d)
+        biases = None if b0 is None else torch.cat([*([b0[None]] if self.with_base else []), db0]).reshape(-1, 1)
+        self.first = (weights, biases)
+        self.rows = weights.shape[0] // self.h0  # R: row blocks, θ's (if kept) and one per direction
+        n = self.x.shape[0]
+        self.chunks = row_chunks(n, self.budget // (2 * self.base.element_size() * self.h0 * max(1, self.rows)))
+        self._kept = None
+        if len(self.chunks) == 1:
+            with torch.no_grad():
+                self._kept = self._first_layer(self.chunks[0])
+
+    def _first_layer(self, part: slice) -> torch.Tensor:
+        """(R, h·n): the first layer's outputs of each row block for the examples `part`, features first."""
+        if self._kept is not None:  # there is one chunk, so `part` is it
+            return self._kept
+        weights, biases = self.first
+        z = weights @ self.x[part].flatten(1).T  # (R·h, n)
+        if biases is not None:
+            z += biases
+        return z.view(self.rows, -1)
+
+    def _sums(self, coefficients):
+        mixing = torch.cat([torch.ones_like(coefficients[:, :1]), coefficients], 1) if self.with_base else coefficients
+        sums = torch.zeros(coefficients.shape[0], dtype=torch.float64, device=self.x.device)
+        correct = torch.zeros_like(sums)
+        for part in self.chunks:
+            n = part.stop - part.start
+            blocks, y = self._first_layer(part), self.y[part]
+            per_batch = max(1, min(self.budget, POINT_BATCH_BYTES) // (2 * self.base.element_size() * n * self.width))
+            for start in range(0, coefficients.shape[0], per_batch):
+                batch = slice(start, min(start + per_batch, coefficients.shape[0]))
+                used = torch.nonzero(mixing[batch].ne(0).any(dim=0)).flatten()  # the row blocks this batch reads
+                z = (mixing[batch][:, used] @ blocks[used]).view(-1, self.h0, n)  # (p, h, n)
+                logits = self._tail(z, coefficients[batch])  # (p, C, n)
+                s, r = self._loss_and_correct(logits, y)
+                sums[batch] += s
+                correct[batch] += r
+        return sums, correct
+
+    def _tail(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The layers after the first Linear on a batch of points (p, features, n), each with its own weights."""
+        index = 0
+        for m in self.layers[1:]:
+            if type(m) is not nn.Linear:
+                z = m(z)
+                continue
+            (w, b), (dw, db) = self.rest[index], self.rest_directions[index]
+            index += 1
+            w_p = torch.addmm(w.reshape(1, -1), c, dw.reshape(dw.shape[0], -1)).view(-1, *w.shape)  # (p, out, in)
+            z = torch.bmm(w_p, z) if b is None else torch.baddbmm((b + c @ db)[:, :, None], w_p, z)  # (p, out, n)
+        return z
+
+    def _loss_and_correct(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss and correct count per point for features-first logits (p, C, n)."""
+        p, _, n = logits.shape
+        if self.loss_fn is F.cross_entropy:
+            sums = F.cross_entropy(logits, y.expand(p, n), reduction="none").sum(dim=1).double()
+        else:
+            sums = torch.stack([self.loss_fn(logits[i].T, y) for i in range(p)]).double() * n
+        if not self.count_correct:
+            return sums, torch.full((p,), math.nan, dtype=torch.float64, device=logits.device)
+        return sums, (logits.argmax(dim=1) == y).sum(dim=1).double()
+
+
+def point_evaluator(model: nn.Module, x: torch.Tensor, y: torch.Tensor, base: torch.Tensor, directions: torch.Tensor,
+                    *, loss_fn: LossFn | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET, path: str = "auto",
+                    accuracy: bool = True, copy: bool = True) -> PointEvaluator:
+    """A callable coefficients (P, K) -> `PointLosses`, as `losses_at_points` with everything else fixed: the one
+    dispatch point, `MLPPoints` for a plain MLP (path "auto" or "fast"), `FunctionalPoints` otherwise."""
+    layers = fast_path_layers(model, path)
+    kwargs = dict(loss_fn=loss_fn, memory_budget=memory_budget, accuracy=accuracy, copy=copy)
+    if layers is not None:
+        return MLPPoints(model, layers, x, y, base, directions, **kwargs)
+    return FunctionalPoints(model, x, y, base, directions, **kwargs)
+
+
+def losses_at_points(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    base: torch.Tensor,
+    directions: torch.Tensor,
+    coefficients: torch.Tensor,
+    *,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    path: str = "auto",
+    accuracy: bool = True,
+) -> PointLosses:
+    """Loss and accuracy at θ_p = base + Σ_k coefficients[p, k]·directions[k] for every p, in batched passes.
+
+    Shapes: base (D,), directions (K, D), coefficients (P, K). `path` is "auto" (fast when
+    the model is a plain MLP), "fast" or "general"; both give the same numbers. With accuracy=False
+    (or targets that are not class labels) the accuracies are NaN and cost nothing.
+    """
+    return point_evaluator(model, x, y, base, directions, loss_fn=loss_fn, memory_budget=memory_budget, path=path,
+                           accuracy=accuracy, copy=False)(coefficients)

@@ -1,0 +1,368 @@
+"""The stage store: every finished stage of every run kept on disk, found again by what it was computed from.
+
+A stage is a pure function `stage(settings, **inputs)`: `settings` is a small frozen dataclass (the only
+configuration the stage can read) and each input is a `Keyed` value, a value with a key that names how it
+was made. The store derives the stage's key from exactly these: the settings' fields, the inputs' keys, a
+digest of the source of the code the stage can run (`CodeIndex`) and the environment (torch's version and
+thread count, on which the rounding depends). A stage whose key has a file is loaded, any other is computed
+and saved. So editing a setting, a seed or a helper that a stage calls recomputes that stage and what reads
+its result, and nothing else; a docstring or comment edit recomputes nothing.
+
+Layout: runs/<subject>/<stage>.<key>.json, one folder per trained model (with its model.pt) and one per
+pair of models; every file records its stage, settings and input keys. Files no run uses any more (old
+settings, old code) stay until `prune` removes them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from landscape.files import write_atomic, write_bytes_atomic
+
+log = logging.getLogger("landscape")
+KEY_LENGTH = 16  # hex digits of sha256: 64 bits, no collision in any plausible store
+
+
+def digest(*parts) -> str:
+    """A short stable hash of JSON-able parts (non-JSON values by their str)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:KEY_LENGTH]
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """A stage input: the value and a key that names how it was made (a data slice's checksum, a stage's key)."""
+
+    value: Any
+    key: str
+
+
+# ----------------------------------------------------------------------------- the code a stage can run
+
+
+class CodeIndex:
+    """Digests of the source a function can run, within the project's own files.
+
+    Each top-level definition (function, class, constant) of a project file is hashed as its syntax tree
+    without docstrings (comments and layout never reach the tree), and the digest of a function covers the
+    definitions it names, transitively: names in its own file, names it imports from project modules and
+    `module.name` attributes of imported project modules. A class counts whole, with every method. Code
+    outside the project (torch, numpy) is covered by the environment part of the key instead."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self._modules: dict[Path, _Module] = {}
+        self._digests: dict[tuple[Path, str], str] = {}
+
+    def digest(self, function: Callable, *more) -> str:
+        """One digest of the code that `function` and `more` (functions, or classes defined beside `function`,
+        such as its settings' class) can run."""
+        home = Path(function.__code__.co_filename).resolve()
+        return digest(*[self._closure_digest(*self._where(item, home)) for item in (function, *more)])
+
+    def definitions(self, function: Callable) -> list[str]:
+        """The project definitions `function` can run, as 'file:name' (for reading and for tests)."""
+        home = Path(function.__code__.co_filename).resolve()
+        return sorted(f"{path.relative_to(self.root)}:{name}" for path, name in self._closure(home, function.__name__))
+
+    def _where(self, item, home: Path) -> tuple[Path, str]:
+        """The file and top-level name of a function, or of a class (looked for in `home`, else its module's file:
+        a module run by runpy is not in sys.modules, and a dataclass's own methods are generated code)."""
+        name = item.__qualname__.split(".")[0]
+        if hasattr(item, "__code__"):
+            return Path(item.__code__.co_filename).resolve(), name
+        if name in self._module(home).nodes:
+            return home, name
+        return Path(sys.modules[item.__module__].__file__).resolve(), name
+
+    def _closure_digest(self, path: Path, name: str) -> str:
+        if (path, name) not in self._digests:
+            self._digests[(path, name)] = digest(*[(str(p.relative_to(self.root)), n, self._module(p).dump(n))
+                                                   for p, n in sorted(self._closure(path, name))])
+        return self._digests[(path, name)]
+
+    def _closure(self, path: Path, name: str) -> set[tuple[Path, str]]:
+        seen, todo = set(), [(path, name)]
+        while todo:
+            item = self._resolve(*todo.pop())
+            if item is None or item in seen:
+                continue
+            seen.add(item)
+            todo += list(self._module(item[0]).references(item[1]))
+        return seen
+
+    def _resolve(self, path: Path, name: str) -> tuple[Path, str] | None:
+        """Follow imports until the file that defines `name` (None: not a project definition)."""
+        for _ in range(16):
+            module = self._module(path)
+            if name in module.nodes:
+                return path, name
+            if name not in module.imported:
+                return None
+            path, name = module.imported[name]
+        return None
+
+    def _module(self, path: Path) -> "_Module":
+        if path not in self._modules:
+            self._modules[path] = _Module(path, self.root)
+        return self._modules[path]
+
+
+class _Module:
+    """One project file: its top-level definitions (as docstring-free tree dumps), the project definitions each
+    one refers to, and the names it imports from other project files."""
+
+    def __init__(self, path: Path, root: Path) -> None:
+        self.path = path
+        tree = ast.parse(path.read_text(), filename=str(path)) if path.is_file() else ast.Module(body=[])
+        self.imported: dict[str, tuple[Path, str]] = {}  # name -> (project file, its name there)
+        self.modules: dict[str, Path] = {}  # alias -> project file of an imported module
+        for node in tree.body:
+            self._read_import(node, root)
+        self.nodes = {name: node for node in tree.body for name in _defined_names(node)}
+        self._dumps: dict[str, str] = {}
+        self._references: dict[str, set[tuple[Path, str]]] = {}
+
+    def dump(self, name: str) -> str:
+        """The definition's syntax tree without docstrings, as text (computed when first asked for)."""
+        if name not in self._dumps:
+            node = self.nodes[name]
+            _strip_docstrings(node)
+            self._dumps[name] = ast.dump(node)
+        return self._dumps[name]
+
+    def references(self, name: str) -> set[tuple[Path, str]]:
+        """The project definitions that definition `name` refers to."""
+        if name not in self._references:
+            self._references[name] = self._find_references(self.nodes[name])
+        return self._references[name]
+
+    def _read_import(self, node: ast.AST, root: Path) -> None:
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                target = _module_file(root, alias.name)
+                if target is not None:
+                    self.modules[alias.asname or alias.name.split(".")[0]] = target
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = self.path.parents[node.level - 1]
+                base = ".".join([*package.relative_to(root).parts, *([base] if base else [])])
+            for alias in node.names:
+                module = _module_file(root, f"{base}.{alias.name}" if base else alias.name)
+                if module is not None:  # `from package import module`
+                    self.modules[alias.asname or alias.name] = module
+                elif (source := _module_file(root, base)) is not None:
+                    self.imported[alias.asname or alias.name] = (source, alias.name)
+
+    def _find_references(self, node: ast.AST) -> set[tuple[Path, str]]:
+        found = set()
+        for sub in _code_nodes(node):
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and (sub.id in self.nodes or
+                                                                               sub.id in self.imported):
+                found.add((self.path, sub.id))  # `_resolve` follows an imported name to its file
+            elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id in self.modules:
+                found.add((self.modules[sub.value.id], sub.attr))
+        return found
+
+
+def _code_nodes(node: ast.AST):
+    """Every node under `node` except type annotations, which run nothing (`cfg: Config` must not make a
+    stage depend on every default of Config)."""
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        yield current
+        for name, value in ast.iter_fields(current):
+            if name in ("annotation", "returns") or (isinstance(current, ast.AnnAssign) and name == "target"):
+                continue
+            if isinstance(value, ast.AST):
+                todo.append(value)
+            elif isinstance(value, list):
+                todo += [item for item in value if isinstance(item, ast.AST)]
+
+
+def _module_file(root: Path, dotted: str) -> Path | None:
+    if not dotted:
+        return None
+    base = root.joinpath(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate.resolve()
+    return None
+
+
+def _defined_names(node: ast.AST) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.Assign):
+        return [t.id for t in node.targets if isinstance(t, ast.Name)]
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return [node.target.id]
+    return []
+
+
+def _strip_docstrings(tree: ast.AST) -> None:
+    """Remove, in place, the docstring of every function and class in `tree`."""
+    for sub in ast.walk(tree):
+        if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and sub.body:
+            first = sub.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                sub.body = sub.body[1:] or [ast.Pass()]
+
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+DISPLAY = "progress"  # a keyword a stage may take to show its own progress bar: not an input, not in the key
+
+
+def stage_inputs(stage: Callable) -> list[str]:
+    """The names of a stage's inputs: its keyword-only parameters (the first positional one is its settings)."""
+    return [p.name for p in inspect.signature(stage).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.name != DISPLAY]
+
+
+def _display(stage: Callable, progress: bool) -> dict:
+    return {DISPLAY: progress} if DISPLAY in inspect.signature(stage).parameters else {}
+
+
+class Store:
+    """Finished stages under `root`, loaded when their key matches, else computed now and saved atomically.
+
+    `run` serves a stage that returns a JSON-able result, `trained` one that trains a model in place (its
+    state_dict and history go to <subject>/model.pt). `loaded`, `timings` and `warnings` say what happened, for
+    metrics.json; `fresh` recomputes everything; `progress` shows a bar over `total` stages on a terminal."""
+
+    def __init__(self, root: Path, *, code: CodeIndex, environment: dict, fresh: bool = False, total: int = 0,
+                 progress: bool = False) -> None:
+        self.root, self.code, self.environment, self.fresh = Path(root), code, environment, fresh
+        self.loaded: list[str] = []
+        self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []
+        self.used: set[Path] = set()
+        self.progress = progress
+        self.bar = tqdm(total=total, desc="measuring", unit="stage", disable=not progress, leave=False)
+
+    def key(self, stage: Callable, settings, inputs: dict[str, Keyed], *also: Callable) -> str:
+        """Stage name, every settings field, every input's key, the code it can run, the environment."""
+        fields = dataclasses.asdict(settings) if settings is not None else {}
+        code = self.code.digest(stage, *also, *([type(settings)] if settings is not None else []))
+        return digest(stage.__name__, fields, {name: value.key for name, value in sorted(inputs.items())}, code,
+                      self.environment)
+
+    def run(self, stage: Callable, settings, subject: str, inputs: dict[str, Keyed], *, label: str) -> Keyed:
+        """stage(settings, **inputs) from `subject`'s folder if it finished before, else computed and saved."""
+        inputs = {name: inputs[name] for name in stage_inputs(stage)}
+        key = self.key(stage, settings, inputs)
+        path = self.root / subject / f"{stage.__name__}.{key}.json"
+        self._progress(label)
+        found = self._load_json(path, key)
+        if found is not None:
+            self._record(label, path, found["seconds"], loaded=True)
+            return Keyed(found["result"], key)
+        start = time.perf_counter()
+        result = stage(settings, **{name: value.value for name, value in inputs.items()}, **_display(stage, self.progress))
+        seconds = round(time.perf_counter() - start, 4)
+        payload = {"stage": stage.__name__, "label": label, "key": key, "seconds": seconds,
+                   "settings": dataclasses.asdict(settings) if settings is not None else {},
+                   "inputs": {name: value.key for name, value in inputs.items()}, "result": result}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, json.dumps(payload).encode())
+        self._record(label, path, seconds, loaded=False)
+        return Keyed(result, key)
+
+    def trained(self, build: Callable, fit: Callable, settings, inputs: dict[str, Keyed], *,
+                label: str) -> tuple[Keyed, dict]:
+        """(the model, its training history): build(settings) trained by fit(settings, model, **inputs), or the
+        weights and history saved in <key>/model.pt by an earlier run with the same key."""
+        inputs = {name: inputs[name] for name in stage_inputs(fit)}
+        key = self.key(fit, settings, inputs, build)
+        path = self.root / key / "model.pt"
+        model = build(settings)
+        self._progress(label)
+        history = self._load_model(path, key, model)
+        if history is not None:
+            self._record(label, path, history["seconds"], loaded=True)
+            return Keyed(model.eval(), key), history
+        history = fit(settings, model, **{name: value.value for name, value in inputs.items()},
+                      **_display(fit, self.progress))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"key": key, "stage": fit.__name__, "label": label, "settings": dataclasses.asdict(settings),
+                   "state_dict": model.state_dict(), "history": history}
+        write_atomic(path, lambda f: torch.save(payload, f))
+        self._record(label, path, history["seconds"], loaded=False)
+        return Keyed(model.eval(), key), history
+
+    def _progress(self, label: str) -> None:
+        self.bar.set_postfix_str(label)
+        self.bar.update(1)
+
+    def _record(self, label: str, path: Path, seconds: float, *, loaded: bool) -> None:
+        self.used.add(path)
+        self.timings[label] = seconds
+        if loaded:
+            self.loaded.append(label)
+        log.debug("%s %s: %s", "loaded" if loaded else "computed", label, path)
+
+    def _reject(self, path: Path, why: str) -> None:
+        self.warnings.append(f"{path} {why}; recomputing it")  # the run prints its warnings when it ends
+
+    def _load_json(self, path: Path, key: str) -> dict | None:
+        if self.fresh or not path.exists():
+            return None
+        try:
+            payload = json.loads(path.read_text())
+            if payload["key"] != key:
+                raise ValueError("key mismatch")
+            return {"result": payload["result"], "seconds": float(payload["seconds"])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self._reject(path, "is damaged")
+            return None
+
+    def _load_model(self, path: Path, key: str, model: torch.nn.Module) -> dict | None:
+        if self.fresh or not path.exists():
+            return None
+        try:
+            payload = torch.load(path, weights_only=True)
+            if payload["key"] != key:
+                raise ValueError("key mismatch")
+            model.load_state_dict(payload["state_dict"], strict=True)
+            return payload["history"]
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+                pickle.UnpicklingError):
+            self._reject(path, "is damaged or holds another architecture")
+            return None
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def unused(self) -> list[Path]:
+        """Every file under the store's folder that this run neither loaded nor wrote."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.rglob("*") if p.is_file() and p not in self.used)
+
+    def prune(self) -> list[Path]:
+        """Delete `unused()` files and the folders they leave empty; returns what was deleted."""
+        removed = self.unused()
+        for path in removed:
+            path.unlink()
+        for folder in sorted((p for p in self.root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        return removed

@@ -1,0 +1,108 @@
+"""Figures and the report, drawn from metrics alone: every figure as a 150-dpi PNG and a vector PDF, a page
+per section with its numbers, redrawing without computing, a failing figure leaves no report behind."""
+
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import PIL.Image
+import pytest
+from conftest import ROOT
+
+import main
+import plotting
+
+
+def pdf_text(path: Path) -> str:
+    """Text of a PDF by poppler's pdftotext, or pypdf where poppler is not installed."""
+    if shutil.which("pdftotext"):
+        return subprocess.run(["pdftotext", "-layout", str(path), "-"], capture_output=True, text=True,
+                              check=True).stdout
+    from pypdf import PdfReader
+
+    return "\n".join(page.extract_text() for page in PdfReader(str(path)).pages)
+
+
+def pdf_pages(path: Path) -> int:
+    return len(re.findall(rb"/Type\s*/Page[^s]", path.read_bytes()))
+
+
+class FigureFailed(RuntimeError):
+    pass
+
+
+def failing_figure(metrics, path):
+    raise FigureFailed(f"could not draw {path.name}")
+
+
+def test_report_has_a_page_per_section_with_names_and_numbers(run):
+    out, metrics = run
+    report = out / plotting.REPORT
+    sections = plotting.report_sections(metrics)
+    assert pdf_pages(report) == len(sections) + 2  # title page, one per section, the summary table
+    text = pdf_text(report)
+    for section in sections:
+        assert section["title"] in text
+    flattened = re.sub(r"\s+", " ", text)
+    for seed, m in metrics["models"].items():
+        for value in (m["sharpness"]["eigenvalue"], m["eigenpairs"]["lambda_min"], m["trace"]["trace"],
+                      m["flatness"]["mean_increase"][-1], m["gradient_noise"]["b_simple"],
+                      m["gradient_noise"]["b_noise"], m["test"]["loss"], m["pac_bayes"]["plain"]["sigma"]):
+            number = plotting._fmt(value, 3) if value == m["pac_bayes"]["plain"]["sigma"] else plotting._fmt(value)
+            assert number in flattened, (seed, number)
+    # the barrier with α refined near the peak, as in the figure's legend and the summary table
+    assert plotting._fmt(metrics["connectivity"]["train"]["barriers"]["loss_linear"]) in flattened
+    for name in ("sharpness", "flatness", "noise scale", "barrier", "Loss surface", "trace"):
+        assert name.lower() in flattened.lower()
+
+
+def test_every_figure_has_a_png_at_150_dpi_and_a_vector_pdf(run):
+    out, _ = run
+    for name in plotting.FIGURES:
+        with PIL.Image.open(out / name) as png:
+            assert png.height > 300 and png.mode == "RGBA"
+            assert tuple(round(d) for d in png.info["dpi"]) == (150, 150)  # the resolution written in the file
+        assert (out / name).with_suffix(".pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_plot_only_redraws_report_and_vector_copies(run, tmp_path):
+    out, metrics = run
+    target = tmp_path / "redraw"
+    target.mkdir()
+    shutil.copy(out / "metrics.json", target / "metrics.json")
+    assert main.main(["--plot-only", "--quiet", "--out", str(target)]) == 0
+    assert (target / plotting.REPORT).stat().st_size > 50_000
+    assert all((target / name).with_suffix(".pdf").exists() for name in plotting.FIGURES)
+    done = subprocess.run([main.sys.executable, str(ROOT / "plotting.py"), str(target)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and plotting.REPORT in done.stdout
+
+
+def test_figures_redraw_from_saved_metrics(quick_run, tmp_path):
+    _, metrics = quick_run
+    written = plotting.plot_all(metrics, tmp_path)
+    expected = {name for png in plotting.FIGURES for name in (png, png.replace(".png", ".pdf"))} | {plotting.REPORT}
+    assert sorted(p.name for p in written) == sorted(expected)
+
+
+@pytest.mark.parametrize("broken", ["connectivity_plane.png", "summary_table.png", "not_in_the_report.png"])
+def test_a_figure_that_fails_in_either_process_fails_plot_all_and_leaves_no_report(quick_run, tmp_path, monkeypatch,
+                                                                                 broken):
+    """The forked process draws the report's early figures while this one draws the last two and the report:
+    an error in either (the plane is drawn by the fork, the summary table here, and a figure that no page
+    embeds, by the fork while the report is written) reaches the caller, no report is written and no
+    temporary file is left behind."""
+    _, metrics = quick_run
+    monkeypatch.setitem(plotting.FIGURES, broken, failing_figure)
+    with pytest.raises(FigureFailed, match=broken):
+        plotting.plot_all(metrics, tmp_path)
+    assert not (tmp_path / plotting.REPORT).exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_summary_table_lists_every_seed(quick_run):
+    text = plotting.format_summary(quick_run[1])
+    assert "seed 0" in text and "seed 42" in text and "sharpness" in text
+
