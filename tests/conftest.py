@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,25 @@ class Wrapped(nn.Module):
 
     def forward(self, x):
         return self.inner(x)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the capabilities that have an MLP fast path (Hessian products, parameter points,
+    per-example gradients): "general", the autograd reference, or "fast", the MLP fast path. `path` is what
+    the dispatching functions take; `model(m)` is m as that backend sees it (wrapped, so that it is no plain
+    Sequential, for "general")."""
+
+    path: str
+
+    def model(self, m: nn.Module) -> nn.Module:
+        return m if self.path == "fast" else Wrapped(m)
+
+
+@pytest.fixture(scope="session", params=["general", "fast"])
+def backend(request) -> Backend:
+    """Runs a test once on each implementation: the same oracle, both paths."""
+    return Backend(request.param)
 
 
 def tiny_data(seed: int = 0, n: int = 12, d: int = 4, classes: int = 3, dtype=torch.float64):

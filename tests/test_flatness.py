@@ -561,7 +561,7 @@ def test_pac_bayes_sigma_scales_inversely_with_shrunk_logits():
 
 @pytest.mark.parametrize("budget", [2_000, 1 << 30])
 @pytest.mark.parametrize("act", ["relu", "relu_tanh"])
-def test_perturbation_flatness_equals_direct_loss_increases(act, budget):
+def test_perturbation_flatness_equals_direct_loss_increases(act, budget, backend):
     """increases[k, j] == L(theta + sigma_j d_k) - L(theta) and base_loss == L(theta), each L by a direct
     functional_call, where d_k are utils.random_directions(model, Generator().manual_seed(seed), samples) (filter-
     normalised, zero bias blocks); 10 samples, a 64-unit first layer, 4 Linear layers, constant-column inputs.
@@ -572,7 +572,7 @@ def test_perturbation_flatness_equals_direct_loss_increases(act, budget):
     y = make_y(45, 4, seed=161)
     sigmas = [0.0, 0.01, 0.1, 0.5, 1.0]
     S, seed = 10, 7
-    res = utils.perturbation_flatness(model, x, y, sigmas, samples=S, seed=seed, memory_budget=budget)
+    res = utils.perturbation_flatness(backend.model(model), x, y, sigmas, samples=S, seed=seed, memory_budget=budget)
     dirs = utils.random_directions(model, torch.Generator().manual_seed(seed), S).to(DT)
     assert dirs.shape == (S, flat(model).numel())
     theta = flat(model)

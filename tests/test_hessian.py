@@ -197,11 +197,10 @@ def test_hvp_with_loss_fn_equals_known_quadratic_hessian():
         )
 
 
-@pytest.mark.parametrize("wrap", [False, True], ids=["plain_mlp", "wrapped_mlp"])
-def test_hvp_matches_central_difference_of_gradient_tanh_mlp(wrap):
+def test_hvp_matches_central_difference_of_gradient_tanh_mlp(backend):
     """H v = (g(t+hv) - g(t-hv))/2h + O(h^2): with h=1e-4, |v|=1 the truncation is ~h^2/6*|D^3 g| ~ 1e-8 and roundoff ~1e-12."""
     m = tiny_mlp(0)
-    model = Wrapped(m) if wrap else m
+    model = backend.model(m)
     x, y = tiny_data(0)
     theta = flat(model)
     for s in range(3):
@@ -273,12 +272,12 @@ def test_exact_hessian_equals_closed_form_logistic_regression_hessian():
 
 
 @settings(max_examples=12)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), wrap=st.booleans())
-def test_exact_hessian_is_symmetric_and_equals_autograd_hessian(seed, n, wrap):
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9))
+def test_exact_hessian_is_symmetric_and_equals_autograd_hessian(seed, n, backend):
     """For any tiny Tanh MLP and data: exact_hessian is symmetric and equals torch.autograd.functional.hessian of the
     flat-parameter mean loss (to 1e-10)."""
     m = tiny_mlp(seed % 50)
-    model = Wrapped(m) if wrap else m
+    model = backend.model(m)
     x, y = tiny_data(seed, n=n)
     H = utils.exact_hessian(model, x, y)
     torch.testing.assert_close(H, H.T, rtol=0, atol=1e-12)
@@ -286,12 +285,12 @@ def test_exact_hessian_is_symmetric_and_equals_autograd_hessian(seed, n, wrap):
 
 
 @settings(max_examples=12)
-@given(seed=st.integers(0, 10_000), b=st.integers(1, 6), wrap=st.booleans())
-def test_hessian_operator_matmat_rows_equal_single_products_and_dense_H(seed, b, wrap):
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 6))
+def test_hessian_operator_matmat_rows_equal_single_products_and_dense_H(seed, b, backend):
     """op.matmat(V)[i] == op(V[i]) == H V[i] for every row; op.dim == D; op.matvecs grows by 1 per op(v) and by b per
     matmat of b rows."""
     m = tiny_mlp(seed % 7)
-    model = Wrapped(m) if wrap else m
+    model = backend.model(m)
     x, y = tiny_data(seed % 7, n=8)
     H = torch.tensor(dense_hessian(model, x, y))
     D = H.shape[0]
@@ -482,7 +481,7 @@ def test_hessian_operator_equals_double_backward_with_constant_columns(widths, a
 
 
 @pytest.mark.parametrize("act", ["relu", "relu_tanh", "tanh"])
-def test_hessian_operator_wide_first_layer_many_directions_and_budgets(act):
+def test_hessian_operator_wide_first_layer_many_directions_and_budgets(act, backend):
     """With a wide first hidden layer (64 units), 24 inputs of which 9 are constant, and 12 product directions at
     once (so the first layer's GEMMs with X have many weight rows), op.matmat(V) == autograd H v_i for every
     memory_budget (2 kB and 20 kB force example chunks; 1 GiB one pass). Some rows of V have no first-layer weight
@@ -508,13 +507,13 @@ def test_hessian_operator_wide_first_layer_many_directions_and_budgets(act):
     masks[5] = 1.0
     masks[5, w0 : w0 + nW1] = 0.0  # outputs everywhere but the first-layer weights
     for budget in (2_000, 20_000, 1 << 30):
-        op = utils.hessian_operator(model, x, y, path="fast", memory_budget=budget)
+        op = utils.hessian_operator(model, x, y, path=backend.path, memory_budget=budget)
         assert_rows_close(op.matmat(V), expected, f"{act} budget {budget}")
         assert_rows_close(op.matmat(V, masks), expected * masks, f"{act} masked budget {budget}")
 
 
 @pytest.mark.parametrize("act", ["relu", "relu_tanh"])
-def test_constant_column_rows_of_hessian_are_multiples_of_bias_rows(act):
+def test_constant_column_rows_of_hessian_are_multiples_of_bias_rows(act, backend):
     """For a constant input column j (x_nj = c_j for all n), W1[i, j] and b1[i] enter the loss only through
     c_j W1[i, j] + b1[i], so dL/dW1_ij = c_j dL/db1_i as functions of theta and H[W1_ij, :] = c_j H[b1_i, :]:
     for every v, (H v)[W1_ij] = c_j (H v)[b1_i] (zero for c_j = 0), and likewise for the gradient. Checked on the
@@ -528,7 +527,7 @@ def test_constant_column_rows_of_hessian_are_multiples_of_bias_rows(act):
     W1 = first_layer(model)
     w0, b0 = index_of(model, W1.weight), index_of(model, W1.bias)
     V = rand_V(D, 10, seed=21)
-    op = utils.hessian_operator(model, x, y, path="fast")
+    op = utils.hessian_operator(model, x, y, path=backend.path)
     HV = op.matmat(V)
     grad = op.gradient()
     assert_rows_close(HV, hvp_oracle(model, x, y, V), f"{act} oracle")
@@ -595,7 +594,7 @@ def test_hessian_operator_flatten_image_input_with_blank_border():
     model = make_mlp_inputs([16, 40, 7, 3], "relu", seed=51, flatten=True)
     V = rand_V(flat(model).numel(), 10, seed=51)
     expected = hvp_oracle(model, x, y, V)
-    for path in ("fast", "auto"):
+    for path in ("general", "fast", "auto"):
         op = utils.hessian_operator(model, x, y, path=path)
         assert_rows_close(op.matmat(V), expected, path)
         gr = grad_oracle(model, x, y)
@@ -709,8 +708,7 @@ def test_hvp_equals_dense_hessian_times_v():
 
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))
-@pytest.mark.parametrize("path", ["fast", "general"])
-def test_each_supported_loss_gives_exact_hessian_vector_products(loss_name, path):
+def test_each_supported_loss_gives_exact_hessian_vector_products(loss_name, backend):
     """H·v equals the dense Hessian times v for every loss we support, on both paths (F.mse_loss with mean
     reduction included, whose forward-over-reverse HVP fails in torch.func: we use reverse-over-reverse)."""
     loss, targets = LOSSES[loss_name]
@@ -720,7 +718,7 @@ def test_each_supported_loss_gives_exact_hessian_vector_products(loss_name, path
     y = targets(torch.randint(0, 3, (10,), generator=g))
     v = torch.randn(flat(model).numel(), generator=g, dtype=torch.float64)
     H = dense_hessian_outputs(model, x, y, loss)
-    op = utils.hessian_operator(model, x, y, loss_fn=loss, path=path)
+    op = utils.hessian_operator(model, x, y, loss_fn=loss, path=backend.path)
     torch.testing.assert_close(op(v), H @ v, rtol=1e-10, atol=1e-12)
     eig = utils.top_hessian_eigenvalue(model, x, y, loss_fn=loss, tol=1e-10, max_iter=200)
     assert eig.eigenvalue == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-8)

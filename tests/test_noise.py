@@ -22,6 +22,7 @@ from conftest import (
     logreg_closed_form_spectrum,
     logreg_np,
     make_logreg,
+    mlp_of,
     saddle_loss_fn,
     snapshot,
     sym_with_spectrum_spectrum,
@@ -90,11 +91,10 @@ def test_gradient_noise_scale_equals_closed_form_logistic_regression():
     torch.testing.assert_close(Gt, torch.tensor(G), rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("wrap", [False, True], ids=["plain_mlp", "wrapped_mlp"])
-def test_gradient_noise_scale_equals_explicit_per_example_loop_tanh_mlp(wrap):
+def test_gradient_noise_scale_equals_explicit_per_example_loop_tanh_mlp(backend):
     """Explicit loop of single-example autograd gradients g_i: B_simple = tr(cov_{ddof=1}(g)) / |mean g|^2."""
     m = tiny_mlp(1)
-    model = Wrapped(m) if wrap else m
+    model = backend.model(m)
     x, y = tiny_data(1, n=10)
     gs = per_example_grads_loop(model, x, y).numpy()
     G = gs.mean(0)
@@ -300,3 +300,23 @@ def test_noise_temperature_is_lr_n_over_b_one_minus_m(lr, n, b, m):
     """noise_temperature(lr, n, B, m) == lr*n/(B*(1-m)) for any inputs (relative 1e-12)."""
     assert math.isclose(utils.noise_temperature(lr, n, b, momentum=m), lr * n / (b * (1 - m)), rel_tol=1e-12)
 
+
+
+@given(seed=st.integers(0, 10_000), hidden=st.lists(st.integers(1, 6), min_size=0, max_size=3),
+       act=st.sampled_from([nn.Tanh, nn.ReLU, nn.GELU]), bias=st.booleans(), n=st.integers(2, 9),
+       budget=st.sampled_from([1 << 30, 400]))
+def test_fast_and_general_per_example_gradients_agree(seed, hidden, act, bias, n, budget):
+    """The closed forms (‖δ_i a_iᵀ‖² = ‖a_i‖²‖δ_i‖², Σ_i u_i δ_i a_iᵀ, δ_iᵀ V a_i) give vmap(grad)'s norms, mean,
+    weighted sums and dot products, whole or chunk by chunk under a small budget."""
+    g = torch.Generator().manual_seed(seed)
+    model = mlp_of([4, *hidden, 3], act, bias)
+    x, y = tiny_data(seed % 7, n=n)
+    fast = utils.per_example_gradient_rows(model, x, y, path="fast", memory_budget=budget)
+    general = utils.per_example_gradient_rows(model, x, y, path="general")
+    assert type(fast).__name__ == "MLPPerExample" and type(general).__name__ == "AutogradPerExample"
+    for a, b in zip(fast.norms_and_mean(), general.norms_and_mean()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    weights = torch.randn(3, n, generator=g, dtype=torch.float64)
+    vectors = torch.randn(2, fast.dim, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fast.weighted_sums(weights), general.weighted_sums(weights), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(fast.dots(vectors), general.dots(vectors), rtol=1e-10, atol=1e-13)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import (
     DT,
+    ROOT,
     TinyCNN,
     Wrapped,
     assert_unchanged_diag,
@@ -95,15 +96,14 @@ def test_flat_parameters_is_concatenation_of_reshaped_parameters_in_order():
     torch.testing.assert_close(flat(m), flat(TinyCNN(1)), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "wrapped"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("grads", ["none", "set"])
-def test_functions_leave_parameters_grads_and_mode_unchanged(wrap, mode, grads):
+def test_functions_leave_parameters_grads_and_mode_unchanged(backend, mode, grads):
     """Every public function leaves parameters, .grad (None or a set tensor) and train/eval flags exactly as they were."""
 
     def build(seed):
         m = tiny_mlp(seed)
-        model = Wrapped(m) if wrap else m
+        model = backend.model(m)
         model.train(mode == "train")
         if grads == "set":
             for i, p in enumerate(model.parameters()):
@@ -231,3 +231,18 @@ def test_numpy_blas_runs_single_threaded_inside_lanczos_and_is_restored_after():
         assert blas_threads() == before
     assert seen and all(threads == [1] * len(threads) for threads in seen)
 
+
+
+def test_each_fast_path_names_an_equivalence_test_that_exists():
+    """Every MLP fast path says in its docstring which test proves it equal to its reference; that test exists."""
+    import re
+
+    from landscape.hessian import MLPHessian
+    from landscape.noise import MLPPerExample
+    from landscape.points import MLPPoints
+
+    for fast in (MLPHessian, MLPPoints, MLPPerExample):
+        found = re.findall(r"(tests/test_\w+\.py)::(test_\w+)", fast.__doc__)
+        assert found, fast.__name__
+        for path, name in found:
+            assert f"def {name}(" in (ROOT / path).read_text(), (fast.__name__, path, name)

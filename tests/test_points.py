@@ -227,9 +227,9 @@ def test_losses_at_points_fast_path_equals_general_path(P, K, seed, vals):
 @pytest.mark.parametrize("budget", [2_000, 20_000, 1 << 30])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("act", ["relu", "relu_tanh"])
-def test_losses_at_points_wide_first_layer_many_directions(act, layout, budget):
+def test_losses_at_points_wide_first_layer_many_directions(act, layout, budget, backend):
     """With a 64-unit first layer, 24 inputs of which 9 are constant, 4 Linear layers and K = 10 directions (with
-    bias components), losses_at_points(path="fast") at theta_p = base + sum_k C[p, k] d_k equals a direct
+    bias components), losses_at_points(path=backend.path) at theta_p = base + sum_k C[p, k] d_k equals a direct
     functional_call loop (1e-10 relative; accuracies equal wherever the top-2 logit margin exceeds 1e-9) for sparse
     coefficient layouts (flatness rows + a zero row, identity, 2-D grids with zero axes, rows using evenly / unevenly
     spaced direction sets, dense), for base = theta and base = 0, and for budgets that force several batches."""
@@ -240,11 +240,11 @@ def test_losses_at_points_wide_first_layer_many_directions(act, layout, budget):
     dirs = make_dirs(model, K, seed=101)
     C = coefficients(layout, K)
     for base in (flat(model), torch.zeros_like(flat(model))):
-        res = utils.losses_at_points(model, x, y, base, dirs, C, path="fast", memory_budget=budget)
+        res = utils.losses_at_points(model, x, y, base, dirs, C, path=backend.path, memory_budget=budget)
         assert_points_match(res, model, x, y, base, dirs, C, f"{layout} {budget}")
 
 
-def test_losses_at_points_zero_point_and_ties():
+def test_losses_at_points_zero_point_and_ties(backend):
     """At theta = 0 (base 0, an all-zero coefficient row) every logit is 0, so the loss is exactly log C; argmax of a
     tie picks class 0, so the accuracy is the share of label 0 (torch.argmax's convention, as a direct evaluation
     gives). Checked on the fast path with constant-column inputs, a wide first layer and 9 directions."""
@@ -256,14 +256,14 @@ def test_losses_at_points_zero_point_and_ties():
     C = torch.cat([flatness_layout(K, [0.5]), torch.zeros(2, K, dtype=DT)])
     base = torch.zeros_like(flat(model))
     for budget in (2_000, 1 << 30):
-        res = utils.losses_at_points(model, x, y, base, dirs, C, path="fast", memory_budget=budget)
+        res = utils.losses_at_points(model, x, y, base, dirs, C, path=backend.path, memory_budget=budget)
         assert_points_match(res, model, x, y, base, dirs, C, str(budget))
         for p in (K, K + 1, K + 2):
             assert abs(float(res.losses[p]) - math.log(4)) <= 1e-14
             assert float(res.accuracies[p]) == float((y == 0).double().mean())
 
 
-def test_losses_at_points_relu_bias_deferral_many_inactive_units():
+def test_losses_at_points_relu_bias_deferral_many_inactive_units(backend):
     """ReLU(o + b) = max(o, -b) + b: for a 4-Linear ReLU MLP with large biases (|b| ~ 2, so many units are off and
     many on), and directions that move the biases, the fast path's losses equal direct evaluation. Also bias-free
     directions (like random_directions') and a model without biases."""
@@ -275,11 +275,11 @@ def test_losses_at_points_relu_bias_deferral_many_inactive_units():
         dirs = make_dirs(model, K, seed=122, scale=0.8, bias=dir_bias)
         C = torch.cat([coefficients("strided", K), coefficients("dense", K), flatness_layout(K, [0.2, 2.0])])
         for budget in (3_000, 1 << 30):
-            res = utils.losses_at_points(model, x, y, flat(model), dirs, C, path="fast", memory_budget=budget)
+            res = utils.losses_at_points(model, x, y, flat(model), dirs, C, path=backend.path, memory_budget=budget)
             assert_points_match(res, model, x, y, flat(model), dirs, C, f"bias={bias} {b_scale} {dir_bias} {budget}")
 
 
-def test_losses_at_points_noncontiguous_inputs():
+def test_losses_at_points_noncontiguous_inputs(backend):
     """theta_p depends only on the VALUES of base, directions and coefficients: non-contiguous views (every other row
     of a larger direction tensor, a (D, K) tensor transposed, a strided base, transposed coefficients) give the
     direct loop's losses (and equal the contiguous call's numbers to 1e-12)."""
@@ -298,15 +298,15 @@ def test_losses_at_points_noncontiguous_inputs():
     assert not C_T.is_contiguous()
     for dirs in (dirs_rows, dirs_T):
         for budget in (2_000, 1 << 30):
-            res = utils.losses_at_points(model, x, y, base_strided, dirs, C_T, path="fast", memory_budget=budget)
+            res = utils.losses_at_points(model, x, y, base_strided, dirs, C_T, path=backend.path, memory_budget=budget)
             assert_points_match(res, model, x, y, flat(model), dirs.contiguous(), C, f"noncontig {budget}")
-            ref = utils.losses_at_points(model, x, y, flat(model), dirs.contiguous(), C.contiguous(), path="fast",
+            ref = utils.losses_at_points(model, x, y, flat(model), dirs.contiguous(), C.contiguous(), path=backend.path,
                                          memory_budget=budget)
             assert float((res.losses - ref.losses).abs().max()) <= 1e-12 * float(ref.losses.abs().max())
 
 
 @pytest.mark.parametrize("n", [1, 2])
-def test_losses_at_points_tiny_batches_all_columns_constant(n):
+def test_losses_at_points_tiny_batches_all_columns_constant(n, backend):
     """N = 1 (every column constant) and N = 2 with identical rows: fast-path losses equal direct evaluation for a
     wide 4-Linear ReLU/Tanh MLP with 10 directions, base theta and base 0, several budgets."""
     d, K = 14, 10
@@ -318,11 +318,11 @@ def test_losses_at_points_tiny_batches_all_columns_constant(n):
         C = torch.cat([flatness_layout(K, [0.1, 1.0]), coefficients("strided", K)])
         for base in (flat(model), torch.zeros_like(flat(model))):
             for budget in (2_000, 20_000, 1 << 30):
-                res = utils.losses_at_points(model, x, y, base, dirs, C, path="fast", memory_budget=budget)
+                res = utils.losses_at_points(model, x, y, base, dirs, C, path=backend.path, memory_budget=budget)
                 assert_points_match(res, model, x, y, base, dirs, C, f"{act} n={n} {budget}")
 
 
-def test_losses_at_points_flatten_images_with_blank_border():
+def test_losses_at_points_flatten_images_with_blank_border(backend):
     """(N, 1, 6, 6) images whose 20 border pixels are 0 and one interior pixel always -0.7, behind nn.Flatten, in a
     4-Linear ReLU MLP with a 64-unit first layer: fast-path losses == direct evaluation for flatness and grid layouts."""
     g = torch.Generator().manual_seed(151)
@@ -336,18 +336,18 @@ def test_losses_at_points_flatten_images_with_blank_border():
     for layout in ("flatness", "grid", "identity"):
         C = coefficients(layout, K)
         for budget in (2_000, 1 << 30):
-            res = utils.losses_at_points(model, x, y, flat(model), dirs, C, path="fast", memory_budget=budget)
+            res = utils.losses_at_points(model, x, y, flat(model), dirs, C, path=backend.path, memory_budget=budget)
             assert_points_match(res, model, x, y, flat(model), dirs, C, f"{layout} {budget}")
 
 
 @pytest.mark.parametrize("act", ["relu", "relu_tanh", "tanh_relu", "tanh"])
 @settings(max_examples=30)
 @given(prob=point_problems())
-def test_losses_at_points_fast_equals_direct_property(act, prob):
+def test_losses_at_points_fast_equals_direct_property(act, prob, backend):
     """For random 3-4 Linear MLPs (first hidden width 64 / 40 / 12 / 5, others 5..40; ReLU / ReLU-Tanh / Tanh-ReLU /
     Tanh; with or without biases), d in {20, 13, 6, 1} inputs with random constant-column masks (values 0, 1.5, -0.7,
     3), N in {30, 17, 2, 1}, K in {12, 10, 8, 3, 1} directions, P = 1..14 coefficient rows with many exact zeros (and
-    optionally an all-zero row), base theta or 0, and budgets 2 kB..1 GiB, losses_at_points(path="fast") equals the
+    optionally an all-zero row), base theta or 0, and budgets 2 kB..1 GiB, losses_at_points(path=backend.path) equals the
     direct functional_call loop: losses to 1e-10 relative, accuracies exactly wherever no argmax is within 1e-9 of a
     tie."""
     p = prob
@@ -360,7 +360,7 @@ def test_losses_at_points_fast_equals_direct_property(act, prob):
     if p["zero_row"]:
         C = torch.cat([C, torch.zeros(1, p["K"], dtype=DT)])
     base = torch.zeros_like(flat(model)) if p["zero_base"] else flat(model)
-    res = utils.losses_at_points(model, x, y, base, dirs, C, path="fast", memory_budget=p["budget"])
+    res = utils.losses_at_points(model, x, y, base, dirs, C, path=backend.path, memory_budget=p["budget"])
     assert_points_match(res, model, x, y, base, dirs, C, f"{act} " + str({k: v for k, v in p.items() if k != "entries"}))
 
 

@@ -12,7 +12,6 @@ from conftest import (
     DUMMY_Y,
     ThetaModel,
     TinyCNN,
-    Wrapped,
     acc_at,
     assert_filter_normalized,
     assert_unchanged_conn,
@@ -49,11 +48,10 @@ def test_loss_surface_grid_is_exactly_symmetric_and_contains_zero_for_odd_steps(
     assert np.asarray(res.losses).shape == (steps, steps)
 
 
-@pytest.mark.parametrize("wrap", [False, True], ids=["plain_mlp", "wrapped_mlp"])
-def test_loss_surface_with_given_directions_equals_direct_evaluation(wrap):
+def test_loss_surface_with_given_directions_equals_direct_evaluation(backend):
     """losses[i, j] = L(theta + alphas[i] d1 + betas[j] d2) with d1, d2 used unchanged; same for accuracies."""
     m = tiny_mlp(1)
-    model = Wrapped(m) if wrap else m
+    model = backend.model(m)
     x, y = tiny_data(1, n=16)
     theta = flat(model)
     d1, d2 = rand_vec(theta.numel(), 50), rand_vec(theta.numel(), 51)
