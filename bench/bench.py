@@ -248,9 +248,10 @@ def stage_tracking(ds, reps):
     checks = 0
     for _ in range(reps):
         for name, c in (("untracked", base), ("tracked", cfg)):
-            run = main.Run(c, ds, progress=False)  # fresh: never loads, times the training itself
-            start = time.perf_counter()
-            _, history = run.trained_model(0)
+            settings = main.Training.of(c, seed=0)
+            model = main.build_model(settings)
+            start = time.perf_counter()  # the training stage itself, no store around it
+            history = main.train_model(settings, model, train=(ds.x_train, ds.y_train))
             timings[name].append(time.perf_counter() - start)
             checks = len(history["tracking"]["records"]) if name == "tracked" else checks
     ratio = statistics.median(timings["tracked"]) / statistics.median(timings["untracked"]) - 1
@@ -258,6 +259,51 @@ def stage_tracking(ds, reps):
             "ours_time": describe(timings["tracked"]), "ratio": ratio, "baseline_error": 0.0, "ours_error": 0.0,
             "note": f"training seed 0 with and without tracking ({checks} checks on {cfg.track_examples} examples); "
                     "ratio = extra time / training time"}
+
+
+def fast_path_hessian(model, ds, reps, products=20):
+    """The R-operator (MLPHessian) against autograd's double backward on a kept graph (AutogradHessian):
+    set-up and 20 products on the 4,000 training digits, a spectrum's worth of work."""
+    x, y = ds.x_train, ds.y_train
+    vs = torch.randn(products, utils.flat_parameters(model).numel(), generator=torch.Generator().manual_seed(0))
+
+    def products_on(path):
+        op = utils.hessian_operator(model, x, y, path=path)
+        return torch.cat([op.matmat(vs[i : i + 4]) for i in range(0, products, 4)])
+
+    runs = alternate({"baseline": lambda: products_on("general"), "ours": lambda: products_on("fast")}, reps)
+    difference = float((runs["ours"][1] - runs["baseline"][1]).norm() / runs["baseline"][1].norm())
+    return {"stage": "fast path: Hessian products", **_ratio(runs), "baseline_error": 0.0, "ours_error": difference,
+            "note": f"set-up and {products} products, 4,000 train; baseline: the general path (AutogradHessian); "
+                    "our error: relative difference from it"}
+
+
+def fast_path_points(model, ds, reps, sigmas=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5), samples=20):
+    """MLPPoints against one functional forward per point (FunctionalPoints), on flatness's 121 points."""
+    x, y = ds.x_train, ds.y_train
+    theta = utils.flat_parameters(model)
+    directions = utils.random_directions(model, torch.Generator().manual_seed(0), samples)
+    coefficients = torch.zeros(1 + samples * len(sigmas), samples, dtype=torch.float64)
+    for k in range(samples):
+        coefficients[1 + k * len(sigmas) : 1 + (k + 1) * len(sigmas), k] = torch.tensor(sigmas, dtype=torch.float64)
+    runs = alternate({path_name: (lambda path=path: utils.losses_at_points(model, x, y, theta, directions, coefficients,
+                                                                           path=path, accuracy=False).losses)
+                      for path_name, path in (("baseline", "general"), ("ours", "fast"))}, reps)
+    difference = float((runs["ours"][1] - runs["baseline"][1]).abs().max())
+    return {"stage": "fast path: parameter points", **_ratio(runs), "baseline_error": 0.0, "ours_error": difference,
+            "note": f"{coefficients.shape[0]} points (flatness: {len(sigmas)} σ × {samples} directions), 4,000 train; "
+                    "baseline: the general path (FunctionalPoints); our error: max loss difference from it"}
+
+
+def fast_path_per_example(model, ds, reps):
+    """MLPPerExample's closed forms against vmap(grad) (AutogradPerExample): B_simple on the training digits."""
+    x, y = ds.x_train, ds.y_train
+    runs = alternate({name: (lambda path=path: utils.gradient_noise_scale(model, x, y, b_noise=False, path=path))
+                      for name, path in (("baseline", "general"), ("ours", "fast"))}, reps)
+    difference = abs(runs["ours"][1].b_simple - runs["baseline"][1].b_simple) / runs["baseline"][1].b_simple
+    return {"stage": "fast path: per-example gradients", **_ratio(runs), "baseline_error": 0.0,
+            "ours_error": difference, "note": "B_simple, 4,000 train; baseline: the general path (vmap(grad)); "
+                                              "our error: relative difference of B_simple from it"}
 
 
 def _ratio(runs) -> dict:
@@ -269,7 +315,7 @@ def _ratio(runs) -> dict:
 def whole_run() -> dict:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "main.py"), "--quiet", "--out", out, "--runs-dir",
+        subprocess.run([sys.executable, str(ROOT / "main.py"), "--quiet", "--offline", "--out", out, "--runs-dir",
                         str(Path(out) / "runs")], check=True, cwd=ROOT)  # a fresh run folder: nothing resumed
         wall = time.perf_counter() - start
         timings = json.loads((Path(out) / "metrics.json").read_text())["timings"]
@@ -338,7 +384,10 @@ def main(argv=None) -> int:
               lambda: stage_noise(model_a, ds, args.reps),
               lambda: stage_interpolation(model_a, model_b, ds, args.reps),
               lambda: stage_flatness(model_a, ds, args.reps),
-              lambda: stage_tracking(ds, 3 * args.reps))  # a 0.2 s training: more repetitions for a stable median
+              lambda: stage_tracking(ds, 3 * args.reps),  # a 0.2 s training: more repetitions for a stable median
+              lambda: fast_path_hessian(model_a, ds, args.reps),
+              lambda: fast_path_points(model_a, ds, max(2, args.reps // 2)),
+              lambda: fast_path_per_example(model_a, ds, max(2, args.reps // 2)))
     with utils.numpy_blas_single_threaded():  # as main.run: numpy's spinning BLAS threads slow torch down
         for stage in stages:
             rows.append(stage())
@@ -350,8 +399,20 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "threads": args.threads}
     text = render(rows, run, meta)
     print(text)
-    args.write.write_text(text)
+    args.write.write_text(with_table(args.write.read_text() if args.write.exists() else "", text))
     return 0
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def with_table(document: str, table: str) -> str:
+    """`document` with the text between the bench markers replaced by `table` (the hand-written notes around
+    them kept); the table alone, between markers, when there are none."""
+    if START in document and END in document:
+        before, rest = document.split(START, 1)
+        return f"{before}{START}\n{table}{END}{rest.split(END, 1)[1]}"
+    return f"{START}\n{table}{END}\n"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 from conftest import ROOT
@@ -88,12 +89,10 @@ def test_figures_redraw_from_saved_metrics(quick_run, tmp_path):
 
 
 @pytest.mark.parametrize("broken", ["connectivity_plane.png", "summary_table.png", "not_in_the_report.png"])
-def test_a_figure_that_fails_in_either_process_fails_plot_all_and_leaves_no_report(quick_run, tmp_path, monkeypatch,
+def test_a_figure_that_fails_fails_plot_all_and_leaves_no_report(quick_run, tmp_path, monkeypatch,
                                                                                  broken):
-    """The forked process draws the report's early figures while this one draws the last two and the report:
-    an error in either (the plane is drawn by the fork, the summary table here, and a figure that no page
-    embeds, by the fork while the report is written) reaches the caller, no report is written and no
-    temporary file is left behind."""
+    """The report comes after the figures: an error in any figure (one the report embeds early or last, or one no
+    page embeds) reaches the caller, no report is written and no temporary file is left behind."""
     _, metrics = quick_run
     monkeypatch.setitem(plotting.FIGURES, broken, failing_figure)
     with pytest.raises(FigureFailed, match=broken):
@@ -106,3 +105,18 @@ def test_summary_table_lists_every_seed(quick_run):
     text = plotting.format_summary(quick_run[1])
     assert "seed 0" in text and "seed 42" in text and "sharpness" in text
 
+
+
+def test_every_figure_is_cropped_to_its_content(run):
+    """savefig's tight crop leaves a margin of pad_inches (0.1 in: 15 px at 150 dpi) around what is drawn: on every
+    side the outermost pixels are blank and something is drawn within 50 px of the edge (invisible extents, a
+    legend's frame or a 3-D box, hold the drawing a little further in; matplotlib's uncropped margins, 12.5% of
+    the width on the left, are 120-230 px at these sizes)."""
+    out, _ = run
+    for name in plotting.FIGURES:
+        with PIL.Image.open(out / name) as png:
+            drawn = np.asarray(png.convert("RGB")).min(axis=2) < 250  # (height, width): not white
+        rows, columns = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
+        height, width = drawn.shape
+        margins = (rows[0], height - 1 - rows[-1], columns[0], width - 1 - columns[-1])
+        assert all(1 <= m <= 50 for m in margins), (name, margins)
