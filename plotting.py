@@ -434,12 +434,15 @@ def _compare(values: dict[str, float], noun: str, higher: str) -> str:
 
 def report_sections(metrics: dict) -> list[dict]:
     """The report's sections: title, formula (mathtext), reference, numbers per seed, interpretation, figure."""
+    return [section for build in SECTIONS if (section := build(metrics)) is not None]
+
+
+def _training_section(metrics: dict) -> dict | None:
+    """Losses, accuracies and the generalisation gap."""
     seeds = _seeds(metrics)
     m = {s: metrics["models"][s] for s in seeds}
-    c = metrics["connectivity"]
-    cfg = metrics["config"]
     gaps = {s: m[s]["generalization_gap"] for s in seeds}
-    sections = [{
+    return {
         "title": "Training and generalisation", "reference": REFERENCES["training"],
         "formula": r"$\mathrm{gap} = L_{\mathrm{test}}(\theta) - L_{\mathrm{train}}(\theta)$",
         "numbers": [f"seed {s}: train loss {_fmt(m[s]['train']['loss'])}, test loss {_fmt(m[s]['test']['loss'])}, "
@@ -447,10 +450,16 @@ def report_sections(metrics: dict) -> list[dict]:
                     for s in seeds],
         "interpretation": _compare(gaps, "generalisation gap", "worse at generalising"),
         "figure": None,
-    }]
+    }
+
+
+def _sharpness_section(metrics: dict) -> dict | None:
+    """λ_max, the top eigenvalues, λ_min and tr(H)."""
+    seeds = _seeds(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
     sharp = {s: m[s]["sharpness"]["eigenvalue"] for s in seeds}
     saddle = [s for s in seeds if m[s]["eigenpairs"]["lambda_min"] < 0]
-    sections.append({
+    return {
         "title": "Sharpness and the Hessian spectrum", "reference": REFERENCES["sharpness"],
         "formula": r"$\lambda_{\max} = \max_{v} \frac{v^\top H v}{v^\top v},\quad "
                    r"H = \nabla^2_\theta \frac{1}{N}\sum_i \ell_i(\theta),\quad \mathrm{tr}(H) = \sum_i H_{ii} = E_z[z^\top H z]$",
@@ -462,11 +471,18 @@ def report_sections(metrics: dict) -> list[dict]:
             f" lambda_min < 0 for seed(s) {', '.join(saddle)}: SGD stopped near, not at, a minimum (small negative "
             "curvature)." if saddle else " lambda_min >= 0: both are local minima up to the solver's tolerance."),
         "figure": "hessian_spectrum.png",
-    })
+    }
+
+
+def _tracking_section(metrics: dict) -> dict | None:
+    """λ_max during training against the stability threshold."""
+    seeds = _seeds(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
+    cfg = metrics["config"]
     threshold = 2 / cfg["lr"]
     final = {s: (m[s]["training"].get("tracking", {}).get("records") or [{"lambda_max": math.nan}])[-1]["lambda_max"]
              for s in seeds}
-    sections.append({
+    return {
         "title": "Curvature during training", "reference": REFERENCES["tracking"],
         "formula": r"$\lambda_{\max}(\theta_t)\ \mathrm{vs}\ 2/\eta\ \mathrm{and}\ 2(1+\beta)/\eta$",
         "numbers": [f"seed {s}: tracked lambda_max at the end {_fmt(final[s])} on "
@@ -476,10 +492,16 @@ def report_sections(metrics: dict) -> list[dict]:
                           f"threshold 2/eta = {_fmt(threshold)}: training stays far from the edge of stability."
                           if np.isfinite(max(final.values())) else "Tracking was switched off in this run.",
         "figure": "sharpness_during_training.png",
-    })
+    }
+
+
+def _flatness_section(metrics: dict) -> dict | None:
+    """Filter-normalised flatness."""
+    seeds = _seeds(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
     flat = {s: m[s]["flatness"]["mean_increase"][-1] for s in seeds}
     sigma = m[seeds[0]]["flatness"]["sigmas"][-1]
-    sections.append({
+    return {
         "title": "Perturbation flatness", "reference": REFERENCES["flatness"],
         "formula": r"$\Delta L(\sigma) = E_d\,[L(\theta + \sigma d) - L(\theta)],\ "
                    r"d\ \mathrm{filter\text{-}normalised}:\ \|d_{r}\| = \|\theta_{r}\|$",
@@ -488,29 +510,43 @@ def report_sections(metrics: dict) -> list[dict]:
                     "directions)" for s in seeds],
         "interpretation": _compare(flat, f"loss increase at sigma {_fmt(sigma, 3)}", "less flat"),
         "figure": "flatness_stem.png",
-    })
-    if "worst_case" in m[seeds[0]]:
-        rows = metrics.get("reparametrisation", {}).get("rows", [])
-        moved = max((row["top_eigenvalue"] for row in rows), default=math.nan) / max(
-            min((row["top_eigenvalue"] for row in rows), default=math.nan), 1e-300)
-        sections.append({
-            "title": "Flatness that survives reparametrisation", "reference": REFERENCES["robust"],
-            "formula": r"$S_\rho = \max_{\|T^{-1}\epsilon\|\leq\rho} L(\theta+\epsilon) - L(\theta),\ "
-                       r"T = I\ \mathrm{or}\ \mathrm{diag}|\theta|;\quad \mathrm{PAC\text{-}Bayes}: 1/\sigma^2$",
-            "numbers": [f"seed {s}: adaptive increase {_fmt(m[s]['adaptive_flatness']['mean_increase'][-1])}, worst-case "
-                        f"{_fmt(m[s]['worst_case']['absolute']['sharpness'])} (absolute), "
-                        f"{_fmt(m[s]['worst_case']['adaptive']['sharpness'])} (adaptive), PAC-Bayes sigma "
-                        f"{_fmt(m[s]['pac_bayes']['plain']['sigma'], 3)}, magnitude-aware "
-                        f"{_fmt(m[s]['pac_bayes']['magnitude_aware']['sigma'], 3)}" for s in seeds],
-            "interpretation": (f"Rescaling the first two layers (same function) moves lambda_max by a factor "
-                               f"{moved:.2f} across the alphas tried, while the filter-normalised and adaptive "
-                               "measures do not move: only the latter describe the function rather than its "
-                               "parametrisation.") if rows else
-                              "The rescaling experiment needs a ReLU MLP and was skipped for this model.",
-            "figure": "reparametrisation.png",
-        })
+    }
+
+
+def _robust_flatness_section(metrics: dict) -> dict | None:
+    """The measures meant to survive reparametrisation, and the rescaling experiment (MLPs only)."""
+    seeds = _seeds(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
+    if "worst_case" not in m[seeds[0]]:
+        return None
+    rows = metrics.get("reparametrisation", {}).get("rows", [])
+    moved = max((row["top_eigenvalue"] for row in rows), default=math.nan) / max(
+        min((row["top_eigenvalue"] for row in rows), default=math.nan), 1e-300)
+    return {
+        "title": "Flatness that survives reparametrisation", "reference": REFERENCES["robust"],
+        "formula": r"$S_\rho = \max_{\|T^{-1}\epsilon\|\leq\rho} L(\theta+\epsilon) - L(\theta),\ "
+                   r"T = I\ \mathrm{or}\ \mathrm{diag}|\theta|;\quad \mathrm{PAC\text{-}Bayes}: 1/\sigma^2$",
+        "numbers": [f"seed {s}: adaptive increase {_fmt(m[s]['adaptive_flatness']['mean_increase'][-1])}, worst-case "
+                    f"{_fmt(m[s]['worst_case']['absolute']['sharpness'])} (absolute), "
+                    f"{_fmt(m[s]['worst_case']['adaptive']['sharpness'])} (adaptive), PAC-Bayes sigma "
+                    f"{_fmt(m[s]['pac_bayes']['plain']['sigma'], 3)}, magnitude-aware "
+                    f"{_fmt(m[s]['pac_bayes']['magnitude_aware']['sigma'], 3)}" for s in seeds],
+        "interpretation": (f"Rescaling the first two layers (same function) moves lambda_max by a factor "
+                           f"{moved:.2f} across the alphas tried, while the filter-normalised and adaptive "
+                           "measures do not move: only the latter describe the function rather than its "
+                           "parametrisation.") if rows else
+                          "The rescaling experiment needs a ReLU MLP and was skipped for this model.",
+        "figure": "reparametrisation.png",
+    }
+
+
+def _noise_section(metrics: dict) -> dict | None:
+    """The gradient noise scales."""
+    seeds = _seeds(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
+    cfg = metrics["config"]
     noise = {s: m[s]["gradient_noise"]["b_simple"] or math.inf for s in seeds}
-    sections.append({
+    return {
         "title": "Gradient noise", "reference": REFERENCES["noise"],
         "formula": r"$B_{\mathrm{simple}} = \frac{\mathrm{tr}\,\Sigma}{|G|^2},\ "
                    r"B_{\mathrm{noise}} = \frac{\mathrm{tr}(H\Sigma)}{G^\top H G},\ "
@@ -522,11 +558,16 @@ def report_sections(metrics: dict) -> list[dict]:
                           f"{cfg['batch_size']}: gradient noise dominates each step, so larger batches would still "
                           "have sped up training at this point.",
         "figure": None,
-    })
+    }
+
+
+def _connectivity_section(metrics: dict) -> dict | None:
+    """The barriers between the two models."""
+    c = metrics["connectivity"]
     base = {s: (c["train"]["endpoint_losses"][i]) for i, s in enumerate(c["seeds"][:2])}
     ratio = _barrier(c["train"]) / max(np.mean(list(base.values())), 1e-12)
     aligned = c.get("aligned", {}).get("train", {}).get("barriers", {}).get("loss_linear")
-    sections.append({
+    return {
         "title": "Mode connectivity", "reference": REFERENCES["connectivity"],
         "formula": r"$B = \max_\alpha L((1-\alpha)\theta_A + \alpha\theta_B) - "
                    r"[(1-\alpha) L(\theta_A) + \alpha L(\theta_B)]$",
@@ -540,20 +581,29 @@ def report_sections(metrics: dict) -> list[dict]:
                               f" After aligning hidden units it drops to {_fmt(aligned)}: most of the barrier is "
                               "permutation symmetry." if aligned is not None else ""),
         "figure": "mode_connectivity.png",
-    })
-    if "bezier" in c:
-        sections.append({"title": "The plane through both solutions and the curve",
-                         "reference": REFERENCES["connectivity"],
-                         "formula": r"$\theta(t) = (1-t)^2\theta_A + 2t(1-t)\theta_C + t^2\theta_B$",
-                         "numbers": [f"Bezier curve max loss train {_fmt(max(c['bezier']['train']['losses']))}, "
-                                     f"test {_fmt(max(c['bezier']['test']['losses']))}"],
-                         "interpretation": "A trained curve joins the two solutions through low loss although the "
-                                           "straight line between them does not.",
-                         "figure": "connectivity_plane.png"})
+    }
+
+
+def _plane_section(metrics: dict) -> dict | None:
+    """The trained Bézier curve (when there is one)."""
+    c = metrics["connectivity"]
+    if "bezier" not in c:
+        return None
+    return {"title": "The plane through both solutions and the curve", "reference": REFERENCES["connectivity"],
+            "formula": r"$\theta(t) = (1-t)^2\theta_A + 2t(1-t)\theta_C + t^2\theta_B$",
+            "numbers": [f"Bezier curve max loss train {_fmt(max(c['bezier']['train']['losses']))}, "
+                        f"test {_fmt(max(c['bezier']['test']['losses']))}"],
+            "interpretation": "A trained curve joins the two solutions through low loss although the straight line "
+                              "between them does not.",
+            "figure": "connectivity_plane.png"}
+
+
+def _surface_section(metrics: dict) -> dict | None:
+    """The 2-D loss slice."""
     s = metrics["surface"]
     losses = np.asarray(s["losses"])
     centre = losses[len(losses) // 2, len(losses) // 2]
-    sections.append({
+    return {
         "title": "Loss surface", "reference": REFERENCES["surface"],
         "formula": r"$f(\alpha, \beta) = L(\theta + \alpha d_1 + \beta d_2)$",
         "numbers": [f"seed {s['seed']}: {s['split']} loss at the centre {_fmt(centre)}, minimum on the slice "
@@ -561,8 +611,11 @@ def report_sections(metrics: dict) -> list[dict]:
         "interpretation": f"Over the slice the loss rises {losses.max() / max(centre, 1e-12):.1f}x from the trained "
                           "model to the corners: a single wide basin around it.",
         "figure": "loss_surface_3d.png",
-    })
-    return sections
+    }
+
+
+SECTIONS = (_training_section, _sharpness_section, _tracking_section, _flatness_section, _robust_flatness_section,
+            _noise_section, _connectivity_section, _plane_section, _surface_section)  # the report's order
 
 
 def _wrapped(text: str, fontsize: float) -> str:

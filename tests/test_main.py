@@ -317,9 +317,8 @@ def test_any_flag_values_parse_or_give_one_line_usage_error(pairs):
 
 
 def test_under_a_profiler_the_run_exits_normally_so_the_profile_is_written(tmp_path):
-    """main.py ends with os._exit (the interpreter's teardown of torch costs 0.3-0.45 s) except under a tracer or
-    profiler, which writes its data at exit: `python -m cProfile -o FILE main.py` (here with a bad flag, so that
-    it is quick) leaves FILE behind. (cProfile swallows the script's SystemExit: it exits 0 itself.)"""
+    """A profiler writes its data when the interpreter exits: `python -m cProfile -o FILE main.py` (here with a bad
+    flag, so that it is quick) leaves FILE behind. (cProfile swallows the script's SystemExit: it exits 0 itself.)"""
     profile = tmp_path / "main.prof"
     done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), str(ROOT / "main.py"), "--epochs",
                            "x", "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path,
