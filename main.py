@@ -375,10 +375,9 @@ def build_model(s: Training) -> torch.nn.Module:
 def train_model(s: Training, model: torch.nn.Module, *, train, progress: bool = False) -> dict:
     """Train `model` in place with SGD, tracking its curvature; returns the history metrics.json keeps."""
     x, y = train
-    tracker = training.SharpnessTracker(x[: s.track_examples], y[: s.track_examples], seed=s.probe_seed,
-                                        memory_budget=s.budget)
-    every = tracker.interval(s.epochs * math.ceil(x.shape[0] / s.batch_size), batch_size=s.batch_size,
-                             every=s.track_every)
+    tracker = training.SharpnessTracker(x, y, examples=s.track_examples, batch_size=s.batch_size,
+                                        seed=s.probe_seed, memory_budget=s.budget)
+    every = tracker.interval(s.epochs * math.ceil(x.shape[0] / s.batch_size), every=s.track_every)
     if every:
         tracker(model, 0)
     h = training.train(model, x, y, epochs=s.epochs, lr=s.lr, momentum=s.momentum, batch_size=s.batch_size,
@@ -887,7 +886,7 @@ def result_arrays(metrics: dict) -> dict[str, np.ndarray]:
         for name in ("grid", "density", "nodes", "weights"):
             arrays[f"seed{key}_spectrum_{name}"] = m["density"][name]
         records = m["training"].get("tracking", {}).get("records", [])
-        for name in ("step", "lambda_max", "trace", "b_simple"):
+        for name in ("step", "lambda_max", "trace", "b_simple", "batch_sharpness"):
             arrays[f"seed{key}_tracking_{name}"] = [r[name] for r in records]
     return {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
 

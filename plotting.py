@@ -242,8 +242,9 @@ def plot_hessian_spectrum(metrics: dict, path: Path) -> Path:
 
 
 def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
-    """λ_max, tr(H) and B_simple of the training loss on a fixed subset, every few steps, against the stability
-    thresholds 2/η and 2(1+β)/η (Cohen et al. 2021)."""
+    """λ_max, tr(H) and B_simple of the training loss on a fixed subset, and batch sharpness (Andreyev &
+    Beneventano 2024) on mini-batches, every few steps, against the stability thresholds 2/η and 2(1+β)/η
+    (Cohen et al. 2021)."""
     cfg = metrics["config"]
     lr, beta = cfg["lr"], cfg["momentum"]
     with plt.rc_context(STYLE):
@@ -258,7 +259,11 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
             steps = [r["step"] for r in records]
             for ax, key in zip(axes, ("lambda_max", "trace", "b_simple")):
                 ax.plot(steps, [r[key] if r[key] is not None else np.nan for r in records], marker="o", ms=3,
-                        color=PALETTE[i % len(PALETTE)], label=f"seed {seed}")
+                        color=PALETTE[i % len(PALETTE)], label=f"seed {seed}" + (" λ_max" if key == "lambda_max" else ""))
+            if "batch_sharpness" in records[0]:
+                axes[0].errorbar(steps, [r["batch_sharpness"] for r in records],
+                                 yerr=[r["batch_sharpness_stderr"] for r in records], marker="s", ms=3, ls="--",
+                                 capsize=2, color=PALETTE[i % len(PALETTE)], label=f"seed {seed} batch sharpness")
         axes[0].axhline(2 / lr, color="0.3", ls="--", lw=1, label=f"2/η = {2 / lr:.3g}")
         if beta:
             axes[0].axhline(2 * (1 + beta) / lr, color="0.3", ls=":", lw=1, label=f"2(1+β)/η = {2 * (1 + beta) / lr:.3g}")
@@ -268,13 +273,15 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
         axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         methods = {r.get("trace_method", "hutchinson") for m in metrics["models"].values()
                    for r in m["training"].get("tracking", {}).get("records", [])}
-        titles = ("sharpness λ_max", "trace tr(H) (exact)" if methods == {"exact"} else
+        titles = ("λ_max (—) and batch sharpness (- -)", "trace tr(H) (exact)" if methods == {"exact"} else
                   "trace tr(H) (2 Hutchinson probes)", "noise scale B_simple")
         for ax, title in zip(axes, titles):
             ax.set_xlabel("training step")
             ax.set_title(title)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
+        if axes[0].get_legend_handles_labels()[0]:  # six entries: below the panel, clear of the threshold lines
+            axes[0].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(0.0, -0.16))
         few = (f" (at most {checks} checks per seed within the default 20% overhead target; --track-every N for more)"
                if 0 < checks <= 3 and cfg.get("track_every", 0) == 0 else "")  # few points: straight lines
         fig.suptitle(f"During training, on the first {examples} training examples{few}" if examples else
@@ -423,6 +430,13 @@ REFERENCES = {
 }
 
 
+# The thresholds that choose the report's interpretation sentences; each branch has a unit test.
+EDGE_BAND = 0.10  # batch sharpness within 10% of the stability threshold: at the edge of stability
+CONNECTED = 0.05  # a barrier below 5% of the mean endpoint loss: the path connects the two models
+INVARIANT = 0.01  # a measure that moves by under 1% across function-preserving rescalings: invariant
+MOVES = 0.10  # ... and by over 10%: it describes the parametrisation, not the function
+
+
 def _compare(values: dict[str, float], noun: str, higher: str) -> str:
     """'seed 42 is sharper than seed 0 by 8.8% (3.026 vs 2.781)' for two or more seeds."""
     (a, va), (b, vb) = sorted(values.items(), key=lambda kv: kv[1], reverse=True)[:2]
@@ -430,6 +444,148 @@ def _compare(values: dict[str, float], noun: str, higher: str) -> str:
         return f"{noun}: {', '.join(f'seed {k} {_fmt(v)}' for k, v in values.items())}."
     return (f"seed {a} is {higher} than seed {b} by {100 * (va - vb) / abs(vb):.1f}% "
             f"({noun} {_fmt(va)} vs {_fmt(vb)}).")
+
+
+def negative_curvature_sentence(lambda_min: dict[str, tuple[float, float]]) -> str:
+    """Which models have λ_min < 0 by more than its residual (negative curvature the solver resolves)."""
+    negative = [s for s, (value, residual) in lambda_min.items() if value < -abs(residual)]
+    if negative:
+        return (f" lambda_min < 0 beyond its residual for seed(s) {', '.join(negative)}: SGD stopped near, not at, "
+                "a minimum (directions of negative curvature remain).")
+    return (" No model has lambda_min below zero by more than its residual: no negative curvature is resolved, as "
+            "at a local minimum.")
+
+
+def stability_sentence(seed: str, batch_sharpness: float, lambda_max: float, lr: float, momentum: float) -> str:
+    """Where the tracked batch sharpness ends relative to heavy-ball SGD's stability threshold 2(1+β)/η
+    (2/η without momentum), with EDGE_BAND either side counting as the edge; and whether full-batch λ_max is
+    below it, as Andreyev & Beneventano 2024 find under mini-batch SGD."""
+    threshold = 2 * (1 + momentum) / lr
+    name = "2(1+beta)/eta" if momentum else "2/eta"
+    if not np.isfinite(batch_sharpness):
+        return (f"seed {seed}: tracked lambda_max ends at {lambda_max / threshold:.1%} of {name} = "
+                f"{_fmt(threshold)} (batch sharpness was not tracked).")
+    ratio = batch_sharpness / threshold
+    where = ("below the edge of stability" if ratio < 1 - EDGE_BAND else
+             f"at the edge of stability (within {EDGE_BAND:.0%})" if ratio <= 1 + EDGE_BAND else
+             "beyond the edge of stability: a step overshoots along its own batch's gradient")
+    order = ("below it, as Andreyev & Beneventano 2024 find under mini-batch SGD" if lambda_max < batch_sharpness
+             else "not below it, unlike Andreyev & Beneventano 2024's finding under mini-batch SGD")
+    return (f"seed {seed}: batch sharpness ends at {_fmt(batch_sharpness)}, {ratio:.1%} of {name} = "
+            f"{_fmt(threshold)}: {where}; full-batch lambda_max {_fmt(lambda_max)} is {order}.")
+
+
+def noise_sentence(b_simple: dict[str, float], batch_size: int) -> str:
+    """B_simple against the batch size B (McCandlish et al. 2018): above B, noise dominates a step and a larger
+    batch would still have sped training up; below it, a larger batch mostly spends compute."""
+    above = [s for s, b in b_simple.items() if b > batch_size]
+    below = [s for s in b_simple if s not in above]
+    ratios = ", ".join(f"seed {s} {b / batch_size:.2g}x" for s, b in b_simple.items())
+    if not below:
+        return (f"B_simple exceeds the batch size {batch_size} for every model ({ratios}): gradient noise dominates "
+                "each step, so larger batches would still have sped up training at this point.")
+    if not above:
+        return (f"B_simple is below the batch size {batch_size} for every model ({ratios}): the gradient signal "
+                "dominates each step, so larger batches would mostly spend more computation per step.")
+    return (f"B_simple exceeds the batch size {batch_size} for seed(s) {', '.join(above)} but not for "
+            f"{', '.join(below)} ({ratios}): the regime differs between the models.")
+
+
+def connectivity_sentence(barrier: float, endpoint_loss: float, aligned: float | None) -> str:
+    """The straight-line barrier relative to the mean endpoint loss, connected below CONNECTED; after weight
+    matching, how much of it was permutation symmetry."""
+    ratio = barrier / max(endpoint_loss, 1e-12)
+    text = (f"The straight-line barrier is {ratio:.1%} of the mean endpoint training loss: the two seeds are "
+            f"linearly connected (below {CONNECTED:.0%})." if ratio < CONNECTED else
+            f"The straight-line barrier is {ratio:.2g}x the mean endpoint training loss: the two seeds are not "
+            f"linearly connected (a barrier of {CONNECTED:.0%} or more).")
+    if aligned is None:
+        return text
+    aligned_ratio = aligned / max(endpoint_loss, 1e-12)
+    share = 1 - aligned / barrier if barrier > 0 else 0.0
+    if aligned_ratio < CONNECTED:
+        return text + (f" After aligning hidden units it is {_fmt(aligned)} ({aligned_ratio:.1%} of the endpoint "
+                       "loss): linearly connected up to permutation symmetry.")
+    if aligned < barrier:
+        return text + (f" After aligning hidden units it drops to {_fmt(aligned)} ({share:.0%} of it was permutation "
+                       f"symmetry), still {aligned_ratio:.0%} of the endpoint loss: not linearly connected even "
+                       "after alignment.")
+    return text + f" Aligning hidden units does not lower it ({_fmt(aligned)})."
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def path_barrier(ts: list[float], losses: list[float]) -> float:
+    """A path's barrier: max over t of its loss above the straight line between its endpoint losses."""
+    t, loss = np.asarray(ts), np.asarray(losses)
+    return float(np.max(loss - ((1 - t) * loss[0] + t * loss[-1])))
+
+
+def curve_sentence(curve_barrier: float, line_barrier: float, endpoint_loss: float) -> str:
+    """Whether the trained Bézier curve connects the models (its barrier below CONNECTED of the endpoint loss)."""
+    ratio = curve_barrier / max(endpoint_loss, 1e-12)
+    line_connected = line_barrier / max(endpoint_loss, 1e-12) < CONNECTED
+    if ratio < CONNECTED:
+        return (f"The trained curve's barrier is {ratio:.1%} of the mean endpoint loss: it joins the two solutions "
+                "through low loss" + (" although the straight line between them does not." if not line_connected
+                                      else ", as the straight line does."))
+    if curve_barrier < line_barrier:
+        return (f"The trained curve's barrier {_fmt(curve_barrier)} is {1 - curve_barrier / line_barrier:.0%} lower "
+                f"than the straight line's {_fmt(line_barrier)} but still {ratio:.2g}x the mean endpoint loss: not a "
+                f"low-loss path (that needs under {CONNECTED:.0%}); more --bezier-epochs may find one.")
+    return (f"The trained curve's barrier {_fmt(curve_barrier)} is no lower than the straight line's "
+            f"{_fmt(line_barrier)}: the curve's training found no better path.")
+
+
+def basin_sentence(losses: np.ndarray, alphas: list[float], betas: list[float]) -> str:
+    """On a (2k+1)² slice centred on the model (losses[i, j] at alphas[i], betas[j]): whether the slice's
+    minimum is the centre, and along how many of the eight rays from the centre (axes and diagonals) the loss
+    never falls on the way out."""
+    losses = np.asarray(losses)
+    c = losses.shape[0] // 2
+    centre = losses[c, c]
+    lowest = np.unravel_index(np.argmin(losses), losses.shape)
+    rays = [np.array([losses[c + k * di, c + k * dj] for k in range(c + 1)])
+            for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)]
+    rising = sum(bool(np.all(np.diff(ray) >= 0)) for ray in rays)
+    if losses[lowest] < centre:
+        return (f"The slice's lowest loss {_fmt(float(losses[lowest]))} lies off the trained model, at (alpha, beta) = "
+                f"({alphas[lowest[0]]:.3g}, {betas[lowest[1]]:.3g}), below the centre's {_fmt(float(centre))}: "
+                "the model is not at the minimum of this slice.")
+    if rising == len(rays):
+        return (f"The loss rises along every one of the 8 rays from the trained model, {float(losses.max()) / max(centre, 1e-12):.2g}x "
+                "at its highest: a single basin around the model on this slice.")
+    return (f"The trained model is the slice's lowest point, but along {len(rays) - rising} of the 8 rays from it the "
+            "loss falls again on the way out: more than one basin, or a ridge, on this slice.")
+
+
+def rescaling_sentence(rows: list[dict]) -> str:
+    """Dinh et al. 2017's test: across function-preserving rescalings, which measures stay put (under INVARIANT
+    relative spread) and which move (over MOVES)."""
+    names = {"top_eigenvalue": "lambda_max", "worst_case_absolute": "absolute worst-case sharpness",
+             "worst_case_adaptive": "adaptive worst-case sharpness", "filter_normalised": "filter-normalised flatness",
+             "adaptive_average": "adaptive flatness"}
+    spread = {}
+    for key, name in names.items():
+        values = np.asarray([row[key] for row in rows], dtype=float)
+        spread[name] = float(values.max() / values.min() - 1) if values.min() > 0 else math.inf
+    moved = [f"{name} (x{1 + v:.3g})" for name, v in spread.items() if v > MOVES]
+    still = [name for name, v in spread.items() if v < INVARIANT]
+    between = [f"{name} ({v:.1%})" for name, v in spread.items() if INVARIANT <= v <= MOVES]
+    parts = []
+    if moved:
+        parts.append(f"moves {_and(moved)}")
+    if between:
+        parts.append(f"moves {_and(between)} a little")
+    text = "Rescaling the first two layers (the same function) " + ("; ".join(parts) if parts else "moves no measure")
+    if still:
+        text += (f", while {_and(still)} stay within {INVARIANT:.0%}: only these describe the function rather than "
+                 "its parametrisation.")
+    else:
+        text += ": every measure depends on the parametrisation here."
+    return text
 
 
 def report_sections(metrics: dict) -> list[dict]:
@@ -458,7 +614,6 @@ def _sharpness_section(metrics: dict) -> dict | None:
     seeds = _seeds(metrics)
     m = {s: metrics["models"][s] for s in seeds}
     sharp = {s: m[s]["sharpness"]["eigenvalue"] for s in seeds}
-    saddle = [s for s in seeds if m[s]["eigenpairs"]["lambda_min"] < 0]
     return {
         "title": "Sharpness and the Hessian spectrum", "reference": REFERENCES["sharpness"],
         "formula": r"$\lambda_{\max} = \max_{v} \frac{v^\top H v}{v^\top v},\quad "
@@ -467,9 +622,8 @@ def _sharpness_section(metrics: dict) -> dict | None:
                     f"top eigenvalues {', '.join(_fmt(v) for v in m[s]['eigenpairs']['top'])}, lambda_min "
                     f"{_fmt(m[s]['eigenpairs']['lambda_min'])}, trace {_trace_text(m[s]['trace'], ascii=True)}"
                     for s in seeds],
-        "interpretation": _compare(sharp, "lambda_max", "sharper") + (
-            f" lambda_min < 0 for seed(s) {', '.join(saddle)}: SGD stopped near, not at, a minimum (small negative "
-            "curvature)." if saddle else " lambda_min >= 0: both are local minima up to the solver's tolerance."),
+        "interpretation": _compare(sharp, "lambda_max", "sharper") + negative_curvature_sentence(
+            {s: (m[s]["eigenpairs"]["lambda_min"], m[s]["eigenpairs"].get("lambda_min_residual", 0.0)) for s in seeds}),
         "figure": "hessian_spectrum.png",
     }
 
@@ -479,18 +633,21 @@ def _tracking_section(metrics: dict) -> dict | None:
     seeds = _seeds(metrics)
     m = {s: metrics["models"][s] for s in seeds}
     cfg = metrics["config"]
-    threshold = 2 / cfg["lr"]
-    final = {s: (m[s]["training"].get("tracking", {}).get("records") or [{"lambda_max": math.nan}])[-1]["lambda_max"]
-             for s in seeds}
+    final = {s: (m[s]["training"].get("tracking", {}).get("records") or [{}])[-1] for s in seeds}
     return {
         "title": "Curvature during training", "reference": REFERENCES["tracking"],
-        "formula": r"$\lambda_{\max}(\theta_t)\ \mathrm{vs}\ 2/\eta\ \mathrm{and}\ 2(1+\beta)/\eta$",
-        "numbers": [f"seed {s}: tracked lambda_max at the end {_fmt(final[s])} on "
-                    f"{m[s]['training'].get('tracking', {}).get('examples', 0)} examples, every "
-                    f"{m[s]['training'].get('tracking', {}).get('every', 0)} steps" for s in seeds],
-        "interpretation": f"The tracked sharpness ends at {max(final.values()) / threshold:.1%} of the stability "
-                          f"threshold 2/eta = {_fmt(threshold)}: training stays far from the edge of stability."
-                          if np.isfinite(max(final.values())) else "Tracking was switched off in this run.",
+        "formula": r"$\lambda_{\max}(\theta_t),\ E_B\left[\frac{g_B^\top H_B g_B}{\|g_B\|^2}\right]\ "
+                   r"\mathrm{vs}\ 2/\eta\ \mathrm{and}\ 2(1+\beta)/\eta$",
+        "numbers": [f"seed {s}: at the end, tracked lambda_max {_fmt(final[s].get('lambda_max', math.nan))} on "
+                    f"{m[s]['training'].get('tracking', {}).get('examples', 0)} examples, batch sharpness "
+                    f"{_fmt(final[s].get('batch_sharpness', math.nan))} +- "
+                    f"{_fmt(final[s].get('batch_sharpness_stderr', math.nan), 2)} over batches of "
+                    f"{cfg['batch_size']}; checked every {m[s]['training'].get('tracking', {}).get('every', 0)} steps"
+                    for s in seeds],
+        "interpretation": " ".join(stability_sentence(s, final[s].get("batch_sharpness", math.nan),
+                                                      final[s]["lambda_max"], cfg["lr"], cfg["momentum"])
+                                   for s in seeds) if all(final.values()) else
+                          "Tracking was switched off in this run.",
         "figure": "sharpness_during_training.png",
     }
 
@@ -520,8 +677,6 @@ def _robust_flatness_section(metrics: dict) -> dict | None:
     if "worst_case" not in m[seeds[0]]:
         return None
     rows = metrics.get("reparametrisation", {}).get("rows", [])
-    moved = max((row["top_eigenvalue"] for row in rows), default=math.nan) / max(
-        min((row["top_eigenvalue"] for row in rows), default=math.nan), 1e-300)
     return {
         "title": "Flatness that survives reparametrisation", "reference": REFERENCES["robust"],
         "formula": r"$S_\rho = \max_{\|T^{-1}\epsilon\|\leq\rho} L(\theta+\epsilon) - L(\theta),\ "
@@ -531,10 +686,7 @@ def _robust_flatness_section(metrics: dict) -> dict | None:
                     f"{_fmt(m[s]['worst_case']['adaptive']['sharpness'])} (adaptive), PAC-Bayes sigma "
                     f"{_fmt(m[s]['pac_bayes']['plain']['sigma'], 3)}, magnitude-aware "
                     f"{_fmt(m[s]['pac_bayes']['magnitude_aware']['sigma'], 3)}" for s in seeds],
-        "interpretation": (f"Rescaling the first two layers (same function) moves lambda_max by a factor "
-                           f"{moved:.2f} across the alphas tried, while the filter-normalised and adaptive "
-                           "measures do not move: only the latter describe the function rather than its "
-                           "parametrisation.") if rows else
+        "interpretation": rescaling_sentence(rows) if rows else
                           "The rescaling experiment needs a ReLU MLP and was skipped for this model.",
         "figure": "reparametrisation.png",
     }
@@ -545,7 +697,8 @@ def _noise_section(metrics: dict) -> dict | None:
     seeds = _seeds(metrics)
     m = {s: metrics["models"][s] for s in seeds}
     cfg = metrics["config"]
-    noise = {s: m[s]["gradient_noise"]["b_simple"] or math.inf for s in seeds}
+    noise = {s: math.inf if m[s]["gradient_noise"]["b_simple"] is None else m[s]["gradient_noise"]["b_simple"]
+             for s in seeds}
     return {
         "title": "Gradient noise", "reference": REFERENCES["noise"],
         "formula": r"$B_{\mathrm{simple}} = \frac{\mathrm{tr}\,\Sigma}{|G|^2},\ "
@@ -554,9 +707,7 @@ def _noise_section(metrics: dict) -> dict | None:
         "numbers": [f"seed {s}: noise scale B_simple {_fmt(m[s]['gradient_noise']['b_simple'])}, B_noise "
                     f"{_fmt(m[s]['gradient_noise']['b_noise'])}, temperature "
                     f"{_fmt(m[s]['gradient_noise']['temperature'])}" for s in seeds],
-        "interpretation": f"B_simple is {min(noise.values()) / cfg['batch_size']:.1f}x or more the batch size "
-                          f"{cfg['batch_size']}: gradient noise dominates each step, so larger batches would still "
-                          "have sped up training at this point.",
+        "interpretation": noise_sentence(noise, cfg["batch_size"]),
         "figure": None,
     }
 
@@ -565,8 +716,7 @@ def _connectivity_section(metrics: dict) -> dict | None:
     """The barriers between the two models."""
     c = metrics["connectivity"]
     base = {s: (c["train"]["endpoint_losses"][i]) for i, s in enumerate(c["seeds"][:2])}
-    ratio = _barrier(c["train"]) / max(np.mean(list(base.values())), 1e-12)
-    aligned = c.get("aligned", {}).get("train", {}).get("barriers", {}).get("loss_linear")
+    aligned = _barrier(c["aligned"]["train"]) if "aligned" in c else None
     return {
         "title": "Mode connectivity", "reference": REFERENCES["connectivity"],
         "formula": r"$B = \max_\alpha L((1-\alpha)\theta_A + \alpha\theta_B) - "
@@ -576,10 +726,7 @@ def _connectivity_section(metrics: dict) -> dict | None:
                        if "aligned" in c else "")
                     + (f", Bezier curve max loss {_fmt(max(c['bezier'][split]['losses']))}" if "bezier" in c else "")
                     for split in ("train", "test")],
-        "interpretation": f"The straight-line barrier is {ratio:.1f}x the mean endpoint training loss: the two "
-                          "seeds are not linearly connected." + (
-                              f" After aligning hidden units it drops to {_fmt(aligned)}: most of the barrier is "
-                              "permutation symmetry." if aligned is not None else ""),
+        "interpretation": connectivity_sentence(_barrier(c["train"]), float(np.mean(list(base.values()))), aligned),
         "figure": "mode_connectivity.png",
     }
 
@@ -593,8 +740,8 @@ def _plane_section(metrics: dict) -> dict | None:
             "formula": r"$\theta(t) = (1-t)^2\theta_A + 2t(1-t)\theta_C + t^2\theta_B$",
             "numbers": [f"Bezier curve max loss train {_fmt(max(c['bezier']['train']['losses']))}, "
                         f"test {_fmt(max(c['bezier']['test']['losses']))}"],
-            "interpretation": "A trained curve joins the two solutions through low loss although the straight line "
-                              "between them does not.",
+            "interpretation": curve_sentence(path_barrier(c["bezier"]["ts"], c["bezier"]["train"]["losses"]),
+                                             _barrier(c["train"]), float(np.mean(c["train"]["endpoint_losses"]))),
             "figure": "connectivity_plane.png"}
 
 
@@ -608,8 +755,7 @@ def _surface_section(metrics: dict) -> dict | None:
         "formula": r"$f(\alpha, \beta) = L(\theta + \alpha d_1 + \beta d_2)$",
         "numbers": [f"seed {s['seed']}: {s['split']} loss at the centre {_fmt(centre)}, minimum on the slice "
                     f"{_fmt(losses.min())}, maximum {_fmt(losses.max())}"],
-        "interpretation": f"Over the slice the loss rises {losses.max() / max(centre, 1e-12):.1f}x from the trained "
-                          "model to the corners: a single wide basin around it.",
+        "interpretation": basin_sentence(losses, s["alphas"], s["betas"]),
         "figure": "loss_surface_3d.png",
     }
 

@@ -143,29 +143,36 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
 
 
 class SharpnessTracker:
-    """Training callback: λ_max (warm-started Lanczos), tr(H) (exact diagonal sum where it applies, else
-    Hutchinson) and B_simple on a fixed set of training examples, recorded every few steps; compared with the
-    stability thresholds 2/η and 2(1+β)/η (Cohen et al. 2021). It leaves the model's parameters untouched."""
+    """Training callback: every few steps, λ_max (warm-started Lanczos), tr(H) (exact diagonal sum where it
+    applies, else Hutchinson) and B_simple on the first `examples` training examples, and batch sharpness
+    (Andreyev & Beneventano 2024: E_B[g_Bᵀ H_B g_B/‖g_B‖²] over mini-batches of the training batch size drawn
+    from all training examples), compared with the stability thresholds 2/η and 2(1+β)/η (Cohen et al. 2021).
+    Under mini-batch SGD it is batch sharpness that stabilises at the threshold, while λ_max stays below it.
+    It leaves the model's parameters untouched."""
 
-    # products per check (the first, from a random start, gets FIRST_HVPS), trace probes per check, target share
-    # of training time, and a check's fixed cost in training steps (operator set-up, measured on 2 CPU cores)
-    HVPS, FIRST_HVPS, PROBES, OVERHEAD, FIXED_STEPS = 2, 8, 2, 0.2, 10
+    # products per check (the first, from a random start, gets FIRST_HVPS), trace probes per check, mini-batches
+    # for batch sharpness per check, target share of training time, and a check's fixed cost in training steps
+    # (operator set-up, measured on 2 CPU cores)
+    HVPS, FIRST_HVPS, PROBES, BATCHES, OVERHEAD, FIXED_STEPS = 2, 8, 2, 8, 0.2, 10
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, seed: int, memory_budget: int) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, examples: int, batch_size: int, seed: int,
+                 memory_budget: int) -> None:
         self.x, self.y, self.seed, self.budget = x, y, seed, memory_budget
-        self.examples = x.shape[0]
+        self.examples = min(examples, x.shape[0])
+        self.batch_size = min(batch_size, x.shape[0])
         self.vector = None
         self.records: list[dict] = []
         self.seconds = 0.0
 
-    def interval(self, steps: int, *, batch_size: int, every: int = 0) -> int:
+    def interval(self, steps: int, *, every: int = 0) -> int:
         """Steps between checks: `every` when given (-1: never, returned as 0), or (0) as often as the
-        overhead target allows. A check costs about FIXED_STEPS training steps plus (HVPS + PROBES + 2) passes
-        over the tracked examples, a step one pass over a batch; the count is deterministic, so a rerun
-        tracks the same steps."""
+        overhead target allows. A check costs about FIXED_STEPS training steps, plus (HVPS + PROBES + 2) passes
+        over the tracked examples, plus a gradient and a Hessian product (about 3 steps) per batch-sharpness
+        batch, a step being one pass over a batch; the count is deterministic, so a rerun tracks the same steps."""
         if every:
             return max(every, 0)
-        cost = self.FIXED_STEPS + (self.HVPS + self.PROBES + 2) * self.examples / batch_size
+        cost = (self.FIXED_STEPS + (self.HVPS + self.PROBES + 2) * self.examples / self.batch_size
+                + 3 * self.BATCHES)
         for candidate in range(1, steps + 1):  # checks at step 0, every `candidate` steps, and at the last step
             checks = 1 + steps // candidate + (steps % candidate != 0)
             if checks * cost <= self.OVERHEAD * steps:
@@ -176,17 +183,21 @@ class SharpnessTracker:
         start = time.perf_counter()
         was_training = model.training
         model.eval()
+        x, y = self.x[: self.examples], self.y[: self.examples]
         try:
-            op = utils.hessian_operator(model, self.x, self.y, memory_budget=self.budget)
-            eig = utils.top_hessian_eigenvalue(model, self.x, self.y, tol=1e-2, seed=self.seed,
+            op = utils.hessian_operator(model, x, y, memory_budget=self.budget)
+            eig = utils.top_hessian_eigenvalue(model, x, y, tol=1e-2, seed=self.seed,
                                                max_iter=self.HVPS if self.vector is not None else self.FIRST_HVPS,
                                                start=self.vector, operator=op)
-            trace = utils.hessian_trace(model, self.x, self.y, method="auto", rel_stderr=0.5,
-                                        max_matvecs=self.PROBES, seed=self.seed + step, operator=op)
-            noise = utils.gradient_noise_scale(model, self.x, self.y, b_noise=False, memory_budget=self.budget)
+            trace = utils.hessian_trace(model, x, y, method="auto", rel_stderr=0.5, max_matvecs=self.PROBES,
+                                        seed=self.seed + step, operator=op)
+            noise = utils.gradient_noise_scale(model, x, y, b_noise=False, memory_budget=self.budget)
+            batch = utils.batch_sharpness(model, self.x, self.y, batch_size=self.batch_size, batches=self.BATCHES,
+                                          seed=self.seed + step, memory_budget=self.budget)
         finally:
             model.train(was_training)
         self.vector = eig.eigenvector
         self.records.append({"step": step, "lambda_max": eig.eigenvalue, "residual": eig.residual,
-                             "trace": trace.trace, "trace_method": trace.method, "b_simple": noise.b_simple})
+                             "trace": trace.trace, "trace_method": trace.method, "b_simple": noise.b_simple,
+                             "batch_sharpness": batch.value, "batch_sharpness_stderr": batch.stderr})
         self.seconds += time.perf_counter() - start

@@ -16,11 +16,14 @@ This module is the public interface; the code lives in the package `landscape/`,
 4. Flatness (`landscape.flatness`): `filter_normalize`, `random_direction(s)`, `perturbation_flatness`
    (filter-normalised or adaptive), `worst_case_sharpness`, `pac_bayes_flatness`, `rescaled_copy`.
 5. Gradient noise (`landscape.noise`): `per_example_gradient_norms_sq`, `gradient_noise_scale` (B_simple,
-   B_noise), `two_batch_noise_scale`, `noise_temperature`.
+   B_noise), `two_batch_noise_scale`, `noise_temperature`, `batch_sharpness` (the mini-batch Hessians along
+   their own gradients, the quantity SGD drives to 2/η).
 6. Connectivity (`landscape.connectivity`): `barrier_height`, `barrier_definitions`, `linear_interpolation`,
    `weight_matching` (`permute_hidden_units`), `bezier_curve` (`bezier_points`, `bezier_losses`).
 7. Surfaces (`landscape.surfaces`): `symmetric_grid`, `loss_surface_2d`, `loss_plane`.
 8. Exact answers (`landscape.exact`): `exact_curvature`, `product_rounding`, for small models.
+9. Rank statistics (`landscape.statistics`): `kendall_tau`, `granulated_kendall_tau` (Jiang et al. 2020's Ψ),
+   `rank_correlation` (both with bootstrap intervals), for which measure ranks models by generalisation.
 
 Fast paths: three capabilities have one for plain MLPs (an `nn.Sequential` of Linear layers and element-wise
 activations, such as `models.SmallMLP`): Hessian products (`MLPHessian`, the R-operator), many parameter
@@ -37,9 +40,9 @@ from landscape.flatness import (FlatnessResult, PacBayesResult, WorstCaseResult,
                                 perturbation_flatness, random_direction, random_directions, rescaled_copy,
                                 worst_case_sharpness)
 from landscape.hessian import HessianOperator, exact_hessian, hessian_diagonal, hessian_operator, hessian_vector_product
-from landscape.noise import (NoiseScaleResult, PerExampleGradients, TwoBatchNoiseResult, gradient_noise_scale,
-                             noise_temperature, per_example_gradient_norms_sq, per_example_gradient_rows,
-                             per_example_gradients, two_batch_noise_scale)
+from landscape.noise import (BatchSharpnessResult, NoiseScaleResult, PerExampleGradients, TwoBatchNoiseResult,
+                             batch_sharpness, gradient_noise_scale, noise_temperature, per_example_gradient_norms_sq,
+                             per_example_gradient_rows, per_example_gradients, two_batch_noise_scale)
 from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, check_measurable, flat_parameters, max_output_change,
                                 numpy_blas_single_threaded)
 from landscape.points import PointEvaluator, PointLosses, losses_at_points, point_evaluator
@@ -47,9 +50,11 @@ from landscape.spectrum import (EigenpairsResult, EigenResult, HessianSpectrum, 
                                 TraceResult, hessian_eigenpairs, hessian_spectral_density, hessian_spectrum,
                                 hessian_spectrum_ends, hessian_trace, layer_curvature, top_hessian_eigenvalue,
                                 trace_estimate)
+from landscape.statistics import RankCorrelation, granulated_kendall_tau, kendall_tau, rank_correlation
 from landscape.surfaces import PlaneResult, SurfaceResult, loss_plane, loss_surface_2d, symmetric_grid
 
 __all__ = [
+    "BatchSharpnessResult",
     "BezierResult",
     "DEFAULT_MEMORY_BUDGET",
     "EigenResult",
@@ -66,6 +71,7 @@ __all__ = [
     "PlaneResult",
     "PointEvaluator",
     "PointLosses",
+    "RankCorrelation",
     "SpectralDensity",
     "SurfaceResult",
     "TraceResult",
@@ -73,6 +79,7 @@ __all__ = [
     "WeightMatchingResult",
     "WorstCaseResult",
     "barrier_definitions",
+    "batch_sharpness",
     "barrier_height",
     "bezier_curve",
     "bezier_losses",
@@ -82,6 +89,7 @@ __all__ = [
     "exact_hessian",
     "filter_normalize",
     "flat_parameters",
+    "granulated_kendall_tau",
     "gradient_noise_scale",
     "hessian_diagonal",
     "hessian_eigenpairs",
@@ -91,6 +99,7 @@ __all__ = [
     "hessian_spectrum_ends",
     "hessian_trace",
     "hessian_vector_product",
+    "kendall_tau",
     "layer_curvature",
     "linear_interpolation",
     "loss_plane",
@@ -109,6 +118,7 @@ __all__ = [
     "product_rounding",
     "random_direction",
     "random_directions",
+    "rank_correlation",
     "rescaled_copy",
     "symmetric_grid",
     "top_hessian_eigenvalue",

@@ -367,3 +367,53 @@ def two_batch_noise_scale(
 def noise_temperature(lr: float, n: int, batch_size: int, momentum: float = 0.0) -> float:
     """Smith & Le 2018's SGD noise scale g = εN/(B(1 − m)): learning rate ε, N examples, batch B, momentum m."""
     return lr * n / (batch_size * (1 - momentum))
+
+
+@dataclass
+class BatchSharpnessResult:
+    """Batch sharpness (Andreyev & Beneventano 2024): the mean over mini-batches B of the Rayleigh quotient of
+    the batch's own Hessian along the batch's own gradient, g_Bᵀ H_B g_B / ‖g_B‖²."""
+
+    value: float  # the mean over the batches with a non-zero gradient
+    stderr: float  # the standard error of that mean (NaN for a single batch)
+    values: list[float]  # one quotient per batch (NaN where g_B = 0)
+    batch_size: int
+    indices: torch.Tensor  # (batches, batch_size): the examples of each batch
+
+
+def batch_sharpness(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    batches: int = 4,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    path: str = "auto",
+) -> BatchSharpnessResult:
+    """E_B[g_Bᵀ H_B g_B / ‖g_B‖²] over `batches` mini-batches of `batch_size` examples, each drawn without
+    replacement as one SGD step draws it; g_B and H_B are the gradient and Hessian of the batch's mean loss.
+
+    Under mini-batch SGD this, not full-batch λ_max, is what stabilises at 2/η (Andreyev & Beneventano 2024,
+    arXiv 2412.20553): a step along −η g_B changes the batch's own loss by −η‖g_B‖²(1 − η·q/2) to second order,
+    q the quotient, so it is stable while q < 2/η. Each quotient lies in [λ_min(H_B), λ_max(H_B)]. One gradient
+    and one exact Hessian product per batch, through `hessian_operator` (the MLP fast path where it applies).
+    """
+    x, y = prepare(model, x, y)
+    n = x.shape[0]
+    if not 1 <= batch_size <= n or batches < 1:
+        raise ValueError(f"need 1 <= batch_size <= N = {n} and batches >= 1, got {batch_size} and {batches}")
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(n, generator=generator)[:batch_size] for _ in range(batches)])
+    values = []
+    for idx in indices:
+        op = hessian_operator(model, x[idx], y[idx], loss_fn=loss_fn, memory_budget=memory_budget, path=path)
+        g = op.gradient()
+        norm_sq = float(g.double() @ g.double())
+        values.append(float(g.double() @ op(g).double()) / norm_sq if norm_sq > 0 else math.nan)
+    finite = np.asarray([v for v in values if math.isfinite(v)])
+    value = float(finite.mean()) if finite.size else math.nan
+    stderr = float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else math.nan
+    return BatchSharpnessResult(value, stderr, values, batch_size, indices)

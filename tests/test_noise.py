@@ -320,3 +320,56 @@ def test_fast_and_general_per_example_gradients_agree(seed, hidden, act, bias, n
     vectors = torch.randn(2, fast.dim, generator=g, dtype=torch.float64)
     torch.testing.assert_close(fast.weighted_sums(weights), general.weighted_sums(weights), rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(fast.dots(vectors), general.dots(vectors), rtol=1e-10, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------- batch sharpness
+def _dense_batch_quotient(model, x, y, idx) -> float:
+    """g_Bᵀ H_B g_B / ‖g_B‖² from the dense Hessian and the autograd gradient of the batch's mean loss."""
+    H = dense_hessian(model, x[idx], y[idx])
+    g = grad_at(model, flat(model), x[idx], y[idx]).numpy()
+    return float(g @ H @ g / (g @ g))
+
+
+def test_batch_sharpness_equals_dense_minibatch_formula(backend):
+    """Batch sharpness = mean over the drawn batches B of g_Bᵀ H_B g_B / ‖g_B‖², H_B the dense Hessian of the
+    batch's mean loss, g_B its gradient; the stderr is the batches' std (ddof 1) over √batches."""
+    m = tiny_mlp(2)
+    model = backend.model(m)
+    x, y = tiny_data(2, n=12)
+    snap = snapshot(model)
+    res = utils.batch_sharpness(model, x, y, batch_size=5, batches=3, seed=7, path=backend.path)
+    assert_unchanged(model, snap)
+    assert res.indices.shape == (3, 5) and res.batch_size == 5
+    dense = [_dense_batch_quotient(model, x, y, idx) for idx in res.indices]
+    np.testing.assert_allclose(res.values, dense, rtol=1e-10)
+    np.testing.assert_allclose(res.value, np.mean(dense), rtol=1e-10)
+    np.testing.assert_allclose(res.stderr, np.std(dense, ddof=1) / math.sqrt(3), rtol=1e-8)
+
+
+def test_batch_sharpness_of_the_whole_data_set_is_the_full_batch_rayleigh_quotient():
+    """With B = N every batch is the data set, so every quotient is gᵀHg/‖g‖² of the full-batch loss."""
+    model = tiny_mlp(3)
+    x, y = tiny_data(3, n=9)
+    res = utils.batch_sharpness(model, x, y, batch_size=9, batches=2, seed=0)
+    full = _dense_batch_quotient(model, x, y, torch.arange(9))
+    np.testing.assert_allclose(res.values, [full, full], rtol=1e-10)
+
+
+@given(seed=st.integers(0, 10_000), batch_size=st.integers(1, 10))
+def test_batch_sharpness_quotients_lie_in_the_batch_hessians_spectrum(seed, batch_size):
+    """A Rayleigh quotient of H_B lies in [λ_min(H_B), λ_max(H_B)]; batches are drawn without replacement."""
+    model = tiny_mlp(seed % 5)
+    x, y = tiny_data(seed % 7, n=10)
+    res = utils.batch_sharpness(model, x, y, batch_size=batch_size, batches=2, seed=seed)
+    for idx, q in zip(res.indices, res.values):
+        assert len(set(idx.tolist())) == batch_size
+        eigs = np.linalg.eigvalsh(dense_hessian(model, x[idx], y[idx]))
+        assert eigs[0] - 1e-9 * max(1.0, abs(eigs[0])) <= q <= eigs[-1] + 1e-9 * max(1.0, abs(eigs[-1]))
+
+
+@pytest.mark.parametrize("batch_size,batches", [(0, 2), (11, 2), (3, 0)])
+def test_batch_sharpness_rejects_impossible_batches(batch_size, batches):
+    """A batch larger than the data set, an empty batch, or no batches cannot be measured."""
+    x, y = tiny_data(0, n=10)
+    with pytest.raises(ValueError, match="batch_size"):
+        utils.batch_sharpness(tiny_mlp(0), x, y, batch_size=batch_size, batches=batches)

@@ -2,6 +2,7 @@
 per section with its numbers, redrawing without computing, a failing figure leaves no report behind."""
 
 
+import math
 import re
 import shutil
 import subprocess
@@ -120,3 +121,85 @@ def test_every_figure_is_cropped_to_its_content(run):
         height, width = drawn.shape
         margins = (rows[0], height - 1 - rows[-1], columns[0], width - 1 - columns[-1])
         assert all(1 <= m <= 50 for m in margins), (name, margins)
+
+
+# ----------------------------------------------------------------------------- the report's sentences
+# Each interpretation sentence is chosen by its numbers; both sides of every threshold are tested here.
+def test_stability_sentence_below_at_and_beyond_the_edge():
+    """Threshold 2(1+β)/η = 2·1.9/0.1 = 38 (2/η = 20 without momentum); ±EDGE_BAND around it is the edge."""
+    band = plotting.EDGE_BAND
+    below = plotting.stability_sentence("0", 38 * (1 - band) * 0.99, 1.0, 0.1, 0.9)
+    at_low = plotting.stability_sentence("0", 38 * (1 - band) * 1.01, 1.0, 0.1, 0.9)
+    at_high = plotting.stability_sentence("0", 38 * (1 + band) * 0.99, 1.0, 0.1, 0.9)
+    beyond = plotting.stability_sentence("0", 38 * (1 + band) * 1.01, 1.0, 0.1, 0.9)
+    assert "below the edge" in below and "at the edge" in at_low and "at the edge" in at_high
+    assert "beyond the edge" in beyond
+    assert "2/eta = 20" in plotting.stability_sentence("0", 19.0, 1.0, 0.1, 0.0)
+    assert "2(1+beta)/eta = 38" in below
+
+
+def test_stability_sentence_says_whether_lambda_max_is_below_batch_sharpness():
+    assert "is below it, as Andreyev" in plotting.stability_sentence("0", 5.0, 4.0, 0.1, 0.9)
+    assert "not below it, unlike" in plotting.stability_sentence("0", 5.0, 6.0, 0.1, 0.9)
+    assert "not tracked" in plotting.stability_sentence("0", math.nan, 6.0, 0.1, 0.9)
+
+
+def test_noise_sentence_above_below_and_mixed():
+    """B_simple > B for all: noise dominates; < B for all: signal dominates; otherwise mixed."""
+    assert "noise dominates" in plotting.noise_sentence({"0": 129.0, "42": 500.0}, 128)
+    assert "signal dominates" in plotting.noise_sentence({"0": 127.0, "42": 3.0}, 128)
+    mixed = plotting.noise_sentence({"0": 129.0, "42": 127.0}, 128)
+    assert "for seed(s) 0 but not for 42" in mixed
+
+
+def test_connectivity_sentence_both_sides_of_the_threshold_and_after_alignment():
+    """Connected when barrier/endpoint loss < CONNECTED (5%); alignment connected, lower, or not lower."""
+    t = plotting.CONNECTED
+    assert "are linearly connected" in plotting.connectivity_sentence(0.99 * t, 1.0, None)
+    assert "are not linearly connected" in plotting.connectivity_sentence(1.01 * t, 1.0, None)
+    assert "up to permutation symmetry" in plotting.connectivity_sentence(1.0, 1.0, 0.99 * t)
+    lower = plotting.connectivity_sentence(1.0, 1.0, 1.01 * t)
+    assert "95% of it was permutation symmetry" in lower and "not linearly connected even after" in lower
+    assert "does not lower it" in plotting.connectivity_sentence(0.5, 1.0, 0.6)
+
+
+def test_path_barrier_is_the_peak_above_the_endpoints_line():
+    """Loss (1, 3, 2) at t = (0, .5, 1): the line is 1.5 at the middle, so the barrier is 1.5."""
+    assert plotting.path_barrier([0.0, 0.5, 1.0], [1.0, 3.0, 2.0]) == 1.5
+
+
+def test_curve_sentence_low_loss_lower_than_the_line_or_not():
+    t = plotting.CONNECTED
+    joins = plotting.curve_sentence(0.99 * t, 1.0, 1.0)
+    assert "joins the two solutions" in joins and "although the straight line" in joins
+    assert "as the straight line does" in plotting.curve_sentence(0.99 * t, 0.99 * t, 1.0)
+    assert "not a low-loss path" in plotting.curve_sentence(1.01 * t, 1.0, 1.0)
+    assert "no lower than" in plotting.curve_sentence(1.0, 0.5, 1.0)
+
+
+def test_basin_sentence_single_basin_off_centre_minimum_and_falling_rays():
+    """A bowl a² + b² rises along all 8 rays; shifting its minimum moves the lowest point off the centre; a
+    bump ring makes the loss fall again along the rays."""
+    grid = np.linspace(-1, 1, 5)
+    a, b = np.meshgrid(grid, grid, indexing="ij")
+    assert "single basin" in plotting.basin_sentence(a**2 + b**2, grid, grid)
+    off = plotting.basin_sentence((a - 0.5) ** 2 + b**2, grid, grid)
+    assert "lies off the trained model, at (alpha, beta) = (0.5, 0)" in off
+    ring = np.exp(-((np.hypot(a, b) - 0.5) ** 2) * 20) + 0.01 * (a**2 + b**2)
+    assert "falls again" in plotting.basin_sentence(ring, grid, grid)
+
+
+def test_rescaling_sentence_sorts_measures_into_moving_and_invariant():
+    """Spread max/min − 1 across α: over MOVES moves, under INVARIANT stays, in between moves a little."""
+    rows = [{"top_eigenvalue": v, "worst_case_absolute": w, "worst_case_adaptive": 1.0, "filter_normalised": 2.0,
+             "adaptive_average": a} for v, w, a in ((1.0, 1.0, 1.0), (2.5, 1.05, 1.0))]
+    text = plotting.rescaling_sentence(rows)
+    assert "moves lambda_max (x2.5)" in text and "absolute worst-case sharpness (5.0%) a little" in text
+    assert "adaptive worst-case sharpness, filter-normalised flatness and adaptive flatness stay within 1%" in text
+    every = [{k: v * (1 + i) for k, v in rows[0].items()} for i in range(2)]
+    assert "every measure depends on the parametrisation" in plotting.rescaling_sentence(every)
+
+
+def test_negative_curvature_sentence_needs_lambda_min_below_minus_its_residual():
+    assert "seed(s) 0:" in plotting.negative_curvature_sentence({"0": (-0.2, 0.1), "42": (-0.05, 0.1)})
+    assert "no negative curvature is resolved" in plotting.negative_curvature_sentence({"0": (-0.05, 0.1)})

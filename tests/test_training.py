@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+from conftest import tiny_data, tiny_mlp
 
 import data
 import main
 import models
 import training
+import utils
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +112,34 @@ def test_sgd_step_leaves_a_parameter_without_gradient_alone():
     training.sgd_step([used, unused], buffers, lr=0.5, momentum=0.9)  # buffer = 0.9·g + g = 1.9·g
     assert torch.allclose(used.detach(), torch.tensor([0.5, 0.0, -0.5]) - 0.5 * 1.9 * used.grad)
 
+
+
+def test_tracker_records_are_the_measurements_at_that_step_and_leave_the_model_alone():
+    """A check records λ_max of the first `examples` examples, and batch sharpness over mini-batches of the
+    training batch size from all examples, exactly as utils computes them at those weights; the parameters,
+    their gradients and the training mode are left as they were."""
+    x, y = tiny_data(4, n=300, d=6)
+    model = tiny_mlp(4, widths=(6, 8, 3))
+    model.train()
+    before = [p.detach().clone() for p in model.parameters()]
+    tracker = training.SharpnessTracker(x, y, examples=64, batch_size=32, seed=3, memory_budget=1 << 28)
+    tracker(model, 5)
+    assert model.training and all(torch.equal(p, b) and p.grad is None for p, b in zip(model.parameters(), before))
+    (record,) = tracker.records
+    batch = utils.batch_sharpness(model, x, y, batch_size=32, batches=tracker.BATCHES, seed=3 + 5)
+    assert record["batch_sharpness"] == batch.value and record["batch_sharpness_stderr"] == batch.stderr
+    exact_top = float(torch.linalg.eigvalsh(utils.exact_hessian(model, x[:64], y[:64]))[-1])
+    assert abs(record["lambda_max"] - exact_top) <= 2e-2 * exact_top + 1e-3  # the tracker's Lanczos tol is 1e-2
+
+
+def test_tracker_interval_keeps_the_overhead_target_and_honours_an_explicit_interval():
+    """Checks at step 0, every k steps and the last step cost at most OVERHEAD of training; -1 switches off."""
+    x, y = torch.zeros(1000, 4), torch.zeros(1000, dtype=torch.long)
+    tracker = training.SharpnessTracker(x, y, examples=128, batch_size=128, seed=0, memory_budget=1 << 20)
+    cost = tracker.FIXED_STEPS + (tracker.HVPS + tracker.PROBES + 2) + 3 * tracker.BATCHES
+    for steps in (10, 400, 5000):
+        k = tracker.interval(steps)
+        checks = 1 + steps // k + (steps % k != 0)
+        assert checks * cost <= tracker.OVERHEAD * steps or k == steps
+        assert k == 1 or (1 + steps // (k - 1) + (steps % (k - 1) != 0)) * cost > tracker.OVERHEAD * steps
+    assert tracker.interval(400, every=7) == 7 and tracker.interval(400, every=-1) == 0
