@@ -55,7 +55,8 @@ class Config:
     dataset: str = field(default="mnist", metadata={"help": "data set", "choices": tuple(data_module.DATASETS)})
     model: str = field(default="mlp", metadata={"help": "architecture", "choices": ("mlp", "cnn")})
     hidden: tuple[int, ...] = field(default=(128, 128), metadata={"help": "MLP hidden widths"})
-    epochs: int = field(default=5, metadata={"help": "training epochs"})
+    epochs: int = field(default=5, metadata={"help": "training epochs (with --train-to-loss: the most epochs)"})
+    train_to_loss: float = field(default=0.0, metadata={"help": "stop training at the first epoch whose training cross-entropy is at most this (0: train all --epochs)"})
     lr: float = field(default=0.1, metadata={"help": "SGD learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD heavy-ball momentum"})
     batch_size: int = field(default=128, metadata={"help": "SGD mini-batch size"})
@@ -104,6 +105,12 @@ class Config:
     prune: bool = field(default=False, metadata={"help": "after the run, delete the files under --runs-dir that it did not use (other settings, older code) and list them"})
     plot_only: bool = field(default=False, metadata={"help": "redraw the figures and the report from --out/metrics.json, computing nothing"})
     skip_figures: bool = field(default=False, metadata={"help": "write the numbers only (metrics.json/.csv, results.npz); draw later with --plot-only"})
+    sweep: bool = field(default=False, metadata={"help": "train and measure the grid --sweep-batch-sizes x --sweep-lrs x --sweep-widths x --seeds, each to --sweep-target-loss, and rank the measures by how well they predict the generalisation gap"})
+    sweep_batch_sizes: tuple[int, ...] = field(default=(16, 64, 256, 1024), metadata={"help": "the sweep's batch sizes"})
+    sweep_lrs: tuple[float, ...] = field(default=(0.01, 0.05, 0.2), metadata={"help": "the sweep's learning rates"})
+    sweep_widths: tuple[int, ...] = field(default=(64, 256), metadata={"help": "the sweep's hidden widths (two hidden layers each)"})
+    sweep_target_loss: float = field(default=0.1, metadata={"help": "training cross-entropy every sweep model is trained to (models compared at equal fit)"})
+    sweep_max_epochs: int = field(default=40, metadata={"help": "epoch budget of a sweep model; one that does not reach the target is reported and left out of the statistics"})
     quick: bool = field(default=False, metadata={"help": "whole pipeline on a small slice of the real data with tiny budgets, in seconds"})
     quiet: bool = field(default=False, metadata={"help": "print only warnings and errors", "short": "-q"})
     verbose: bool = field(default=False, metadata={"help": "also print debugging detail (run folder, stage keys)", "short": "-v"})
@@ -114,6 +121,7 @@ QUICK = dict(  # what --quick changes; flags given explicitly still win
     flatness_samples=3, interpolation_points=11, surface_steps=5, eigen_k=3, density_runs=1, density_steps=20,
     trace_rel_stderr=0.1, layer_rel_stderr=0.3, noise_rel_stderr=0.2, two_batch=(16, 128), worst_case_steps=3,
     pac_bayes_samples=2, rescale_alphas=(2.0,), bezier_epochs=1, plane_steps=5,
+    sweep_batch_sizes=(64, 256), sweep_lrs=(0.05, 0.2), sweep_widths=(32,), sweep_target_loss=0.5, sweep_max_epochs=10,
 )
 EXACT_AUTO_MAX_PARAMETERS = 3000  # below this many parameters the dense Hessian is cheap: exact mode turns on
 
@@ -164,7 +172,7 @@ def validate(cfg: Config) -> None:
     """Raise UsageError naming the first flag whose value cannot work."""
     positive_ints = ("epochs", "batch_size", "sharpness_max_iter", "flatness_samples", "memory_budget_mb", "eigen_k",
                      "density_runs", "density_steps", "track_examples", "worst_case_steps", "pac_bayes_samples",
-                     "bezier_epochs")
+                     "bezier_epochs", "sweep_max_epochs")
     for name in positive_ints:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
@@ -198,6 +206,15 @@ def validate(cfg: Config) -> None:
         (cfg.surface_steps >= 2, "--surface-steps must be at least 2", cfg.surface_steps),
         (math.isfinite(cfg.surface_span) and cfg.surface_span > 0, "--surface-span must be a positive number", cfg.surface_span),
         (cfg.train_subset == 0 or cfg.train_subset >= 2, "--train-subset must be 0 (all) or at least 2", cfg.train_subset),
+        (math.isfinite(cfg.train_to_loss) and cfg.train_to_loss >= 0, "--train-to-loss must be 0 (off) or positive",
+         cfg.train_to_loss),
+        (all(b >= 1 for b in cfg.sweep_batch_sizes), "--sweep-batch-sizes must be positive integers",
+         cfg.sweep_batch_sizes),
+        (all(math.isfinite(v) and v > 0 for v in cfg.sweep_lrs), "--sweep-lrs must be positive", cfg.sweep_lrs),
+        (all(w >= 1 for w in cfg.sweep_widths), "--sweep-widths must be positive integers", cfg.sweep_widths),
+        (math.isfinite(cfg.sweep_target_loss) and cfg.sweep_target_loss > 0, "--sweep-target-loss must be positive",
+         cfg.sweep_target_loss),
+        (not cfg.sweep or cfg.model == "mlp", "--sweep varies MLP widths: it needs --model mlp", cfg.model),
         (cfg.trace_method != "exact" or cfg.model == "mlp",
          "--trace-method exact needs the ReLU MLP (--model mlp); use auto, which estimates it for other models",
          cfg.model),
@@ -233,6 +250,7 @@ class Training(Settings):
     model: str
     hidden: tuple[int, ...]
     epochs: int
+    train_to_loss: float
     lr: float
     momentum: float
     batch_size: int
@@ -382,11 +400,12 @@ def train_model(s: Training, model: torch.nn.Module, *, train, progress: bool = 
         tracker(model, 0)
     h = training.train(model, x, y, epochs=s.epochs, lr=s.lr, momentum=s.momentum, batch_size=s.batch_size,
                        weight_decay=s.weight_decay, seed=s.seed, progress=progress, desc=f"train seed {s.seed}",
-                       callback=tracker if every else None, callback_every=every)
+                       callback=tracker if every else None, callback_every=every, target_loss=s.train_to_loss)
     if every and tracker.records[-1]["step"] != h.steps:
         tracker(model, h.steps)
     seconds = h.seconds - h.callback_seconds
     return {"steps": h.steps, "epoch_losses": h.epoch_losses, "seconds": round(seconds, 4),
+            "reached_target": h.reached_target,
             "tracking": {"every": every, "examples": tracker.examples, "records": tracker.records,
                          "seconds": round(tracker.seconds, 4), "overhead": tracker.seconds / max(seconds, 1e-9)}}
 
@@ -666,6 +685,166 @@ def _run(cfg: Config) -> dict:
     return written
 
 
+# ----------------------------------------------------------------------------- the sweep
+SWEEP_AXES = ("batch_size", "lr", "width")  # the hyper-parameters Ψ averages over; the seed only groups
+SWEEP_PAIR_STAGES = (connectivity, aligned)  # between the first two seeds of each configuration
+# Each measure as a sweep.csv column, oriented so that larger means sharper (Jiang et al. 2020 use 1/σ² for
+# the PAC-Bayes σ): a measure predicts generalisation when its τ with the gap is positive.
+SWEEP_MEASURES = ("lambda_max", "lambda_k", "lambda_min", "trace", "layer_lambda_max", "flatness",
+                  "adaptive_flatness", "worst_case_absolute", "worst_case_adaptive", "pac_bayes_inv_sigma_sq",
+                  "pac_bayes_magnitude_aware_inv_sigma_sq", "b_simple", "b_noise", "temperature", "weight_norm_sq",
+                  "batch_sharpness", "barrier", "aligned_barrier")
+SWEEP_GAPS = ("gap_loss", "gap_error")  # test − train cross-entropy, test − train error
+
+
+def sweep_grid(cfg: Config) -> list[dict]:
+    """The sweep's configurations (without the seed), in the order they are trained."""
+    return [{"batch_size": b, "lr": lr, "width": w}
+            for b in cfg.sweep_batch_sizes for lr in cfg.sweep_lrs for w in cfg.sweep_widths]
+
+
+def sweep_model_config(cfg: Config, point: dict) -> Config:
+    """The configuration one sweep model is trained and measured with: the grid point's batch size, learning
+    rate and width (two hidden layers), trained to the sweep's target loss within its epoch budget."""
+    return dataclasses.replace(cfg, batch_size=point["batch_size"], lr=point["lr"], hidden=(point["width"],) * 2,
+                               epochs=cfg.sweep_max_epochs, train_to_loss=cfg.sweep_target_loss)
+
+
+def sweep_row(point: dict, seed: int, history: dict, model: torch.nn.Module, m: dict) -> dict:
+    """sweep.csv's row for one model: its configuration, fit, generalisation gaps and every scalar measure."""
+    records = history["tracking"]["records"]
+    row = {**point, "seed": seed, "steps": history["steps"], "epochs": len(history["epoch_losses"]),
+           "train_loss": m["train"]["loss"], "test_loss": m["test"]["loss"],
+           "train_error": 1 - m["train"]["accuracy"], "test_error": 1 - m["test"]["accuracy"]}
+    row["gap_loss"] = row["test_loss"] - row["train_loss"]
+    row["gap_error"] = row["test_error"] - row["train_error"]
+    pac = m["pac_bayes"]
+    row.update({
+        "lambda_max": m["sharpness"]["eigenvalue"], "lambda_k": m["eigenpairs"]["top"][-1],
+        "lambda_min": m["eigenpairs"]["lambda_min"], "trace": m["trace"]["trace"],
+        "layer_lambda_max": max(layer["top_eigenvalue"] for layer in m["layers"]),
+        "flatness": m["flatness"]["mean_increase"][-1], "adaptive_flatness": m["adaptive_flatness"]["mean_increase"][-1],
+        "worst_case_absolute": m["worst_case"]["absolute"]["sharpness"],
+        "worst_case_adaptive": m["worst_case"]["adaptive"]["sharpness"],
+        "pac_bayes_inv_sigma_sq": pac["plain"]["sigma"] ** -2,
+        "pac_bayes_magnitude_aware_inv_sigma_sq": pac["magnitude_aware"]["sigma"] ** -2,
+        "b_simple": m["gradient_noise"]["b_simple"], "b_noise": m["gradient_noise"]["b_noise"],
+        "temperature": m["gradient_noise"]["temperature"],
+        "weight_norm_sq": float(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters())),
+        "batch_sharpness": records[-1]["batch_sharpness"] if records else math.nan,
+        "tracked_lambda_max": records[-1]["lambda_max"] if records else math.nan,
+    })
+    return row
+
+
+def run_sweep(cfg: Config) -> dict:
+    """Train and measure every model of the grid (each a cached stage: a killed sweep resumes, a grown grid
+    computes only the new models), the barriers between each configuration's first two seeds, and the rank
+    statistics of every measure against the generalisation gaps."""
+    with utils.numpy_blas_single_threaded():
+        out = _resolve(cfg.out)
+        _check_output_folder(out)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        ds = load_data(cfg)
+        inputs = data_inputs(cfg, ds)
+        grid = sweep_grid(cfg)
+        models_total = len(grid) * len(cfg.seeds)
+        store = Store(_resolve(cfg.runs_dir), code=CodeIndex(REPO_ROOT), environment=stage_environment(),
+                      fresh=cfg.fresh, total=models_total * (1 + len(MODEL_STAGES)) + len(grid) * len(SWEEP_PAIR_STAGES),
+                      progress=not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty())
+        rows, excluded, start, done = [], [], time.perf_counter(), 0
+        for point in grid:
+            mcfg = sweep_model_config(cfg, point)
+            tag = f"b={point['batch_size']} lr={point['lr']} w={point['width']}"
+            trained = {}
+            for seed in cfg.seeds:
+                done += 1
+                try:
+                    keyed, history = store.trained(build_model, train_model, Training.of(mcfg, seed=seed), inputs,
+                                                   label=f"train[{tag} seed={seed}]")
+                except training.TrainingDiverged as err:  # not cached: a rerun tries it again, up to the blow-up
+                    excluded.append({**point, "seed": seed, "epochs": err.epoch, "final_epoch_loss": math.inf,
+                                     "reason": "diverged"})
+                    log.warning("sweep: %s seed %d diverged at epoch %d, step %d: left out of the statistics", tag,
+                                seed, err.epoch, err.step)
+                    continue
+                if not history["reached_target"]:
+                    excluded.append({**point, "seed": seed, "epochs": len(history["epoch_losses"]),
+                                     "final_epoch_loss": history["epoch_losses"][-1], "reason": "missed the target"})
+                    log.warning("sweep: %s seed %d did not reach training loss %g in %d epochs (last epoch %.4f): "
+                                "left out of the statistics", tag, seed, cfg.sweep_target_loss, cfg.sweep_max_epochs,
+                                history["epoch_losses"][-1])
+                    continue
+                measured = run_stages(store, mcfg, MODEL_STAGES, keyed.key, {**inputs, "model": keyed},
+                                      suffix=f"[{tag} seed={seed}]")
+                trained[seed] = keyed
+                rows.append(sweep_row(point, seed, history, keyed.value,
+                                      model_metrics(seed, history, keyed.value, measured)))
+                elapsed = time.perf_counter() - start
+                log.info("sweep: %d/%d models (%s seed %d), %.1f s per model, about %.0f s to go", done,
+                         models_total, tag, seed, elapsed / done, elapsed / done * (models_total - done))
+            first, second = cfg.seeds[0], cfg.seeds[1]
+            if first in trained and second in trained:
+                pair = run_stages(store, mcfg, SWEEP_PAIR_STAGES, digest(trained[first].key, trained[second].key),
+                                  {**inputs, "model_a": trained[first], "model_b": trained[second]},
+                                  suffix=f"[{tag}]")
+                for row in rows:
+                    if all(row[k] == v for k, v in point.items()):
+                        row["barrier"] = pair["connectivity"].value["train"]["barriers"]["loss_linear"]
+                        row["aligned_barrier"] = pair["aligned"].value["train"]["barriers"]["loss_linear"]
+        store.close()
+        for row in rows:
+            row.setdefault("barrier", math.nan)
+            row.setdefault("aligned_barrier", math.nan)
+        metrics = {"schema_version": 1, "kind": "sweep",
+                   "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   "config": dataclasses.asdict(cfg),
+                   "data": {"name": ds.name, "source": ds.source, "n_train": int(ds.x_train.shape[0]),
+                            "n_test": int(ds.x_test.shape[0]), "sha256": ds.sha256},
+                   "environment": environment(), "run_folder": str(store.root), "resumed": store.loaded,
+                   "sweep": {"axes": list(SWEEP_AXES), "grid": grid, "seeds": list(cfg.seeds), "rows": rows,
+                             "excluded": excluded, "correlations": sweep_correlations(rows, seed=cfg.probe_seed)},
+                   "warnings": store.warnings, "timings": store.timings}
+        written = write_sweep_outputs(metrics, out, figures=not cfg.skip_figures)
+        _tidy_store(store, prune=cfg.prune)
+        return written
+
+
+def sweep_correlations(rows: list[dict], *, seed: int) -> dict:
+    """For each measure and each gap: Kendall's τ over the models, the granulated Ψ over SWEEP_AXES and their
+    bootstrap intervals (landscape.statistics); models where the measure is not finite are left out."""
+    out = {}
+    for measure in SWEEP_MEASURES:
+        usable = [r for r in rows if r.get(measure) is not None and math.isfinite(r[measure])]
+        out[measure] = {}
+        for gap in SWEEP_GAPS:
+            if len(usable) < 2:
+                out[measure][gap] = None
+                continue
+            r = utils.rank_correlation([u[measure] for u in usable], [u[gap] for u in usable],
+                                       [{k: u[k] for k in (*SWEEP_AXES, "seed")} for u in usable], SWEEP_AXES,
+                                       seed=seed)
+            out[measure][gap] = dataclasses.asdict(r)
+    return out
+
+
+def write_sweep_outputs(metrics: dict, out: Path, *, figures: bool = True) -> dict:
+    """The sweep's figures, sweep.csv (one row per model), results.npz (each column as an array), then
+    metrics.json (last: a complete metrics.json means a complete sweep)."""
+    start = time.perf_counter()
+    paths = plotting.plot_sweep(metrics, out) if figures else []
+    metrics["timings"]["plots"] = round(time.perf_counter() - start, 4)
+    rows = metrics["sweep"]["rows"]
+    paths.append(write_csv_atomic(rows, out / "sweep.csv"))
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    paths.append(write_atomic(out / "results.npz", lambda f: np.savez_compressed(
+        f, **{c: np.asarray([row.get(c, math.nan) for row in rows], dtype=np.float64) for c in columns})))
+    paths.append(write_json_atomic(metrics, out / "metrics.json"))
+    metrics["written"] = [str(p) for p in paths]
+    return metrics
+
+
 def run_metrics(cfg: Config, ds: data_module.Dataset, store: Store, per_model: dict, pair: dict[str, Keyed],
                 alone: dict[str, Keyed], warnings: list[str]) -> dict:
     """The dictionary metrics.json holds, from the stages' results."""
@@ -897,6 +1076,9 @@ def plot_only(cfg: Config) -> dict:
     source = out / "metrics.json"
     try:
         metrics = json.loads(source.read_text())
+        if metrics.get("kind") == "sweep":
+            metrics["written"] = [str(p) for p in plotting.plot_sweep(metrics, out)]
+            return metrics
         metrics["models"], metrics["connectivity"], metrics["surface"]  # noqa: B018 (a complete run's keys)
     except FileNotFoundError:
         raise data_module.DataError(f"{source} not found: run without --plot-only first") from None
@@ -933,7 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if cfg.quiet else logging.DEBUG if cfg.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", force=True)
     try:
-        metrics = plot_only(cfg) if cfg.plot_only else run(cfg)
+        metrics = plot_only(cfg) if cfg.plot_only else run_sweep(cfg) if cfg.sweep else run(cfg)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -948,7 +1130,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("warning: %s", w)
     if not cfg.quiet:
         print()
-        print(plotting.format_summary(metrics))
+        print(plotting.format_sweep_summary(metrics) if metrics.get("kind") == "sweep" else
+              plotting.format_summary(metrics))
         print("\nwrote:\n  " + "\n  ".join(metrics["written"]))
     return 0
 

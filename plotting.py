@@ -24,7 +24,7 @@ import PIL.Image  # noqa: E402  (matplotlib's own image library)
 
 from landscape.files import write_atomic  # noqa: E402
 
-__all__ = ["FIGURES", "format_summary", "format_table", "layer_rows", "plot_all", "plot_connectivity_plane",
+__all__ = ["FIGURES", "SWEEP_FIGURES", "format_summary", "format_sweep_summary", "plot_sweep", "format_table", "layer_rows", "plot_all", "plot_connectivity_plane",
            "plot_flatness_stem", "plot_reparametrisation",
            "plot_hessian_spectrum", "plot_loss_surface_3d", "plot_mode_connectivity", "plot_sharpness_during_training",
            "plot_summary_table", "summary_rows"]
@@ -870,6 +870,146 @@ def plot_all(metrics: dict, out: Path) -> list[Path]:
     for name, plot in FIGURES.items():
         written += [plot(metrics, out / name), (out / name).with_suffix(".pdf")]
     return [*written, plot_report(metrics, out / REPORT)]
+
+
+# ----------------------------------------------------------------------------- the sweep
+SWEEP_LABELS = {
+    "lambda_max": "λ_max", "lambda_k": "λ_k (k-th largest)", "lambda_min": "λ_min", "trace": "tr(H)",
+    "layer_lambda_max": "largest layer-block λ_max", "flatness": "filter-normalised ΔL(σ_max)",
+    "adaptive_flatness": "adaptive ΔL(σ_max)", "worst_case_absolute": "worst-case sharpness (absolute)",
+    "worst_case_adaptive": "worst-case sharpness (adaptive)", "pac_bayes_inv_sigma_sq": "PAC-Bayes 1/σ²",
+    "pac_bayes_magnitude_aware_inv_sigma_sq": "PAC-Bayes 1/σ² (magnitude-aware)", "b_simple": "B_simple",
+    "b_noise": "B_noise", "temperature": "temperature εN/(B(1−m))", "weight_norm_sq": "‖θ‖²",
+    "batch_sharpness": "batch sharpness", "barrier": "barrier (straight line)",
+    "aligned_barrier": "barrier after weight matching",
+}
+
+
+def _sweep_correlations(metrics: dict, gap: str) -> list[tuple[str, dict]]:
+    """(measure, its correlation with `gap`) for the measures that have one, sorted by τ, largest first."""
+    found = [(k, v[gap]) for k, v in metrics["sweep"]["correlations"].items() if v.get(gap)]
+    return sorted(found, key=lambda kv: -np.nan_to_num(kv[1]["tau"], nan=-2.0))
+
+
+def plot_sweep_measures(metrics: dict, path: Path) -> Path:
+    """Each measure against the generalisation gap, one panel per measure: colour the SGD temperature εN/B,
+    marker the width; Kendall's τ and Ψ in each panel's title."""
+    rows = metrics["sweep"]["rows"]
+    measures = [m for m in SWEEP_LABELS if any(np.isfinite(r.get(m, math.nan)) for r in rows)]
+    widths = sorted({r["width"] for r in rows})
+    markers = dict(zip(widths, "osD^v<>"))
+    columns = 4
+    lines = max(1, math.ceil(len(measures) / columns))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(lines, columns, figsize=(3.6 * columns, 2.9 * lines), squeeze=False,
+                                 layout="constrained")
+        temperature = np.asarray([r["temperature"] for r in rows])
+        norm = matplotlib.colors.LogNorm(vmin=temperature.min(), vmax=max(temperature.max(), temperature.min() * 1.01))
+        for ax, measure in zip(axes.flat, measures):
+            corr = metrics["sweep"]["correlations"][measure].get("gap_loss")
+            for w in widths:
+                mine = [r for r in rows if r["width"] == w]
+                ax.scatter([r[measure] for r in mine], [r["gap_loss"] for r in mine], c=[r["temperature"] for r in mine],
+                           cmap="viridis", norm=norm, marker=markers[w], s=28, edgecolors="0.2", linewidths=0.4,
+                           label=f"width {w}")
+            ax.set_xlabel(SWEEP_LABELS[measure], fontsize=9)
+            ax.set_ylabel("test − train loss", fontsize=9)
+            if corr:
+                ax.set_title(f"τ = {corr['tau']:.2f}, Ψ = {corr['psi']:.2f}", fontsize=9)
+            values = np.asarray([r[measure] for r in rows], dtype=float)
+            if np.all(values[np.isfinite(values)] > 0) and np.nanmax(values) > 20 * np.nanmin(values):
+                ax.set_xscale("log")
+        for ax in list(axes.flat)[len(measures):]:
+            ax.set_visible(False)
+        axes.flat[0].legend(fontsize=7, loc="best")
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes, shrink=0.6,
+                     label="SGD temperature εN/(B(1−m))")
+        fig.suptitle(f"{len(rows)} models trained to training loss {metrics['config']['sweep_target_loss']:g}: "
+                     "each measure against the generalisation gap", fontsize=11)
+        return _save(fig, path)
+
+
+def plot_sweep_correlation(metrics: dict, path: Path) -> Path:
+    """Kendall's τ and the granulated Ψ of each measure with the loss gap, with bootstrap intervals, sorted."""
+    found = _sweep_correlations(metrics, "gap_loss")[::-1]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(8, 0.38 * len(found) + 1.6))
+        y = np.arange(len(found))
+        for offset, key, interval, colour, name in ((0.17, "tau", "tau_interval", PALETTE[0], "Kendall τ"),
+                                                    (-0.17, "psi", "psi_interval", PALETTE[1], "granulated Ψ")):
+            values = np.asarray([c[key] for _, c in found], dtype=float)
+            low = np.asarray([c[interval][0] for _, c in found], dtype=float)
+            high = np.asarray([c[interval][1] for _, c in found], dtype=float)
+            ax.errorbar(values, y + offset, xerr=np.nan_to_num([values - low, high - values]), fmt="o", ms=4,
+                        capsize=2, color=colour, label=f"{name} (95% bootstrap interval)")
+        ax.axvline(0, color="0.3", lw=1)
+        ax.set_yticks(y, [SWEEP_LABELS.get(k, k) for k, _ in found])
+        ax.set_xlim(-1.05, 1.05)
+        ax.set_xlabel("rank correlation with the generalisation gap (test − train loss); > 0: larger means worse")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.set_title(f"Which measure ranks the {len(metrics['sweep']['rows'])} models' generalisation", fontsize=10)
+        return _save(fig, path)
+
+
+def plot_batch_sharpness(metrics: dict, path: Path) -> Path:
+    """Batch sharpness and full-batch λ_max at the end of training, in units of the stability threshold 2/η
+    (so 1 is 2/η for every learning rate; 1 + β is heavy-ball's 2(1+β)/η), against the batch size."""
+    rows = metrics["sweep"]["rows"]
+    beta = metrics["config"]["momentum"]
+    lrs = sorted({r["lr"] for r in rows})
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 4.6))
+        for i, lr in enumerate(lrs):
+            mine = sorted((r for r in rows if r["lr"] == lr), key=lambda r: r["batch_size"])
+            colour = PALETTE[i % len(PALETTE)]
+            ax.scatter([r["batch_size"] for r in mine], [r["batch_sharpness"] * lr / 2 for r in mine], marker="s",
+                       color=colour, s=26, label=f"η = {lr:g}: batch sharpness")
+            ax.scatter([r["batch_size"] for r in mine], [r["lambda_max"] * lr / 2 for r in mine], marker="o",
+                       facecolors="none", edgecolors=colour, s=26, label=f"η = {lr:g}: λ_max")
+        ax.axhline(1.0, color="0.3", ls="--", lw=1, label="2/η")
+        if beta:
+            ax.axhline(1 + beta, color="0.3", ls=":", lw=1, label="2(1+β)/η")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["batch_size"] for r in rows}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("curvature × η/2 (1 = the threshold 2/η)")
+        ax.set_title("At the end of training: batch sharpness and λ_max against the stability threshold", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        return _save(fig, path)
+
+
+SWEEP_FIGURES = {"sweep_measures.png": plot_sweep_measures, "sweep_correlation.png": plot_sweep_correlation,
+                 "batch_sharpness.png": plot_batch_sharpness}
+
+
+def plot_sweep(metrics: dict, out: Path) -> list[Path]:
+    """The sweep's figures (PNG and vector PDF each) into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if not metrics["sweep"]["rows"]:
+        return written
+    for name, plot in SWEEP_FIGURES.items():
+        written += [plot(metrics, out / name), (out / name).with_suffix(".pdf")]
+    return written
+
+
+def format_sweep_summary(metrics: dict) -> str:
+    """The terminal's table of the sweep: each measure's τ and Ψ with the loss and error gaps, with intervals."""
+    sweep = metrics["sweep"]
+    header = ["measure", "tau (loss gap)", "95% interval", "Psi (loss gap)", "95% interval", "tau (error gap)"]
+    rows = []
+    for measure, c in _sweep_correlations(metrics, "gap_loss"):
+        error = sweep["correlations"][measure].get("gap_error") or {"tau": math.nan}
+        rows.append([measure, f"{c['tau']:+.2f}", f"[{c['tau_interval'][0]:+.2f}, {c['tau_interval'][1]:+.2f}]",
+                     f"{c['psi']:+.2f}", f"[{c['psi_interval'][0]:+.2f}, {c['psi_interval'][1]:+.2f}]",
+                     f"{error['tau']:+.2f}"])
+    lines = [f"sweep: {len(sweep['rows'])} models measured, {len(sweep['excluded'])} left out (did not reach "
+             f"training loss {metrics['config']['sweep_target_loss']:g})", format_table(header, rows)]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ class TrainHistory:
     steps: int = 0
     seconds: float = 0.0
     callback_seconds: float = 0.0
+    reached_target: bool | None = None  # with a target loss: whether the training loss reached it
 
 
 @dataclass
@@ -86,8 +87,12 @@ def train(
     callback: Callable[[nn.Module, int], None] | None = None,
     callback_every: int = 0,
     desc: str = "train",
+    target_loss: float = 0.0,
 ) -> TrainHistory:
-    """Train `model` in place with SGD on cross-entropy; `callback(model, step)` runs every `callback_every` steps."""
+    """Train `model` in place with SGD on cross-entropy; `callback(model, step)` runs every `callback_every` steps.
+    With `target_loss` > 0 training stops after the first epoch whose end-of-epoch cross-entropy over all of
+    (x, y) is at most the target (models compared at equal fit, as in Jiang et al. 2020), `epochs` being the
+    budget; `reached_target` says whether it got there."""
     generator = torch.Generator().manual_seed(seed)
     params = list(model.parameters())
     buffers: list[torch.Tensor | None] = [None] * len(params)
@@ -119,6 +124,10 @@ def train(
                 bar.update(1)
             history.epoch_losses.append(epoch_sum / n)
             bar.set_postfix(loss=f"{history.epoch_losses[-1]:.4f}")
+            if target_loss > 0:
+                history.reached_target = evaluate(model, x, y).loss <= target_loss
+                if history.reached_target:
+                    break
     model.zero_grad(set_to_none=True)
     model.eval()
     history.seconds = time.perf_counter() - start

@@ -68,7 +68,8 @@ def rank_correlation(measure: Sequence[float], gap: Sequence[float], configs: Se
     """τ and Ψ of one measure against the gap, each with a percentile bootstrap interval from
     scipy.stats.bootstrap: τ's resamples the models with replacement; Ψ's resamples, independently for each
     axis, the groups whose τ it averages (the units Ψ is a mean over; recomputing Ψ on resampled models would
-    break the groups apart and cost a τ per group per resample)."""
+    break the groups apart and cost a τ per group per resample). A model resample that drew one distinct
+    model only (τ undefined) counts as τ = 0; an axis with a single group enters every Ψ resample as it is."""
     measure, gap = np.asarray(measure, dtype=float), np.asarray(gap, dtype=float)
     if not (measure.shape == gap.shape == (len(configs),)):
         raise ValueError(f"need one measure, gap and config per model, got {measure.shape}, {gap.shape} and "
@@ -81,16 +82,30 @@ def rank_correlation(measure: Sequence[float], gap: Sequence[float], configs: Se
     tau_interval = psi_interval = (math.nan, math.nan)
     if n >= 3 and math.isfinite(tau_result.statistic):
         tau_interval = _interval(lambda: scipy.stats.bootstrap(
-            (np.arange(n),), lambda idx: kendall_tau(measure[idx], gap[idx]), vectorized=False, paired=True,
+            (np.arange(n),), lambda idx: _defined_tau(measure[idx], gap[idx]), vectorized=False, paired=True,
             confidence_level=confidence, n_resamples=resamples, method="percentile", random_state=rng))
     samples = [np.asarray(t) for t in taus.values() if len(t) > 1]
-    if samples and len(samples) == sum(1 for t in taus.values() if t):  # every defined axis can be resampled
+    fixed = [t[0] for t in taus.values() if len(t) == 1]  # an axis with one group: nothing to resample
+    axes_defined = len(samples) + len(fixed)
+
+    def psi_of(*resampled, axis=-1):
+        return (np.sum([x.mean(axis=axis) for x in resampled], axis=0) + sum(fixed)) / axes_defined
+
+    if samples:
         psi_interval = _interval(lambda: scipy.stats.bootstrap(
-            samples, lambda *s, axis=-1: np.mean([x.mean(axis=axis) for x in s], axis=0), vectorized=True,
-            paired=False, confidence_level=confidence, n_resamples=resamples, method="percentile",
-            random_state=rng))
+            samples, psi_of, vectorized=True, paired=False, confidence_level=confidence, n_resamples=resamples,
+            method="percentile", random_state=rng))
+    elif fixed:
+        psi_interval = (psi, psi)
     return RankCorrelation(float(tau_result.statistic), tau_interval, psi, psi_interval, per_axis,
                            float(tau_result.pvalue), n, confidence)
+
+
+def _defined_tau(measure: np.ndarray, gap: np.ndarray) -> float:
+    """τ of a bootstrap resample; one that drew a single distinct model (a constant side, τ undefined) carries
+    no ranking information and counts as τ = 0, so that rare draws with few models do not void the interval."""
+    tau = kendall_tau(measure, gap)
+    return tau if math.isfinite(tau) else 0.0
 
 
 def _interval(run) -> tuple[float, float]:
