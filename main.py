@@ -804,7 +804,8 @@ def run_sweep(cfg: Config) -> dict:
                             "n_test": int(ds.x_test.shape[0]), "sha256": ds.sha256},
                    "environment": environment(), "run_folder": str(store.root), "resumed": store.loaded,
                    "sweep": {"axes": list(SWEEP_AXES), "grid": grid, "seeds": list(cfg.seeds), "rows": rows,
-                             "excluded": excluded, "correlations": sweep_correlations(rows, seed=cfg.probe_seed)},
+                             "excluded": excluded, "correlations": sweep_correlations(rows, seed=cfg.probe_seed),
+                             "batch_size_vs_sharpness": batch_size_vs_sharpness(rows, seed=cfg.probe_seed)},
                    "warnings": store.warnings, "timings": store.timings}
         written = write_sweep_outputs(metrics, out, figures=not cfg.skip_figures)
         _tidy_store(store, prune=cfg.prune)
@@ -827,6 +828,16 @@ def sweep_correlations(rows: list[dict], *, seed: int) -> dict:
                                        seed=seed)
             out[measure][gap] = dataclasses.asdict(r)
     return out
+
+
+def batch_size_vs_sharpness(rows: list[dict], *, seed: int) -> dict | None:
+    """Keskar et al. 2017's claim as a rank statistic: Kendall's τ of (batch size, λ_max) over the models and
+    the granulated Ψ within groups that differ in the batch size only (τ > 0: larger batches, sharper)."""
+    if len(rows) < 2:
+        return None
+    configs = [{k: r[k] for k in (*SWEEP_AXES, "seed")} for r in rows]
+    return dataclasses.asdict(utils.rank_correlation([r["batch_size"] for r in rows], [r["lambda_max"] for r in rows],
+                                                     configs, ("batch_size",), seed=seed))
 
 
 def write_sweep_outputs(metrics: dict, out: Path, *, figures: bool = True) -> dict:

@@ -981,6 +981,134 @@ def plot_batch_sharpness(metrics: dict, path: Path) -> Path:
         return _save(fig, path)
 
 
+def _interval_side(c: dict | None, key: str = "tau") -> int:
+    """+1 when the 95% interval of c's statistic lies above 0, −1 below, 0 when it contains 0 or is unknown."""
+    if not c:
+        return 0
+    low, high = c[f"{key}_interval"]
+    return 1 if low is not None and low > 0 else -1 if high is not None and high < 0 else 0
+
+
+def ranking_sentences(correlations: dict, gap: str = "gap_loss") -> list[str]:
+    """Which measures ranked the models' generalisation gap on this sweep: τ's 95% interval above 0 (a larger
+    value went with a larger gap), below 0 (the wrong way round), or containing 0 (no evidence either way)."""
+    by_side = {1: [], -1: [], 0: []}
+    for measure, c in correlations.items():
+        if c.get(gap):
+            by_side[_interval_side(c[gap])].append(f"{SWEEP_LABELS.get(measure, measure)} (τ {c[gap]['tau']:+.2f})")
+    sentences = []
+    if by_side[1]:
+        sentences.append(f"Ranked generalisation (τ's 95% interval above 0): {_and(by_side[1])}.")
+    else:
+        sentences.append("No measure ranked generalisation with a 95% interval above 0 on this sweep.")
+    if by_side[-1]:
+        sentences.append(f"Ranked it the wrong way round (interval below 0: larger went with a smaller gap): "
+                         f"{_and(by_side[-1])}.")
+    if by_side[0]:
+        sentences.append(f"No evidence either way (interval contains 0): {_and(by_side[0])}.")
+    return sentences
+
+
+def literature_sentences(correlations: dict, batch_vs_sharpness: dict | None, gap: str = "gap_loss") -> list[str]:
+    """This sweep against published findings, each verdict chosen by the intervals: Jiang et al. 2020 (sharpness
+    and magnitude-aware PAC-Bayes among the best predictors), Keskar et al. 2017 (larger batches, sharper
+    minima), Dinh et al. 2017 / Andriushchenko et al. 2023 (raw sharpness depends on the parametrisation and
+    can mislead)."""
+    ranked = sorted((c[gap]["psi"] if c.get(gap) and c[gap]["psi"] is not None else -2.0, m)
+                    for m, c in correlations.items())[::-1]
+    top_third = {m for _, m in ranked[: max(1, math.ceil(len(ranked) / 3))]}
+    jiang = [m for m in ("worst_case_absolute", "worst_case_adaptive", "pac_bayes_magnitude_aware_inv_sigma_sq")
+             if m in correlations]
+    among = [SWEEP_LABELS[m] for m in jiang if m in top_third]
+    out = []
+    verb = "is" if len(among) == 1 else "are"
+    if len(among) == len(jiang):
+        out.append(f"Jiang et al. 2020: sharpness and magnitude-aware PAC-Bayes among the best predictors. Here "
+                   f"too: {_and(among)} {verb} in the top third by Ψ. Our data agree.")
+    elif among:
+        out.append(f"Jiang et al. 2020: sharpness and magnitude-aware PAC-Bayes among the best predictors. Here only "
+                   f"{_and(among)} {verb} in the top third by Ψ: our data partly disagree.")
+    else:
+        out.append("Jiang et al. 2020: sharpness and magnitude-aware PAC-Bayes among the best predictors. Here none "
+                   "of them is in the top third by Ψ: our data disagree.")
+    side = _interval_side(batch_vs_sharpness)
+    tau = batch_vs_sharpness["tau"] if batch_vs_sharpness else math.nan
+    out.append("Keskar et al. 2017: larger batches find sharper minima. " + (
+        f"Here τ(batch size, λ_max) = {tau:+.2f} with its interval above 0: our data agree." if side > 0 else
+        f"Here τ(batch size, λ_max) = {tau:+.2f} with its interval below 0: larger batches found flatter minima, "
+        "our data disagree." if side < 0 else
+        f"Here τ(batch size, λ_max) = {tau:+.2f} with an interval that contains 0: our data neither confirm nor "
+        "refute it."))
+    raw = correlations.get("lambda_max", {}).get(gap)
+    adaptive = correlations.get("worst_case_adaptive", {}).get(gap)
+    if raw and adaptive:
+        better = "better" if adaptive["tau"] > raw["tau"] else "no better"
+        out.append(f"Dinh et al. 2017, Andriushchenko et al. 2023: raw sharpness depends on the parametrisation and "
+                   f"can mislead. Here λ_max has τ {raw['tau']:+.2f} and the rescaling-invariant adaptive worst-case "
+                   f"sharpness {adaptive['tau']:+.2f}: the invariant measure ranks {better}"
+                   + (" and λ_max ranks the wrong way round." if _interval_side(raw) < 0 else "."))
+    return out
+
+
+def edge_of_stability_sentence(rows: list[dict], momentum: float) -> str:
+    """Andreyev & Beneventano 2024 across the sweep: how many models end with batch sharpness within EDGE_BAND
+    of 2/η or 2(1+β)/η, and in how many full-batch λ_max is below batch sharpness."""
+    usable = [r for r in rows if r.get("batch_sharpness") is not None and np.isfinite(r["batch_sharpness"])]
+    if not usable:
+        return "Batch sharpness was not tracked in this sweep."
+    thresholds = [2 / r["lr"] for r in usable], [2 * (1 + momentum) / r["lr"] for r in usable]
+    at = [sum(abs(r["batch_sharpness"] / t - 1) <= EDGE_BAND for r, t in zip(usable, ts)) for ts in thresholds]
+    below = sum(r["lambda_max"] < r["batch_sharpness"] for r in usable)
+    return (f"Andreyev & Beneventano 2024: under mini-batch SGD batch sharpness, not λ_max, settles at 2/η. Here "
+            f"{at[0]} of {len(usable)} models end with batch sharpness within {EDGE_BAND:.0%} of 2/η and {at[1]} within "
+            f"{EDGE_BAND:.0%} of 2(1+β)/η; full-batch λ_max is below batch sharpness in {below} of {len(usable)}"
+            + (": our data agree on the order." if below > len(usable) / 2 else
+               ": our data disagree on the order."))
+
+
+def sweep_findings(metrics: dict) -> list[str]:
+    """The sweep report's sentences, each chosen by the sweep's numbers."""
+    sweep = metrics["sweep"]
+    return [*ranking_sentences(sweep["correlations"]),
+            *literature_sentences(sweep["correlations"], sweep.get("batch_size_vs_sharpness")),
+            edge_of_stability_sentence(sweep["rows"], metrics["config"]["momentum"])]
+
+
+SWEEP_REPORT = "Sweep_Report.pdf"
+
+
+def plot_sweep_report(metrics: dict, path: Path) -> Path:
+    """Sweep_Report.pdf: the grid and what was left out, the findings (chosen by the numbers), then a page per
+    sweep figure. Figures are read from path's folder."""
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    path = Path(path)
+    sweep, cfg = metrics["sweep"], metrics["config"]
+
+    def write(f) -> None:
+        with plt.rc_context({**STYLE, "axes.grid": False}), PdfPages(f) as pdf:
+            lines = [("Which geometry predicts generalisation? Sweep report", {"fontsize": 18, "weight": "bold",
+                                                                               "step": 0.06}),
+                     (f"{len(sweep['rows'])} models measured of {len(sweep['grid']) * len(sweep['seeds'])}: batch "
+                      f"sizes {cfg['sweep_batch_sizes']}, learning rates {cfg['sweep_lrs']}, widths "
+                      f"{cfg['sweep_widths']}, seeds {sweep['seeds']}; each trained to training loss "
+                      f"{cfg['sweep_target_loss']:g} within {cfg['sweep_max_epochs']} epochs", {"fontsize": 10}),
+                     *[(f"left out: batch {e['batch_size']}, lr {e['lr']}, width {e['width']}, seed {e['seed']} "
+                        f"({e.get('reason', 'missed the target')})", {"fontsize": 8, "step": 0.025})
+                       for e in sweep["excluded"]],
+                     ("Findings", {"fontsize": 13, "weight": "bold", "step": 0.05}),
+                     *[(text, {"fontsize": 10, "step": 0.04}) for text in sweep_findings(metrics)]]
+            _text_page(pdf, lines)
+            for name, title in (("sweep_correlation.png", "Rank correlations"),
+                                ("sweep_measures.png", "Each measure against the gap"),
+                                ("batch_sharpness.png", "Batch sharpness across batch sizes")):
+                _section_page(pdf, {"title": title, "formula": "", "reference": "", "numbers": [],
+                                    "interpretation": "", "figure": name}, path.parent)
+            pdf.infodict()["Title"] = "Sweep report"
+
+    return write_atomic(path, write)
+
+
 SWEEP_FIGURES = {"sweep_measures.png": plot_sweep_measures, "sweep_correlation.png": plot_sweep_correlation,
                  "batch_sharpness.png": plot_batch_sharpness}
 
@@ -994,7 +1122,7 @@ def plot_sweep(metrics: dict, out: Path) -> list[Path]:
         return written
     for name, plot in SWEEP_FIGURES.items():
         written += [plot(metrics, out / name), (out / name).with_suffix(".pdf")]
-    return written
+    return [*written, plot_sweep_report(metrics, out / SWEEP_REPORT)]
 
 
 def format_sweep_summary(metrics: dict) -> str:
@@ -1007,8 +1135,10 @@ def format_sweep_summary(metrics: dict) -> str:
         rows.append([measure, f"{c['tau']:+.2f}", f"[{c['tau_interval'][0]:+.2f}, {c['tau_interval'][1]:+.2f}]",
                      f"{c['psi']:+.2f}", f"[{c['psi_interval'][0]:+.2f}, {c['psi_interval'][1]:+.2f}]",
                      f"{error['tau']:+.2f}"])
-    lines = [f"sweep: {len(sweep['rows'])} models measured, {len(sweep['excluded'])} left out (did not reach "
-             f"training loss {metrics['config']['sweep_target_loss']:g})", format_table(header, rows)]
+    lines = [f"sweep: {len(sweep['rows'])} models measured, {len(sweep['excluded'])} left out (missed training loss "
+             f"{metrics['config']['sweep_target_loss']:g}, or diverged)", format_table(header, rows)]
+    if sweep["rows"]:
+        lines += ["", *(textwrap.fill(text, 110) for text in sweep_findings(metrics))]
     return "\n".join(lines)
 
 

@@ -203,3 +203,50 @@ def test_rescaling_sentence_sorts_measures_into_moving_and_invariant():
 def test_negative_curvature_sentence_needs_lambda_min_below_minus_its_residual():
     assert "seed(s) 0:" in plotting.negative_curvature_sentence({"0": (-0.2, 0.1), "42": (-0.05, 0.1)})
     assert "no negative curvature is resolved" in plotting.negative_curvature_sentence({"0": (-0.05, 0.1)})
+
+
+# ----------------------------------------------------------------------------- the sweep report's sentences
+def corr(tau, low, high, psi=None):
+    return {"gap_loss": {"tau": tau, "tau_interval": [low, high], "psi": tau if psi is None else psi,
+                         "psi_interval": [low, high]}}
+
+
+def test_ranking_sentences_split_measures_by_which_side_of_zero_their_interval_lies():
+    text = " ".join(plotting.ranking_sentences({"lambda_max": corr(0.5, 0.1, 0.8), "trace": corr(-0.4, -0.7, -0.05),
+                                                "b_noise": corr(0.1, -0.2, 0.4)}))
+    assert "Ranked generalisation (τ's 95% interval above 0): λ_max (τ +0.50)" in text
+    assert "wrong way round (interval below 0: larger went with a smaller gap): tr(H) (τ -0.40)" in text
+    assert "No evidence either way (interval contains 0): B_noise (τ +0.10)" in text
+    none = " ".join(plotting.ranking_sentences({"lambda_max": corr(0.1, -0.2, 0.4)}))
+    assert "No measure ranked generalisation" in none
+
+
+def test_literature_sentences_agree_partly_or_disagree_with_jiang_and_keskar():
+    measures = {"worst_case_absolute": corr(0.6, 0.3, 0.9), "worst_case_adaptive": corr(0.5, 0.2, 0.8),
+                "pac_bayes_magnitude_aware_inv_sigma_sq": corr(0.4, 0.1, 0.7), "lambda_max": corr(-0.3, -0.6, -0.1),
+                **{f"m{i}": corr(-0.5, -0.8, -0.2) for i in range(6)}}
+    agree = plotting.literature_sentences(measures, {"tau": 0.4, "tau_interval": [0.1, 0.6]})
+    assert "Our data agree." in agree[0] and "our data agree" in agree[1]
+    assert "invariant measure ranks better and λ_max ranks the wrong way round" in agree[2]
+    measures["worst_case_absolute"] = corr(-0.9, -1.0, -0.8)
+    partly = plotting.literature_sentences(measures, {"tau": -0.4, "tau_interval": [-0.6, -0.1]})
+    assert "are in the top third by Ψ: our data partly disagree" in partly[0]
+    assert "larger batches found flatter minima, our data disagree" in partly[1]
+    for m in ("worst_case_adaptive", "pac_bayes_magnitude_aware_inv_sigma_sq"):
+        measures[m] = corr(-0.9, -1.0, -0.8)
+    none = plotting.literature_sentences(measures, {"tau": 0.0, "tau_interval": [-0.3, 0.3]})
+    assert "none of them is in the top third by Ψ: our data disagree" in none[0]
+    assert "neither confirm nor refute" in none[1]
+
+
+def test_edge_of_stability_sentence_counts_models_at_each_threshold_and_the_order():
+    """lr 0.1, β 0.9: 2/η = 20, 2(1+β)/η = 38; ±10% counts as at the threshold."""
+    rows = [{"lr": 0.1, "batch_sharpness": 21.0, "lambda_max": 5.0}, {"lr": 0.1, "batch_sharpness": 37.0,
+                                                                      "lambda_max": 40.0},
+            {"lr": 0.1, "batch_sharpness": 10.0, "lambda_max": 2.0}]
+    text = plotting.edge_of_stability_sentence(rows, 0.9)
+    assert "1 of 3 models end with batch sharpness within 10% of 2/η and 1 within 10% of 2(1+β)/η" in text
+    assert "below batch sharpness in 2 of 3: our data agree on the order" in text
+    rows[0]["lambda_max"] = 30.0
+    assert "our data disagree on the order" in plotting.edge_of_stability_sentence(rows, 0.9)
+    assert "not tracked" in plotting.edge_of_stability_sentence([{"lr": 0.1, "batch_sharpness": None}], 0.9)

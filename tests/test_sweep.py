@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from test_plotting import pdf_text
 
 import main
 import plotting
@@ -39,6 +40,8 @@ def test_quick_sweep_writes_figures_csv_npz_and_statistics_that_agree(quick_swee
     assert len(s["rows"]) + len(s["excluded"]) == 8
     for name in plotting.SWEEP_FIGURES:
         assert (out / name).stat().st_size > 10_000 and (out / name).with_suffix(".pdf").exists()
+    report = " ".join(pdf_text(out / plotting.SWEEP_REPORT).split())
+    assert "Findings" in report and "Keskar et al. 2017" in report and "Jiang et al. 2020" in report
     with open(out / "sweep.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(s["rows"])
