@@ -919,6 +919,7 @@ def plot_sweep_measures(metrics: dict, path: Path) -> Path:
             values = np.asarray([r[measure] for r in rows], dtype=float)
             if np.all(values[np.isfinite(values)] > 0) and np.nanmax(values) > 20 * np.nanmin(values):
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
         for ax in list(axes.flat)[len(measures):]:
             ax.set_visible(False)
         axes.flat[0].legend(fontsize=7, loc="best")

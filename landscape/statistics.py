@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import scipy.stats
 
 
 @dataclass
@@ -32,9 +31,16 @@ class RankCorrelation:
     confidence: float
 
 
+def _stats():
+    """scipy.stats, imported on first use: its import is slow, and the default run (no sweep) never needs it."""
+    import scipy.stats
+
+    return scipy.stats
+
+
 def kendall_tau(measure: Sequence[float], gap: Sequence[float]) -> float:
     """Kendall's τ_b (ties counted as in scipy.stats.kendalltau); NaN when either side is constant."""
-    return float(scipy.stats.kendalltau(measure, gap).statistic)
+    return float(_stats().kendalltau(measure, gap).statistic)
 
 
 def group_taus(measure: Sequence[float], gap: Sequence[float], configs: Sequence[dict],
@@ -75,13 +81,13 @@ def rank_correlation(measure: Sequence[float], gap: Sequence[float], configs: Se
         raise ValueError(f"need one measure, gap and config per model, got {measure.shape}, {gap.shape} and "
                          f"{len(configs)}")
     n = len(configs)
-    tau_result = scipy.stats.kendalltau(measure, gap)
+    tau_result = _stats().kendalltau(measure, gap)
     taus = group_taus(measure, gap, configs, axes)
     psi, per_axis = granulated_kendall_tau(measure, gap, configs, axes)
     rng = np.random.default_rng(seed)
     tau_interval = psi_interval = (math.nan, math.nan)
     if n >= 3 and math.isfinite(tau_result.statistic):
-        tau_interval = _interval(lambda: scipy.stats.bootstrap(
+        tau_interval = _interval(lambda: _stats().bootstrap(
             (np.arange(n),), lambda idx: _defined_tau(measure[idx], gap[idx]), vectorized=False, paired=True,
             confidence_level=confidence, n_resamples=resamples, method="percentile", random_state=rng))
     samples = [np.asarray(t) for t in taus.values() if len(t) > 1]
@@ -92,7 +98,7 @@ def rank_correlation(measure: Sequence[float], gap: Sequence[float], configs: Se
         return (np.sum([x.mean(axis=axis) for x in resampled], axis=0) + sum(fixed)) / axes_defined
 
     if samples:
-        psi_interval = _interval(lambda: scipy.stats.bootstrap(
+        psi_interval = _interval(lambda: _stats().bootstrap(
             samples, psi_of, vectorized=True, paired=False, confidence_level=confidence, n_resamples=resamples,
             method="percentile", random_state=rng))
     elif fixed:
@@ -112,6 +118,6 @@ def _interval(run) -> tuple[float, float]:
     """The interval of a scipy.stats.bootstrap call; when every resample gives the same value scipy warns that
     the distribution is degenerate, and the interval is that value at both ends."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
+        warnings.simplefilter("ignore", _stats().DegenerateDataWarning)
         result = run()
     return (float(result.confidence_interval.low), float(result.confidence_interval.high))
