@@ -742,7 +742,7 @@ def run_sweep(cfg: Config) -> dict:
     computes only the new models), the barriers between each configuration's first two seeds, and the rank
     statistics of every measure against the generalisation gaps."""
     with utils.numpy_blas_single_threaded():
-        out = _resolve(cfg.out)
+        out = output_folder(cfg)
         _check_output_folder(out)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -921,6 +921,12 @@ def _tidy_store(store: Store, *, prune: bool) -> None:
                  "them", store.root, len(unused), size)
 
 
+def output_folder(cfg: Config) -> Path:
+    """Where a run writes: --out, and for a sweep its sweep/ subfolder, so that a sweep never overwrites the
+    default run's metrics.json."""
+    return _resolve(cfg.out) / "sweep" if cfg.sweep else _resolve(cfg.out)
+
+
 def _resolve(path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else Path.cwd() / p
@@ -1082,8 +1088,9 @@ def result_arrays(metrics: dict) -> dict[str, np.ndarray]:
 
 
 def plot_only(cfg: Config) -> dict:
-    """Redraw every figure from the metrics.json saved in --out, without training or measuring."""
-    out = _resolve(cfg.out)
+    """Redraw every figure from the metrics.json saved in --out (with --sweep, its sweep/ folder), without
+    training or measuring."""
+    out = output_folder(cfg)
     source = out / "metrics.json"
     try:
         metrics = json.loads(source.read_text())

@@ -19,7 +19,7 @@ QUICK = ["--sweep", "--quick", "--offline", "--quiet"]
 
 def sweep(tmp_path, name: str, runs: str, *extra: str) -> dict:
     assert main.main([*QUICK, "--out", str(tmp_path / name), "--runs-dir", str(tmp_path / runs), *extra]) == 0
-    return json.loads((tmp_path / name / "metrics.json").read_text())
+    return json.loads((tmp_path / name / "sweep" / "metrics.json").read_text())
 
 
 def numbers(metrics: dict) -> list[dict]:
@@ -34,7 +34,8 @@ def quick_sweep(tmp_path_factory):
 
 def test_quick_sweep_writes_figures_csv_npz_and_statistics_that_agree(quick_sweep):
     tmp, metrics = quick_sweep
-    out = tmp / "out"
+    out = tmp / "out" / "sweep"
+    assert not (tmp / "out" / "metrics.json").exists()  # a sweep never overwrites the default run's outputs
     s = metrics["sweep"]
     assert len(s["grid"]) == 4 and s["seeds"] == [0, 42]
     assert len(s["rows"]) + len(s["excluded"]) == 8
@@ -93,7 +94,7 @@ def test_a_killed_sweep_resumes_to_the_uninterrupted_numbers(quick_sweep, tmp_pa
     monkeypatch.setattr(utils, "pac_bayes_flatness", interrupted)
     command = [*QUICK, "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]
     assert main.main(command) == 130
-    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert not (tmp_path / "out" / "sweep" / "metrics.json").exists()
     monkeypatch.setattr(utils, "pac_bayes_flatness", real)
     resumed = sweep(tmp_path, "out", "runs")
     assert numbers(resumed) == numbers(reference)
@@ -115,3 +116,11 @@ def test_a_diverging_model_is_reported_and_left_out_not_fatal(tmp_path):
     metrics = sweep(tmp_path, "out", "runs", "--sweep-lrs", "50", "--sweep-batch-sizes", "64", "--skip-figures")
     s = metrics["sweep"]
     assert s["rows"] == [] and [e["reason"] for e in s["excluded"]] == ["diverged", "diverged"]
+
+
+def test_plot_only_redraws_the_sweep_from_its_metrics(quick_sweep):
+    tmp, _ = quick_sweep
+    figure = tmp / "out" / "sweep" / "sweep_correlation.png"
+    figure.unlink()
+    assert main.main(["--plot-only", "--sweep", "--quiet", "--out", str(tmp / "out")]) == 0
+    assert figure.stat().st_size > 10_000
