@@ -1079,8 +1079,8 @@ SWEEP_REPORT = "Sweep_Report.pdf"
 
 
 def plot_sweep_report(metrics: dict, path: Path) -> Path:
-    """Sweep_Report.pdf: the grid and what was left out, the findings (chosen by the numbers), then a page per
-    sweep figure. Figures are read from path's folder."""
+    """Sweep_Report.pdf: the grid and what was left out, a page of findings (chosen by the numbers), then a page
+    per sweep figure. Figures are read from path's folder."""
     from matplotlib.backends.backend_pdf import PdfPages
 
     path = Path(path)
@@ -1096,10 +1096,10 @@ def plot_sweep_report(metrics: dict, path: Path) -> Path:
                       f"{cfg['sweep_target_loss']:g} within {cfg['sweep_max_epochs']} epochs", {"fontsize": 10}),
                      *[(f"left out: batch {e['batch_size']}, lr {e['lr']}, width {e['width']}, seed {e['seed']} "
                         f"({e.get('reason', 'missed the target')})", {"fontsize": 8, "step": 0.025})
-                       for e in sweep["excluded"]],
-                     ("Findings", {"fontsize": 13, "weight": "bold", "step": 0.05}),
-                     *[(text, {"fontsize": 10, "step": 0.04}) for text in sweep_findings(metrics)]]
+                       for e in sweep["excluded"]]]
             _text_page(pdf, lines)
+            _text_page(pdf, [("Findings", {"fontsize": 16, "weight": "bold", "step": 0.06}),
+                             *[(text, {"fontsize": 10, "step": 0.03}) for text in sweep_findings(metrics)]])
             for name, title in (("sweep_correlation.png", "Rank correlations"),
                                 ("sweep_measures.png", "Each measure against the gap"),
                                 ("batch_sharpness.png", "Batch sharpness across batch sizes")):
