@@ -641,8 +641,10 @@ def run(cfg: Config) -> dict:
         return _run(cfg)
 
 
-def _run(cfg: Config) -> dict:
-    out = _resolve(cfg.out)
+def start_run(cfg: Config, *, stages: int) -> tuple[Path, data_module.Dataset, dict[str, Keyed], Store]:
+    """What every run does first: check the output folder, set the threads, load the data, open the stage store
+    (with a progress bar over `stages` stages). Returns (output folder, data set, keyed data inputs, store)."""
+    out = output_folder(cfg)
     _check_output_folder(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -652,11 +654,29 @@ def _run(cfg: Config) -> dict:
     log.info("data: %s", ds.source)
     if ds.hint:
         log.info("      %s", ds.hint)
-    inputs = data_inputs(cfg, ds)
-    total = len(cfg.seeds) * (1 + len(MODEL_STAGES) + len(EXACT_STAGES)) + len(PAIR_STAGES) + len(FIRST_MODEL_STAGES)
     store = Store(_resolve(cfg.runs_dir), code=CodeIndex(REPO_ROOT), environment=stage_environment(), fresh=cfg.fresh,
-                  total=total, progress=not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty())
+                  total=stages, progress=not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty())
     store.timings["load_data"] = load_seconds
+    return out, ds, data_inputs(cfg, ds), store
+
+
+def run_header(cfg: Config, ds: data_module.Dataset, store: Store) -> dict:
+    """The part of metrics.json every run has: schema, time, configuration, data, environment, store."""
+    return {
+        "schema_version": 1,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(cfg),
+        "data": {"name": ds.name, "source": ds.source, "hint": ds.hint, "n_train": int(ds.x_train.shape[0]),
+                 "n_test": int(ds.x_test.shape[0]), "sha256": ds.sha256},
+        "environment": environment(),
+        "run_folder": str(store.root),
+        "resumed": store.loaded,
+    }
+
+
+def _run(cfg: Config) -> dict:
+    total = len(cfg.seeds) * (1 + len(MODEL_STAGES) + len(EXACT_STAGES)) + len(PAIR_STAGES) + len(FIRST_MODEL_STAGES)
+    out, ds, inputs, store = start_run(cfg, stages=total)
     trained, measured, per_model, warnings = {}, {}, {}, []
     for seed in cfg.seeds:
         label = f"train[seed={seed}]"
@@ -730,7 +750,7 @@ def sweep_row(point: dict, seed: int, history: dict, model: torch.nn.Module, m: 
         "pac_bayes_magnitude_aware_inv_sigma_sq": pac["magnitude_aware"]["sigma"] ** -2,
         "b_simple": m["gradient_noise"]["b_simple"], "b_noise": m["gradient_noise"]["b_noise"],
         "temperature": m["gradient_noise"]["temperature"],
-        "weight_norm_sq": float(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters())),
+        "weight_norm_sq": float(utils.flat_parameters(model).double().pow(2).sum()),
         "batch_sharpness": records[-1]["batch_sharpness"] if records else math.nan,
         "tracked_lambda_max": records[-1]["lambda_max"] if records else math.nan,
     })
@@ -742,22 +762,15 @@ def run_sweep(cfg: Config) -> dict:
     computes only the new models), the barriers between each configuration's first two seeds, and the rank
     statistics of every measure against the generalisation gaps."""
     with utils.numpy_blas_single_threaded():
-        out = output_folder(cfg)
-        _check_output_folder(out)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        ds = load_data(cfg)
-        inputs = data_inputs(cfg, ds)
         grid = sweep_grid(cfg)
         models_total = len(grid) * len(cfg.seeds)
-        store = Store(_resolve(cfg.runs_dir), code=CodeIndex(REPO_ROOT), environment=stage_environment(),
-                      fresh=cfg.fresh, total=models_total * (1 + len(MODEL_STAGES)) + len(grid) * len(SWEEP_PAIR_STAGES),
-                      progress=not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty())
+        out, ds, inputs, store = start_run(
+            cfg, stages=models_total * (1 + len(MODEL_STAGES)) + len(grid) * len(SWEEP_PAIR_STAGES))
         rows, excluded, start, done = [], [], time.perf_counter(), 0
         for point in grid:
             mcfg = sweep_model_config(cfg, point)
             tag = f"b={point['batch_size']} lr={point['lr']} w={point['width']}"
-            trained = {}
+            trained, point_rows = {}, []
             for seed in cfg.seeds:
                 done += 1
                 try:
@@ -779,30 +792,22 @@ def run_sweep(cfg: Config) -> dict:
                 measured = run_stages(store, mcfg, MODEL_STAGES, keyed.key, {**inputs, "model": keyed},
                                       suffix=f"[{tag} seed={seed}]")
                 trained[seed] = keyed
-                rows.append(sweep_row(point, seed, history, keyed.value,
-                                      model_metrics(seed, history, keyed.value, measured)))
+                point_rows.append(sweep_row(point, seed, history, keyed.value,
+                                            model_metrics(seed, history, keyed.value, measured)))
                 elapsed = time.perf_counter() - start
                 log.info("sweep: %d/%d models (%s seed %d), %.1f s per model, about %.0f s to go", done,
                          models_total, tag, seed, elapsed / done, elapsed / done * (models_total - done))
             first, second = cfg.seeds[0], cfg.seeds[1]
+            barriers = {"barrier": math.nan, "aligned_barrier": math.nan}
             if first in trained and second in trained:
                 pair = run_stages(store, mcfg, SWEEP_PAIR_STAGES, digest(trained[first].key, trained[second].key),
                                   {**inputs, "model_a": trained[first], "model_b": trained[second]},
                                   suffix=f"[{tag}]")
-                for row in rows:
-                    if all(row[k] == v for k, v in point.items()):
-                        row["barrier"] = pair["connectivity"].value["train"]["barriers"]["loss_linear"]
-                        row["aligned_barrier"] = pair["aligned"].value["train"]["barriers"]["loss_linear"]
+                barriers = {"barrier": pair["connectivity"].value["train"]["barriers"]["loss_linear"],
+                            "aligned_barrier": pair["aligned"].value["train"]["barriers"]["loss_linear"]}
+            rows += [{**row, **barriers} for row in point_rows]
         store.close()
-        for row in rows:
-            row.setdefault("barrier", math.nan)
-            row.setdefault("aligned_barrier", math.nan)
-        metrics = {"schema_version": 1, "kind": "sweep",
-                   "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                   "config": dataclasses.asdict(cfg),
-                   "data": {"name": ds.name, "source": ds.source, "n_train": int(ds.x_train.shape[0]),
-                            "n_test": int(ds.x_test.shape[0]), "sha256": ds.sha256},
-                   "environment": environment(), "run_folder": str(store.root), "resumed": store.loaded,
+        metrics = {**run_header(cfg, ds, store), "kind": "sweep",
                    "sweep": {"axes": list(SWEEP_AXES), "grid": grid, "seeds": list(cfg.seeds), "rows": rows,
                              "excluded": excluded, "correlations": sweep_correlations(rows, seed=cfg.probe_seed),
                              "batch_size_vs_sharpness": batch_size_vs_sharpness(rows, seed=cfg.probe_seed)},
@@ -810,6 +815,11 @@ def run_sweep(cfg: Config) -> dict:
         written = write_sweep_outputs(metrics, out, figures=not cfg.skip_figures)
         _tidy_store(store, prune=cfg.prune)
         return written
+
+
+def _sweep_configs(rows: list[dict]) -> list[dict]:
+    """Each model's hyper-parameters and seed: what the granulated τ groups models by."""
+    return [{k: r[k] for k in (*SWEEP_AXES, "seed")} for r in rows]
 
 
 def sweep_correlations(rows: list[dict], *, seed: int) -> dict:
@@ -824,7 +834,7 @@ def sweep_correlations(rows: list[dict], *, seed: int) -> dict:
                 out[measure][gap] = None
                 continue
             r = utils.rank_correlation([u[measure] for u in usable], [u[gap] for u in usable],
-                                       [{k: u[k] for k in (*SWEEP_AXES, "seed")} for u in usable], SWEEP_AXES,
+                                       _sweep_configs(usable), SWEEP_AXES,
                                        seed=seed)
             out[measure][gap] = dataclasses.asdict(r)
     return out
@@ -835,9 +845,8 @@ def batch_size_vs_sharpness(rows: list[dict], *, seed: int) -> dict | None:
     the granulated Ψ within groups that differ in the batch size only (τ > 0: larger batches, sharper)."""
     if len(rows) < 2:
         return None
-    configs = [{k: r[k] for k in (*SWEEP_AXES, "seed")} for r in rows]
     return dataclasses.asdict(utils.rank_correlation([r["batch_size"] for r in rows], [r["lambda_max"] for r in rows],
-                                                     configs, ("batch_size",), seed=seed))
+                                                     _sweep_configs(rows), ("batch_size",), seed=seed))
 
 
 def write_sweep_outputs(metrics: dict, out: Path, *, figures: bool = True) -> dict:
@@ -863,14 +872,7 @@ def run_metrics(cfg: Config, ds: data_module.Dataset, store: Store, per_model: d
     connectivity_metrics = {"seeds": [first, second], **pair["connectivity"].value}
     connectivity_metrics.update({name: pair[name].value for name in ("aligned", "bezier") if name in pair})
     return {
-        "schema_version": 1,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": dataclasses.asdict(cfg),
-        "data": {"name": ds.name, "source": ds.source, "hint": ds.hint, "n_train": int(ds.x_train.shape[0]),
-                 "n_test": int(ds.x_test.shape[0]), "sha256": ds.sha256},
-        "environment": environment(),
-        "run_folder": str(store.root),
-        "resumed": store.loaded,
+        **run_header(cfg, ds, store),
         "models": per_model,
         "connectivity": connectivity_metrics,
         "reparametrisation": {"seed": first, "rows": [],

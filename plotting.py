@@ -780,21 +780,28 @@ def _text_page(pdf, lines: list[tuple[str, dict]]) -> None:
     plt.close(fig)
 
 
-def plot_report(metrics: dict, path: Path) -> Path:
-    """Loss_Landscape_Report.pdf: a title page, one page per measure (definition, reference, figure, numbers,
-    an interpretation computed from them), the summary table last. Figures are read from path's folder."""
+def _write_pdf(path: Path, title: str, pages) -> Path:
+    """A multi-page PDF written atomically: pages(pdf) draws every page into the open PdfPages."""
     from matplotlib.backends.backend_pdf import PdfPages
-
-    path = Path(path)
 
     def write(f) -> None:
         with plt.rc_context({**STYLE, "axes.grid": False}), PdfPages(f) as pdf:
-            _title_page(pdf, metrics)
-            for section in [*report_sections(metrics), SUMMARY_SECTION]:
-                _section_page(pdf, section, path.parent)
-            pdf.infodict()["Title"] = "Loss landscape report"
+            pages(pdf)
+            pdf.infodict()["Title"] = title
 
-    return write_atomic(path, write)
+    return write_atomic(Path(path), write)
+
+
+def plot_report(metrics: dict, path: Path) -> Path:
+    """Loss_Landscape_Report.pdf: a title page, one page per measure (definition, reference, figure, numbers,
+    an interpretation computed from them), the summary table last. Figures are read from path's folder."""
+
+    def pages(pdf) -> None:
+        _title_page(pdf, metrics)
+        for section in [*report_sections(metrics), SUMMARY_SECTION]:
+            _section_page(pdf, section, Path(path).parent)
+
+    return _write_pdf(path, "Loss landscape report", pages)
 
 
 SUMMARY_SECTION = {"title": "Summary table", "formula": "", "reference": "", "numbers": [], "interpretation": "",
@@ -865,11 +872,16 @@ REPORT = "Loss_Landscape_Report.pdf"
 def plot_all(metrics: dict, out: Path) -> list[Path]:
     """Every figure (PNG at 150 dpi and a vector PDF copy), then the report, which embeds them, into `out`."""
     out = Path(out)
+    return [*_plot_figures(FIGURES, metrics, out), plot_report(metrics, out / REPORT)]
+
+
+def _plot_figures(figures: dict, metrics: dict, out: Path) -> list[Path]:
+    """Each figure of `figures` (name -> plot function) into `out`: the PNG and its PDF copy."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, plot in FIGURES.items():
+    for name, plot in figures.items():
         written += [plot(metrics, out / name), (out / name).with_suffix(".pdf")]
-    return [*written, plot_report(metrics, out / REPORT)]
+    return written
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -1081,33 +1093,26 @@ SWEEP_REPORT = "Sweep_Report.pdf"
 def plot_sweep_report(metrics: dict, path: Path) -> Path:
     """Sweep_Report.pdf: the grid and what was left out, a page of findings (chosen by the numbers), then a page
     per sweep figure. Figures are read from path's folder."""
-    from matplotlib.backends.backend_pdf import PdfPages
-
-    path = Path(path)
     sweep, cfg = metrics["sweep"], metrics["config"]
 
-    def write(f) -> None:
-        with plt.rc_context({**STYLE, "axes.grid": False}), PdfPages(f) as pdf:
-            lines = [("Which geometry predicts generalisation? Sweep report", {"fontsize": 18, "weight": "bold",
-                                                                               "step": 0.06}),
-                     (f"{len(sweep['rows'])} models measured of {len(sweep['grid']) * len(sweep['seeds'])}: batch "
-                      f"sizes {cfg['sweep_batch_sizes']}, learning rates {cfg['sweep_lrs']}, widths "
-                      f"{cfg['sweep_widths']}, seeds {sweep['seeds']}; each trained to training loss "
-                      f"{cfg['sweep_target_loss']:g} within {cfg['sweep_max_epochs']} epochs", {"fontsize": 10}),
-                     *[(f"left out: batch {e['batch_size']}, lr {e['lr']}, width {e['width']}, seed {e['seed']} "
-                        f"({e.get('reason', 'missed the target')})", {"fontsize": 8, "step": 0.025})
-                       for e in sweep["excluded"]]]
-            _text_page(pdf, lines)
-            _text_page(pdf, [("Findings", {"fontsize": 16, "weight": "bold", "step": 0.06}),
-                             *[(text, {"fontsize": 10, "step": 0.03}) for text in sweep_findings(metrics)]])
-            for name, title in (("sweep_correlation.png", "Rank correlations"),
-                                ("sweep_measures.png", "Each measure against the gap"),
-                                ("batch_sharpness.png", "Batch sharpness across batch sizes")):
-                _section_page(pdf, {"title": title, "formula": "", "reference": "", "numbers": [],
-                                    "interpretation": "", "figure": name}, path.parent)
-            pdf.infodict()["Title"] = "Sweep report"
+    def pages(pdf) -> None:
+        _text_page(pdf, [
+            ("Which geometry predicts generalisation? Sweep report", {"fontsize": 18, "weight": "bold", "step": 0.06}),
+            (f"{len(sweep['rows'])} models measured of {len(sweep['grid']) * len(sweep['seeds'])}: batch sizes "
+             f"{cfg['sweep_batch_sizes']}, learning rates {cfg['sweep_lrs']}, widths {cfg['sweep_widths']}, seeds "
+             f"{sweep['seeds']}; each trained to training loss {cfg['sweep_target_loss']:g} within "
+             f"{cfg['sweep_max_epochs']} epochs", {"fontsize": 10}),
+            *[(f"left out: batch {e['batch_size']}, lr {e['lr']}, width {e['width']}, seed {e['seed']} "
+               f"({e.get('reason', 'missed the target')})", {"fontsize": 8, "step": 0.025}) for e in sweep["excluded"]]])
+        _text_page(pdf, [("Findings", {"fontsize": 16, "weight": "bold", "step": 0.06}),
+                         *[(text, {"fontsize": 10, "step": 0.03}) for text in sweep_findings(metrics)]])
+        for name, title in (("sweep_correlation.png", "Rank correlations"),
+                            ("sweep_measures.png", "Each measure against the gap"),
+                            ("batch_sharpness.png", "Batch sharpness across batch sizes")):
+            _section_page(pdf, {"title": title, "formula": "", "reference": "", "numbers": [], "interpretation": "",
+                                "figure": name}, Path(path).parent)
 
-    return write_atomic(path, write)
+    return _write_pdf(path, "Sweep report", pages)
 
 
 SWEEP_FIGURES = {"sweep_measures.png": plot_sweep_measures, "sweep_correlation.png": plot_sweep_correlation,
@@ -1116,14 +1121,10 @@ SWEEP_FIGURES = {"sweep_measures.png": plot_sweep_measures, "sweep_correlation.p
 
 def plot_sweep(metrics: dict, out: Path) -> list[Path]:
     """The sweep's figures (PNG and vector PDF each) into `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
     if not metrics["sweep"]["rows"]:
-        return written
-    for name, plot in SWEEP_FIGURES.items():
-        written += [plot(metrics, out / name), (out / name).with_suffix(".pdf")]
-    return [*written, plot_sweep_report(metrics, out / SWEEP_REPORT)]
+        return []
+    out = Path(out)
+    return [*_plot_figures(SWEEP_FIGURES, metrics, out), plot_sweep_report(metrics, out / SWEEP_REPORT)]
 
 
 def format_sweep_summary(metrics: dict) -> str:

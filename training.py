@@ -156,7 +156,7 @@ class SharpnessTracker:
     applies, else Hutchinson) and B_simple on the first `examples` training examples, and batch sharpness
     (Andreyev & Beneventano 2024: E_B[g_Bᵀ H_B g_B/‖g_B‖²] over mini-batches of the training batch size drawn
     from all training examples), compared with the stability thresholds 2/η and 2(1+β)/η (Cohen et al. 2021).
-    Under mini-batch SGD it is batch sharpness that stabilises at the threshold, while λ_max stays below it.
+    Andreyev & Beneventano find that under mini-batch SGD batch sharpness, not λ_max, settles at the threshold.
     It leaves the model's parameters untouched."""
 
     # products per check (the first, from a random start, gets FIRST_HVPS), trace probes per check, mini-batches

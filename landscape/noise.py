@@ -411,8 +411,9 @@ def batch_sharpness(
     for idx in indices:
         op = hessian_operator(model, x[idx], y[idx], loss_fn=loss_fn, memory_budget=memory_budget, path=path)
         g = op.gradient()
-        norm_sq = float(g.double() @ g.double())
-        values.append(float(g.double() @ op(g).double()) / norm_sq if norm_sq > 0 else math.nan)
+        g64 = g.double()
+        norm_sq = float(g64 @ g64)
+        values.append(float(g64 @ op(g).double()) / norm_sq if norm_sq > 0 else math.nan)
     finite = np.asarray([v for v in values if math.isfinite(v)])
     value = float(finite.mean()) if finite.size else math.nan
     stderr = float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else math.nan
