@@ -97,6 +97,7 @@ class Config:
     test_subset: int = field(default=0, metadata={"help": "use only the first N test images (0: all)"})
     memory_budget_mb: int = field(default=1024, metadata={"help": "scratch memory a measurement may use at once (MiB)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    device: str = field(default="auto", metadata={"help": "where the models, the data and every measurement live (auto: cuda when torch sees a GPU, else cpu)", "choices": ("auto", "cpu", "cuda")})
     out: str = field(default="figures", metadata={"help": "folder for the figures and metrics.json"})
     data_dir: str = field(default="data", metadata={"help": "folder for data set files"})
     offline: bool = field(default=False, metadata={"help": "never try to download data: use what is on disk or the offline fallback"})
@@ -111,6 +112,7 @@ class Config:
     sweep_widths: tuple[int, ...] = field(default=(64, 256), metadata={"help": "the sweep's hidden widths (two hidden layers each)"})
     sweep_target_loss: float = field(default=0.1, metadata={"help": "training cross-entropy every sweep model is trained to (models compared at equal fit)"})
     sweep_max_epochs: int = field(default=40, metadata={"help": "epoch budget of a sweep model; one that does not reach the target is reported and left out of the statistics"})
+    shard_data: bool = field(default=False, metadata={"help": "under torchrun: each process holds a slice of the examples, and the Hessian products, gradients and losses of the sharpness, spectrum, trace, per-layer, flatness and surface stages are all-reduced over the processes"})
     quick: bool = field(default=False, metadata={"help": "whole pipeline on a small slice of the real data with tiny budgets, in seconds"})
     quiet: bool = field(default=False, metadata={"help": "print only warnings and errors", "short": "-q"})
     verbose: bool = field(default=False, metadata={"help": "also print debugging detail (run folder, stage keys)", "short": "-v"})
@@ -215,6 +217,11 @@ def validate(cfg: Config) -> None:
         (math.isfinite(cfg.sweep_target_loss) and cfg.sweep_target_loss > 0, "--sweep-target-loss must be positive",
          cfg.sweep_target_loss),
         (not cfg.sweep or cfg.model == "mlp", "--sweep varies MLP widths: it needs --model mlp", cfg.model),
+        (not (cfg.sweep and cfg.shard_data), "--shard-data is for the default run; under torchrun the sweep spreads "
+         "its models over the processes instead: drop --shard-data", "--sweep --shard-data"),
+        (cfg.device != "cuda" or torch.cuda.is_available(),
+         "--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); use --device cpu",
+         cfg.device),
         (cfg.trace_method != "exact" or cfg.model == "mlp",
          "--trace-method exact needs the ReLU MLP (--model mlp); use auto, which estimates it for other models",
          cfg.model),
@@ -260,6 +267,11 @@ class Training(Settings):
     probe_seed: int
     memory_budget_mb: int
     seed: int
+    device: str  # "cpu" or "cuda": --device resolved, so that auto and the device it picks train the same model
+
+    @classmethod
+    def of(cls, cfg: Config, **given):
+        return super().of(cfg, **{"device": device_of(cfg.device), **given})
 
 
 @dataclass(frozen=True)
@@ -384,10 +396,11 @@ def settings_of(stage, cfg: Config, **given) -> Settings:
 # ----------------------------------------------------------------------------- training
 def build_model(s: Training) -> torch.nn.Module:
     """The untrained architecture, its weights drawn from the seed."""
+    # drawn on the CPU, then moved: the same initial weights on every device
     generator = torch.Generator().manual_seed(s.seed)
     if s.model == "cnn":
-        return models.SmallCNN(generator=generator)
-    return models.SmallMLP(tuple(s.hidden), generator=generator)
+        return models.SmallCNN(generator=generator).to(s.device)
+    return models.SmallMLP(tuple(s.hidden), generator=generator).to(s.device)
 
 
 def train_model(s: Training, model: torch.nn.Module, *, train, progress: bool = False) -> dict:
@@ -422,7 +435,8 @@ def evaluate(s: NoSettings, *, model, train, test) -> dict:
 
 def sharpness(s: Sharpness, *, model, train) -> dict:
     eig = utils.top_hessian_eigenvalue(model, *train, max_iter=s.sharpness_max_iter, tol=s.sharpness_tol,
-                                       seed=s.probe_seed, method=s.sharpness_method, memory_budget=s.budget)
+                                       seed=s.probe_seed, method=s.sharpness_method, memory_budget=s.budget,
+                                       shard=shard_of(train))
     return {**_eigen_dict(eig), "tol": s.sharpness_tol}
 
 
@@ -430,7 +444,8 @@ def spectrum(s: Spectrum, *, model, analysis) -> dict:
     """The top-k eigenvalues and λ_min with their true residuals (no eigenvectors: they are D numbers each) and
     the SLQ spectral density, from one set of Lanczos runs."""
     r = utils.hessian_spectrum(model, *analysis, k=s.eigen_k, tol=s.eigen_tol, lanczos_steps=s.density_steps,
-                               runs=s.density_runs, seed=s.probe_seed, memory_budget=s.budget)
+                               runs=s.density_runs, seed=s.probe_seed, memory_budget=s.budget,
+                               shard=shard_of(analysis))
     top, bottom, d = r.top, r.bottom, r.density
     return {"eigenpairs": {"top": top.eigenvalues, "top_residuals": top.residuals, "top_converged": top.converged,
                            "top_iterations": top.iterations, "lambda_min": bottom.eigenvalues[0],
@@ -443,23 +458,25 @@ def spectrum(s: Spectrum, *, model, analysis) -> dict:
 def trace(s: Trace, *, model, analysis) -> dict:
     return dataclasses.asdict(utils.hessian_trace(model, *analysis, method=s.trace_method,
                                                   rel_stderr=s.trace_rel_stderr, seed=s.probe_seed,
-                                                  memory_budget=s.budget))
+                                                  memory_budget=s.budget, shard=shard_of(analysis)))
 
 
 def layers(s: Layers, *, model, analysis) -> list[dict]:
     return [dataclasses.asdict(layer) for layer in utils.layer_curvature(
         model, *analysis, seed=s.probe_seed, tol=1e-2, rel_stderr=s.layer_rel_stderr, max_probes=64,
-        memory_budget=s.budget)]
+        memory_budget=s.budget, shard=shard_of(analysis))]
 
 
 def flatness(s: Flatness, *, model, train) -> dict:
     return _flatness_dict(utils.perturbation_flatness(model, *train, s.flatness_sigmas, samples=s.flatness_samples,
-                                                      seed=s.probe_seed, memory_budget=s.budget))
+                                                      seed=s.probe_seed, memory_budget=s.budget,
+                                                      shard=shard_of(train)))
 
 
 def adaptive_flatness(s: Flatness, *, model, train) -> dict:
     return _flatness_dict(utils.perturbation_flatness(model, *train, s.flatness_sigmas, samples=s.flatness_samples,
-                                                      seed=s.probe_seed, adaptive=True, memory_budget=s.budget))
+                                                      seed=s.probe_seed, adaptive=True, memory_budget=s.budget,
+                                                      shard=shard_of(train)))
 
 
 def worst_case(s: WorstCase, *, model, analysis) -> dict:
@@ -565,10 +582,12 @@ def reparametrisation(s: Rescaling, *, model, train, test, analysis, sharpness, 
 
 
 def surface(s: Surface, *, model, analysis, test) -> dict:
-    x, y = analysis if s.surface_split == "train" else test
+    examples = analysis if s.surface_split == "train" else test
+    shard = shard_of(examples)
+    x, y = examples
     r = utils.loss_surface_2d(model, x, y, steps=s.surface_steps, span=s.surface_span, seed=s.probe_seed,
-                              memory_budget=s.budget)
-    return {"split": s.surface_split, "examples": int(x.shape[0]), "alphas": r.alphas.tolist(),
+                              memory_budget=s.budget, shard=shard)
+    return {"split": s.surface_split, "examples": shard.examples if shard else int(x.shape[0]), "alphas": r.alphas.tolist(),
             "betas": r.betas.tolist(), "losses": r.losses.tolist(), "accuracies": r.accuracies.tolist()}
 
 
@@ -610,6 +629,22 @@ def bezier(s: Bezier, *, model_a, model_b, analysis, test) -> dict:
                       "points": plane.points.tolist(), "curve": path.tolist(), "split": "train"}}
 
 
+class Examples(tuple):
+    """A split's (x, y), and under --shard-data the `DataShard` that says this process holds only a slice."""
+
+    shard: utils.DataShard | None
+
+    def __new__(cls, x: torch.Tensor, y: torch.Tensor, shard: utils.DataShard | None = None):
+        examples = super().__new__(cls, (x, y))
+        examples.shard = shard
+        return examples
+
+
+def shard_of(examples) -> utils.DataShard | None:
+    """The data shard of a stage's input split: None for a whole split (a plain (x, y) pair)."""
+    return getattr(examples, "shard", None)
+
+
 def _eigen_dict(eig: utils.EigenResult) -> dict:
     return {"eigenvalue": eig.eigenvalue, "iterations": eig.iterations, "converged": eig.converged,
             "residual": eig.residual, "method": eig.method}
@@ -633,17 +668,129 @@ FIRST_MODEL_STAGES = (reparametrisation, surface)  # on the first model; reparam
 NEEDS_AN_MLP = {"aligned", "reparametrisation"}  # hidden-unit permutations and ReLU rescaling
 
 
-def run(cfg: Config) -> dict:
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes torchrun started: its rank and the world size (1: a single
+    process, which needs no torch.distributed at all). Rank 0 gathers, writes and plots."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: list) -> list:
+        """This rank's items: every world-th from its rank on (round robin, so costly grid corners spread)."""
+        return items[self.rank :: self.world]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank (a collective call)."""
+        if self.world == 1:
+            return value
+        found = [value]
+        torch.distributed.broadcast_object_list(found, src=0)
+        return found[0]
+
+    def gather(self, value) -> list:
+        """Every rank's `value`, in rank order (a collective call)."""
+        if self.world == 1:
+            return [value]
+        found = [None] * self.world
+        torch.distributed.all_gather_object(found, value)
+        return found
+
+
+RANK_TIMEOUT = dt.timedelta(hours=12)  # a rank waits this long at a barrier for a slower one (a sweep's share)
+
+
+def join_ranks(cfg: Config) -> Ranks:
+    """The process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT): gloo on the CPU, NCCL on CUDA, each rank on its own GPU. Without torchrun, a single process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    device = device_of(cfg.device)
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", timeout=RANK_TIMEOUT)
+    return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
+# The stages whose measurements add up over slices of the data (landscape.distributed): under --shard-data every
+# rank computes them together on its slice; the others (training included) run on rank 0 with all the data.
+SHARDED_STAGES = {"sharpness", "spectrum", "trace", "layers", "flatness", "adaptive_flatness", "surface"}
+
+
+@dataclass(frozen=True)
+class Spread:
+    """--shard-data under torchrun: each split cut into one contiguous slice per rank (`sliced`: this rank's,
+    keyed as the whole split sharded over `ranks.world` processes, since the all-reduced sums round
+    differently from one process's)."""
+
+    ranks: Ranks
+    sliced: dict[str, Keyed]
+
+    @classmethod
+    def of(cls, ranks: Ranks, inputs: dict[str, Keyed], store: Store) -> "Spread":
+        sliced = {}
+        for name in ("train", "analysis", "test"):
+            x, y = inputs[name].value
+            part = utils.shard_rows(x.shape[0], ranks.rank, ranks.world)
+            sliced[name] = Keyed(Examples(x[part], y[part], utils.DataShard.of(part.stop - part.start)),
+                                 digest(inputs[name].key, "sharded over", ranks.world))
+        if not ranks.main:
+            store.fresh = False  # rank 0 decides what is computed afresh; the others read its models
+        return cls(ranks, sliced)
+
+    def trained(self, store: Store, settings: Training, inputs: dict[str, Keyed], *, label: str
+                ) -> tuple[Keyed, dict]:
+        """Rank 0 trains (or loads) the model on the whole training set; the other ranks wait, then load it."""
+        if not self.ranks.main:
+            self.ranks.barrier()
+        found = store.trained(build_model, train_model, settings, inputs, label=label)
+        if self.ranks.main:
+            self.ranks.barrier()
+        return found
+
+    def run(self, store: Store, stage, settings, subject: str, found: dict[str, Keyed], *, label: str
+            ) -> Keyed | None:
+        """A sharded stage computed by every rank on its slice (rank 0 saves it) unless rank 0 has it already;
+        any other stage on rank 0 alone. None on the ranks that did not get the result."""
+        if stage.__name__ not in SHARDED_STAGES:
+            return store.run(stage, settings, subject, found, label=label) if self.ranks.main else None
+        inputs = {**found, **self.sliced}
+        finished = self.ranks.broadcast(store.finished(stage, settings, subject, inputs) if self.ranks.main else None)
+        if finished and not self.ranks.main:
+            return None
+        return store.run(stage, settings, subject, inputs, label=label, save=self.ranks.main)
+
+
+def leave_ranks(ranks: Ranks) -> None:
+    if ranks.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def run(cfg: Config, ranks: Ranks | None = None) -> dict | None:
     """Every stage in order; returns the metrics dictionary that metrics.json holds. numpy's BLAS gets one thread
     meanwhile: torch does the heavy work, and OpenBLAS threads that spin after numpy's small calls take the
     cores from torch's products."""
     with utils.numpy_blas_single_threaded():
-        return _run(cfg)
+        return _run(cfg, ranks or Ranks())
 
 
-def start_run(cfg: Config, *, stages: int) -> tuple[Path, data_module.Dataset, dict[str, Keyed], Store]:
+def start_run(cfg: Config, *, stages: int, ranks: Ranks | None = None
+              ) -> tuple[Path, data_module.Dataset, dict[str, Keyed], Store]:
     """What every run does first: check the output folder, set the threads, load the data, open the stage store
-    (with a progress bar over `stages` stages). Returns (output folder, data set, keyed data inputs, store)."""
+    (with a progress bar over `stages` stages, on rank 0). Returns (output folder, data set, keyed data inputs,
+    store)."""
+    ranks = ranks or Ranks()
     out = output_folder(cfg)
     _check_output_folder(out)
     if cfg.threads:
@@ -651,58 +798,108 @@ def start_run(cfg: Config, *, stages: int) -> tuple[Path, data_module.Dataset, d
     start = time.perf_counter()
     ds = load_data(cfg)
     load_seconds = round(time.perf_counter() - start, 4)
-    log.info("data: %s", ds.source)
-    if ds.hint:
-        log.info("      %s", ds.hint)
-    store = Store(_resolve(cfg.runs_dir), code=CodeIndex(REPO_ROOT), environment=stage_environment(), fresh=cfg.fresh,
-                  total=stages, progress=not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty())
+    if ranks.main:
+        log.info("data: %s", ds.source)
+        if ds.hint:
+            log.info("      %s", ds.hint)
+    store = Store(_resolve(cfg.runs_dir), code=CodeIndex(REPO_ROOT), environment=stage_environment(device_of(cfg.device)),
+                  fresh=cfg.fresh, total=stages,
+                  progress=ranks.main and not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty())
     store.timings["load_data"] = load_seconds
     return out, ds, data_inputs(cfg, ds), store
 
 
-def run_header(cfg: Config, ds: data_module.Dataset, store: Store) -> dict:
-    """The part of metrics.json every run has: schema, time, configuration, data, environment, store."""
+def run_header(cfg: Config, ds: data_module.Dataset, store: Store, ranks: Ranks | None = None) -> dict:
+    """The part of metrics.json every run has: schema, time, configuration, data, environment (with the number
+    of processes), store."""
     return {
         "schema_version": 1,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(cfg),
         "data": {"name": ds.name, "source": ds.source, "hint": ds.hint, "n_train": int(ds.x_train.shape[0]),
                  "n_test": int(ds.x_test.shape[0]), "sha256": ds.sha256},
-        "environment": environment(),
+        "environment": {**environment(device_of(cfg.device)), "processes": (ranks or Ranks()).world},
         "run_folder": str(store.root),
         "resumed": store.loaded,
     }
 
 
-def _run(cfg: Config) -> dict:
+def _run(cfg: Config, ranks: Ranks) -> dict | None:
     total = len(cfg.seeds) * (1 + len(MODEL_STAGES) + len(EXACT_STAGES)) + len(PAIR_STAGES) + len(FIRST_MODEL_STAGES)
-    out, ds, inputs, store = start_run(cfg, stages=total)
+    out, ds, inputs, store = start_run(cfg, stages=total, ranks=ranks)
+    spread = Spread.of(ranks, inputs, store) if cfg.shard_data else None
+    if ranks.world > 1 and spread is None:
+        computed = _run_share(store, cfg, inputs, ranks)
+        if not ranks.main:
+            store.close()
+            return None
+        store.loaded = [label for label in store.loaded if label not in computed]
     trained, measured, per_model, warnings = {}, {}, {}, []
     for seed in cfg.seeds:
-        label = f"train[seed={seed}]"
-        trained[seed], history = store.trained(build_model, train_model, Training.of(cfg, seed=seed), inputs,
-                                               label=label)
-        if label not in store.loaded:
-            log.info("trained seed %d: %d steps, final epoch loss %.4f", seed, history["steps"],
-                     history["epoch_losses"][-1])
-        stages = MODEL_STAGES + (EXACT_STAGES if exact_mode(cfg, trained[seed].value) else ())
-        measured[seed] = run_stages(store, cfg, stages, trained[seed].key, {**inputs, "model": trained[seed]},
-                                    suffix=f"[seed={seed}]")
-        per_model[str(seed)] = model_metrics(seed, history, trained[seed].value, measured[seed])
-        warnings += _model_warnings(per_model[str(seed)])
-    first, second = cfg.seeds[0], cfg.seeds[1]
-    pair = run_stages(store, cfg, PAIR_STAGES, digest(trained[first].key, trained[second].key),
-                      {**inputs, "model_a": trained[first], "model_b": trained[second]})
-    alone = run_stages(store, cfg, FIRST_MODEL_STAGES, trained[first].key, measured[first])
+        trained[seed], history, measured[seed] = measure_seed(store, cfg, inputs, seed, spread)
+        if ranks.main:
+            per_model[str(seed)] = model_metrics(seed, history, trained[seed].value, measured[seed])
+            warnings += _model_warnings(per_model[str(seed)])
+    pair, alone = pair_stages(store, cfg, inputs, trained, spread), first_model_stages(store, cfg, measured, spread)
     store.close()
+    if not ranks.main:
+        return None
     if store.loaded:
         log.info("resumed %d finished stages from %s (--fresh recomputes them)", len(store.loaded), store.root)
     if cfg.model != "mlp":
         warnings.append(f"weight matching and the rescaling experiment need an MLP: skipped for --model {cfg.model}")
-    metrics = run_metrics(cfg, ds, store, per_model, pair, alone, warnings)
+    metrics = run_metrics(cfg, ds, store, per_model, pair, alone, warnings, ranks)
     written = write_outputs(metrics, out, figures=not cfg.skip_figures)
     _tidy_store(store, prune=cfg.prune)
     return written
+
+
+def measure_seed(store: Store, cfg: Config, inputs: dict[str, Keyed], seed: int, spread: Spread | None = None
+                 ) -> tuple[Keyed, dict, dict[str, Keyed]]:
+    """One seed's model trained (or loaded) and its stages run: (model, training history, stage results)."""
+    label = f"train[seed={seed}]"
+    settings = Training.of(cfg, seed=seed)
+    if spread is None:
+        model, history = store.trained(build_model, train_model, settings, inputs, label=label)
+    else:
+        model, history = spread.trained(store, settings, inputs, label=label)
+    if label not in store.loaded:
+        log.info("trained seed %d: %d steps, final epoch loss %.4f", seed, history["steps"], history["epoch_losses"][-1])
+    stages = MODEL_STAGES + (EXACT_STAGES if exact_mode(cfg, model.value) else ())
+    return model, history, run_stages(store, cfg, stages, model.key, {**inputs, "model": model},
+                                      suffix=f"[seed={seed}]", spread=spread)
+
+
+def pair_stages(store: Store, cfg: Config, inputs: dict[str, Keyed], trained: dict[int, Keyed],
+                spread: Spread | None = None) -> dict[str, Keyed]:
+    first, second = trained[cfg.seeds[0]], trained[cfg.seeds[1]]
+    return run_stages(store, cfg, PAIR_STAGES, digest(first.key, second.key),
+                      {**inputs, "model_a": first, "model_b": second}, spread=spread)
+
+
+def first_model_stages(store: Store, cfg: Config, measured: dict[int, dict[str, Keyed]], spread: Spread | None = None
+                       ) -> dict[str, Keyed]:
+    first = measured[cfg.seeds[0]]
+    return run_stages(store, cfg, FIRST_MODEL_STAGES, first["model"].key, first, spread=spread)
+
+
+def _run_share(store: Store, cfg: Config, inputs: dict[str, Keyed], ranks: Ranks) -> set[str]:
+    """This rank's share of the default run under torchrun: the seeds seeds[rank::world], then (once every
+    rank has finished its seeds) its share of the two jobs that read them, the pair's stages and the first
+    model's. Returns the labels that any rank computed (rather than loaded) in this run."""
+    for seed in ranks.share(list(cfg.seeds)):
+        measure_seed(store, cfg, inputs, seed)
+    ranks.barrier()
+    store.fresh = False  # --fresh recomputed this run's models once; from here on they are read back
+    for job in ranks.share(["pair", "first model"]):
+        wanted = cfg.seeds[:2] if job == "pair" else cfg.seeds[:1]
+        found = {seed: measure_seed(store, cfg, inputs, seed) for seed in wanted}
+        if job == "pair":
+            pair_stages(store, cfg, inputs, {seed: model for seed, (model, _, _) in found.items()})
+        else:
+            first_model_stages(store, cfg, {seed: measured for seed, (_, _, measured) in found.items()})
+    ranks.barrier()
+    return {label for labels in ranks.gather(store.computed) for label in labels}
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -757,57 +954,84 @@ def sweep_row(point: dict, seed: int, history: dict, model: torch.nn.Module, m: 
     return row
 
 
-def run_sweep(cfg: Config) -> dict:
+def sweep_model(store: Store, cfg: Config, inputs: dict[str, Keyed], point: dict, seed: int
+                ) -> tuple[Keyed | None, dict | None, dict | None]:
+    """One sweep model trained and measured (or loaded): (the trained model, its sweep.csv row, None), or
+    (None, None, why it is left out) when it diverged or missed the target loss."""
+    mcfg = sweep_model_config(cfg, point)
+    tag = sweep_tag(point)
+    try:
+        keyed, history = store.trained(build_model, train_model, Training.of(mcfg, seed=seed), inputs,
+                                       label=f"train[{tag} seed={seed}]")
+    except training.TrainingDiverged as err:  # not cached: a rerun tries it again, up to the blow-up
+        log.warning("sweep: %s seed %d diverged at epoch %d, step %d: left out of the statistics", tag, seed,
+                    err.epoch, err.step)
+        return None, None, {**point, "seed": seed, "epochs": err.epoch, "final_epoch_loss": math.inf,
+                            "reason": "diverged"}
+    if not history["reached_target"]:
+        log.warning("sweep: %s seed %d did not reach training loss %g in %d epochs (last epoch %.4f): left out of "
+                    "the statistics", tag, seed, cfg.sweep_target_loss, cfg.sweep_max_epochs,
+                    history["epoch_losses"][-1])
+        return None, None, {**point, "seed": seed, "epochs": len(history["epoch_losses"]),
+                            "final_epoch_loss": history["epoch_losses"][-1], "reason": "missed the target"}
+    measured = run_stages(store, mcfg, MODEL_STAGES, keyed.key, {**inputs, "model": keyed},
+                          suffix=f"[{tag} seed={seed}]")
+    return keyed, sweep_row(point, seed, history, keyed.value, model_metrics(seed, history, keyed.value, measured)), None
+
+
+def sweep_pair(store: Store, cfg: Config, inputs: dict[str, Keyed], point: dict, first: Keyed, second: Keyed
+               ) -> dict:
+    """The straight-line and weight-matched barriers between a configuration's first two seeds."""
+    pair = run_stages(store, sweep_model_config(cfg, point), SWEEP_PAIR_STAGES, digest(first.key, second.key),
+                      {**inputs, "model_a": first, "model_b": second}, suffix=f"[{sweep_tag(point)}]")
+    return {"barrier": pair["connectivity"].value["train"]["barriers"]["loss_linear"],
+            "aligned_barrier": pair["aligned"].value["train"]["barriers"]["loss_linear"]}
+
+
+def sweep_tag(point: dict) -> str:
+    return f"b={point['batch_size']} lr={point['lr']} w={point['width']}"
+
+
+def run_sweep(cfg: Config, ranks: Ranks | None = None) -> dict | None:
     """Train and measure every model of the grid (each a cached stage: a killed sweep resumes, a grown grid
     computes only the new models), the barriers between each configuration's first two seeds, and the rank
-    statistics of every measure against the generalisation gaps."""
+    statistics of every measure against the generalisation gaps. Under torchrun (`ranks`), every rank first
+    trains and measures its share of the models, then its share of the pairs, into the shared store; rank 0
+    then reads them all back, computes the statistics and writes the outputs (the other ranks return None)."""
+    ranks = ranks or Ranks()
     with utils.numpy_blas_single_threaded():
         grid = sweep_grid(cfg)
-        models_total = len(grid) * len(cfg.seeds)
+        units = [(point, seed) for point in grid for seed in cfg.seeds]
         out, ds, inputs, store = start_run(
-            cfg, stages=models_total * (1 + len(MODEL_STAGES)) + len(grid) * len(SWEEP_PAIR_STAGES))
-        rows, excluded, start, done = [], [], time.perf_counter(), 0
-        for point in grid:
-            mcfg = sweep_model_config(cfg, point)
-            tag = f"b={point['batch_size']} lr={point['lr']} w={point['width']}"
+            cfg, stages=len(units) * (1 + len(MODEL_STAGES)) + len(grid) * len(SWEEP_PAIR_STAGES), ranks=ranks)
+        if ranks.world > 1:
+            computed = _sweep_share(store, cfg, inputs, grid, units, ranks)
+            if not ranks.main:
+                store.close()
+                return None
+        rows, excluded, start = [], [], time.perf_counter()
+        for number, point in enumerate(grid):
             trained, point_rows = {}, []
             for seed in cfg.seeds:
-                done += 1
-                try:
-                    keyed, history = store.trained(build_model, train_model, Training.of(mcfg, seed=seed), inputs,
-                                                   label=f"train[{tag} seed={seed}]")
-                except training.TrainingDiverged as err:  # not cached: a rerun tries it again, up to the blow-up
-                    excluded.append({**point, "seed": seed, "epochs": err.epoch, "final_epoch_loss": math.inf,
-                                     "reason": "diverged"})
-                    log.warning("sweep: %s seed %d diverged at epoch %d, step %d: left out of the statistics", tag,
-                                seed, err.epoch, err.step)
+                keyed, row, why = sweep_model(store, cfg, inputs, point, seed)
+                if keyed is None:
+                    excluded.append(why)
                     continue
-                if not history["reached_target"]:
-                    excluded.append({**point, "seed": seed, "epochs": len(history["epoch_losses"]),
-                                     "final_epoch_loss": history["epoch_losses"][-1], "reason": "missed the target"})
-                    log.warning("sweep: %s seed %d did not reach training loss %g in %d epochs (last epoch %.4f): "
-                                "left out of the statistics", tag, seed, cfg.sweep_target_loss, cfg.sweep_max_epochs,
-                                history["epoch_losses"][-1])
-                    continue
-                measured = run_stages(store, mcfg, MODEL_STAGES, keyed.key, {**inputs, "model": keyed},
-                                      suffix=f"[{tag} seed={seed}]")
                 trained[seed] = keyed
-                point_rows.append(sweep_row(point, seed, history, keyed.value,
-                                            model_metrics(seed, history, keyed.value, measured)))
-                elapsed = time.perf_counter() - start
-                log.info("sweep: %d/%d models (%s seed %d), %.1f s per model, about %.0f s to go", done,
-                         models_total, tag, seed, elapsed / done, elapsed / done * (models_total - done))
+                point_rows.append(row)
+            done = (number + 1) * len(cfg.seeds)
+            elapsed = time.perf_counter() - start
+            log.info("sweep: %d/%d models (%s), %.1f s per model, about %.0f s to go", done, len(units),
+                     sweep_tag(point), elapsed / done, elapsed / done * (len(units) - done))
             first, second = cfg.seeds[0], cfg.seeds[1]
             barriers = {"barrier": math.nan, "aligned_barrier": math.nan}
             if first in trained and second in trained:
-                pair = run_stages(store, mcfg, SWEEP_PAIR_STAGES, digest(trained[first].key, trained[second].key),
-                                  {**inputs, "model_a": trained[first], "model_b": trained[second]},
-                                  suffix=f"[{tag}]")
-                barriers = {"barrier": pair["connectivity"].value["train"]["barriers"]["loss_linear"],
-                            "aligned_barrier": pair["aligned"].value["train"]["barriers"]["loss_linear"]}
+                barriers = sweep_pair(store, cfg, inputs, point, trained[first], trained[second])
             rows += [{**row, **barriers} for row in point_rows]
         store.close()
-        metrics = {**run_header(cfg, ds, store), "kind": "sweep",
+        if ranks.world > 1:  # what the other ranks computed in this run is not "resumed"
+            store.loaded = [label for label in store.loaded if label not in computed]
+        metrics = {**run_header(cfg, ds, store, ranks), "kind": "sweep",
                    "sweep": {"axes": list(SWEEP_AXES), "grid": grid, "seeds": list(cfg.seeds), "rows": rows,
                              "excluded": excluded, "correlations": sweep_correlations(rows, seed=cfg.probe_seed),
                              "batch_size_vs_sharpness": batch_size_vs_sharpness(rows, seed=cfg.probe_seed)},
@@ -815,6 +1039,30 @@ def run_sweep(cfg: Config) -> dict:
         written = write_sweep_outputs(metrics, out, figures=not cfg.skip_figures)
         _tidy_store(store, prune=cfg.prune)
         return written
+
+
+def _sweep_share(store: Store, cfg: Config, inputs: dict[str, Keyed], grid: list[dict], units: list, ranks: Ranks
+                 ) -> set[str]:
+    """This rank's share of the sweep: the models units[rank::world], then (once every rank has finished its
+    models) the pairs grid[rank::world], whose models it reads from the store. Returns the labels that any
+    rank computed (rather than loaded) in this run."""
+    models_start = time.perf_counter()
+    for point, seed in ranks.share(units):
+        sweep_model(store, cfg, inputs, point, seed)
+    log.info("sweep: rank %d finished its %d models in %.1f s", ranks.rank, len(ranks.share(units)),
+             time.perf_counter() - models_start)
+    ranks.barrier()
+    store.fresh = False  # --fresh recomputed this run's models once; from here on they are read back
+    for point in ranks.share(grid):
+        found = {}
+        for seed in cfg.seeds[:2]:
+            keyed, _, _ = sweep_model(store, cfg, inputs, point, seed)
+            if keyed is not None:
+                found[seed] = keyed
+        if len(found) == 2:
+            sweep_pair(store, cfg, inputs, point, *found.values())
+    ranks.barrier()
+    return {label for labels in ranks.gather(store.computed) for label in labels}
 
 
 def _sweep_configs(rows: list[dict]) -> list[dict]:
@@ -866,13 +1114,13 @@ def write_sweep_outputs(metrics: dict, out: Path, *, figures: bool = True) -> di
 
 
 def run_metrics(cfg: Config, ds: data_module.Dataset, store: Store, per_model: dict, pair: dict[str, Keyed],
-                alone: dict[str, Keyed], warnings: list[str]) -> dict:
+                alone: dict[str, Keyed], warnings: list[str], ranks: Ranks | None = None) -> dict:
     """The dictionary metrics.json holds, from the stages' results."""
     first, second = cfg.seeds[0], cfg.seeds[1]
     connectivity_metrics = {"seeds": [first, second], **pair["connectivity"].value}
     connectivity_metrics.update({name: pair[name].value for name in ("aligned", "bezier") if name in pair})
     return {
-        **run_header(cfg, ds, store),
+        **run_header(cfg, ds, store, ranks),
         "models": per_model,
         "connectivity": connectivity_metrics,
         "reparametrisation": {"seed": first, "rows": [],
@@ -883,15 +1131,20 @@ def run_metrics(cfg: Config, ds: data_module.Dataset, store: Store, per_model: d
     }
 
 
-def run_stages(store: Store, cfg: Config, stages, subject: str, found: dict[str, Keyed], *, suffix: str = ""
-               ) -> dict[str, Keyed]:
+def run_stages(store: Store, cfg: Config, stages, subject: str, found: dict[str, Keyed], *, suffix: str = "",
+               spread: Spread | None = None) -> dict[str, Keyed]:
     """Each stage in order into `subject`'s folder, its result added to `found` for the stages after it;
-    those that need an MLP are skipped for other models. Returns `found` with the results."""
+    those that need an MLP are skipped for other models. Under --shard-data (`spread`) the sharded stages are
+    computed by every rank together and the others by rank 0 alone. Returns `found` with the results."""
     found = dict(found)
     for stage in stages:
-        if cfg.model == "mlp" or stage.__name__ not in NEEDS_AN_MLP:
-            found[stage.__name__] = store.run(stage, settings_of(stage, cfg), subject, found,
-                                              label=stage.__name__ + suffix)
+        if cfg.model != "mlp" and stage.__name__ in NEEDS_AN_MLP:
+            continue
+        settings, label = settings_of(stage, cfg), stage.__name__ + suffix
+        if spread is None:
+            found[stage.__name__] = store.run(stage, settings, subject, found, label=label)
+        elif (result := spread.run(store, stage, settings, subject, found, label=label)) is not None:
+            found[stage.__name__] = result
     return found
 
 
@@ -945,21 +1198,37 @@ def load_data(cfg: Config) -> data_module.Dataset:
 
 
 def data_inputs(cfg: Config, ds: data_module.Dataset) -> dict[str, Keyed]:
-    """The data the stages read, each keyed by the data set's checksum and the examples it holds: train and
-    test (whole), analysis (the first --analysis-examples training examples; all when 0)."""
+    """The data the stages read, on the run's device, each keyed by the data set's checksum and the examples it
+    holds: train and test (whole), analysis (the first --analysis-examples training examples; all when 0)."""
     n = cfg.analysis_examples or ds.x_train.shape[0]
+    device = device_of(cfg.device)
+    x_train, y_train = ds.x_train.to(device), ds.y_train.to(device)
 
     def keyed(split: str, x, y) -> Keyed:
         return Keyed((x, y), digest(ds.sha256, split, int(x.shape[0])))
 
-    return {"train": keyed("train", ds.x_train, ds.y_train), "test": keyed("test", ds.x_test, ds.y_test),
-            "analysis": keyed("train", ds.x_train[:n], ds.y_train[:n])}
+    return {"train": keyed("train", x_train, y_train),
+            "test": keyed("test", ds.x_test.to(device), ds.y_test.to(device)),
+            "analysis": keyed("train", x_train[:n], y_train[:n])}
 
 
-def stage_environment() -> dict:
+def device_of(name: str) -> str:
+    """The device a --device value names: "cuda" or "cpu" (auto: cuda when torch sees a GPU)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def device_name(device: str) -> str:
+    """The device in words, for metrics.json and the stage keys: "cpu", or "cuda (<the GPU's name>)"."""
+    return f"cuda ({torch.cuda.get_device_name()})" if device == "cuda" else "cpu"
+
+
+def stage_environment(device: str) -> dict:
     """What every stage's result depends on beyond its settings, inputs and code: the rounding of torch's
-    kernels (its version, the thread count, the default dtype)."""
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(torch.get_default_dtype())}
+    kernels (its version, the thread count, the default dtype, the device and the GPU it ran on)."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(torch.get_default_dtype()),
+            "device": device_name(device)}
 
 
 def _installed_version(package: str) -> str | None:
@@ -971,14 +1240,14 @@ def _installed_version(package: str) -> str | None:
         return None
 
 
-def environment() -> dict:
+def environment(device: str) -> dict:
     import matplotlib
     import scipy
 
     return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
             "torchvision": _installed_version("torchvision"),  # importing it costs 1.5 s
             "numpy": np.__version__, "scipy": scipy.__version__,
-            "matplotlib": matplotlib.__version__, "device": "cpu", "threads": torch.get_num_threads(),
+            "matplotlib": matplotlib.__version__, "device": device_name(device), "threads": torch.get_num_threads(),
             "dtype": str(torch.get_default_dtype()).replace("torch.", "")}
 
 
@@ -1133,9 +1402,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     level = logging.WARNING if cfg.quiet else logging.DEBUG if cfg.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", force=True)
+    ranks = Ranks()
     try:
-        metrics = plot_only(cfg) if cfg.plot_only else run_sweep(cfg) if cfg.sweep else run(cfg)
+        ranks = join_ranks(cfg)
+        if cfg.shard_data and ranks.world == 1:
+            raise UsageError("--shard-data spreads the data over the processes torchrun starts: run "
+                             "torchrun --nproc_per_node=N main.py --shard-data (one process holds all the data anyway)")
+        logging.basicConfig(level=level, force=True,
+                            format="%(message)s" if ranks.world == 1 else f"[rank {ranks.rank}] %(message)s")
+        if cfg.plot_only:
+            metrics = plot_only(cfg) if ranks.main else None
+        else:
+            metrics = run_sweep(cfg, ranks) if cfg.sweep else run(cfg, ranks)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -1146,6 +1424,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: finished stages are saved under {_resolve(cfg.runs_dir)}; "
               "run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        leave_ranks(ranks)
+    if metrics is None:  # a rank other than 0: rank 0 writes and prints
+        return 0
     for w in metrics["warnings"]:
         log.warning("warning: %s", w)
     if not cfg.quiet:

@@ -103,7 +103,7 @@ def train(
     start = time.perf_counter()
     with tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False) as bar:
         for epoch in range(epochs):
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator).to(x.device)  # drawn on the CPU: the same order on any device
             epoch_sum = 0.0
             for i in range(steps_per_epoch):
                 idx = order[i * batch_size : (i + 1) * batch_size]

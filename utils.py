@@ -22,7 +22,10 @@ This module is the public interface; the code lives in the package `landscape/`,
    `weight_matching` (`permute_hidden_units`), `bezier_curve` (`bezier_points`, `bezier_losses`).
 7. Surfaces (`landscape.surfaces`): `symmetric_grid`, `loss_surface_2d`, `loss_plane`.
 8. Exact answers (`landscape.exact`): `exact_curvature`, `product_rounding`, for small models.
-9. Rank statistics (`landscape.statistics`): `kendall_tau`, `granulated_kendall_tau` (Jiang et al. 2020's Ψ),
+9. Across processes (`landscape.distributed`): `DataShard` (this process holds a slice of the examples; every
+   curvature function, `losses_at_points`, `perturbation_flatness` and `loss_surface_2d` then measure the whole
+   set, their sums all-reduced over torch.distributed), `PointShare` (the points spread instead), `shard_rows`.
+10. Rank statistics (`landscape.statistics`): `kendall_tau`, `granulated_kendall_tau` (Jiang et al. 2020's Ψ),
    `rank_correlation` (both with bootstrap intervals), for which measure ranks models by generalisation.
 
 Fast paths: three capabilities have one for plain MLPs (an `nn.Sequential` of Linear layers and element-wise
@@ -35,6 +38,7 @@ at one dispatch point (`path="auto"`; "fast" and "general" force one) and is tes
 from landscape.connectivity import (BezierResult, InterpolationResult, WeightMatchingResult, barrier_definitions,
                                     barrier_height, bezier_curve, bezier_losses, bezier_points, linear_interpolation,
                                     permute_hidden_units, weight_matching)
+from landscape.distributed import DataShard, PointShare, shard_rows
 from landscape.exact import ExactCurvature, exact_curvature, product_rounding
 from landscape.flatness import (FlatnessResult, PacBayesResult, WorstCaseResult, filter_normalize, pac_bayes_flatness,
                                 perturbation_flatness, random_direction, random_directions, rescaled_copy,
@@ -57,6 +61,7 @@ __all__ = [
     "BatchSharpnessResult",
     "BezierResult",
     "DEFAULT_MEMORY_BUDGET",
+    "DataShard",
     "EigenResult",
     "EigenpairsResult",
     "ExactCurvature",
@@ -71,6 +76,7 @@ __all__ = [
     "PlaneResult",
     "PointEvaluator",
     "PointLosses",
+    "PointShare",
     "RankCorrelation",
     "SpectralDensity",
     "SurfaceResult",
@@ -120,6 +126,7 @@ __all__ = [
     "random_directions",
     "rank_correlation",
     "rescaled_copy",
+    "shard_rows",
     "symmetric_grid",
     "top_hessian_eigenvalue",
     "trace_estimate",

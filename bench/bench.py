@@ -4,12 +4,15 @@ Reference workload: the 5,000 real MNIST digits of the offline fallback (4,000 t
 1,000 test), SmallMLP 784-128-128-10 trained 5 epochs with seeds 0 and 42, 2 CPU threads.
 Each stage runs our function and its baseline (bench/baselines.py) in alternating order,
 `--reps` times; the table gives medians with min-max and the ratio ours / baseline, plus the
-error of each against an exact float64 answer. The field's tools (PyHessian, loss-landscapes,
-from bench/requirements.txt) run beside them when installed. Finally whole `python main.py` runs
-are timed (the median of `--runs`, with the share of each stage) beside this host's GEMM speed in
-the same minutes, which tells a slow spell of a shared machine from a slow run.
+error of each against an exact float64 answer. The field's tools (PyHessian, hessian-eigenthings,
+loss-landscapes, from bench/requirements.txt) run beside them when installed; one that cannot run
+says why in its row's notes. Finally whole `python main.py` runs are timed (the median of `--runs`,
+with the share of each stage) beside this host's GEMM speed in the same minutes, which tells a slow
+spell of a shared machine from a slow run. `--only` runs some stages and writes nothing unless
+`--write` is given.
 
     make bench                      # or: .venv/bin/python bench/bench.py --reps 5
+    .venv/bin/python bench/bench.py --only eigenvalue,trace --reps 3     # prints the two rows, writes nothing
 """
 
 from __future__ import annotations
@@ -74,10 +77,14 @@ def trained_models(ds):
 def stage_eigenvalue(model, ds, reps):
     x, y = ds.x_train, ds.y_train
     exact = utils.top_hessian_eigenvalue(copy.deepcopy(model).double(), x.double(), y, tol=1e-12, max_iter=300)
-    runs = alternate({
+    functions = {
         "baseline": lambda: baselines.top_eigenvalue_pyhessian_rule(model, x, y),
         "ours": lambda: utils.top_hessian_eigenvalue(model, x, y),
-    }, reps)
+    }
+    peer_top = _eigenthings_top(model, x, y)
+    if not isinstance(peer_top, str):
+        functions[EIGENTHINGS] = peer_top[0]
+    runs = alternate(functions, reps)
     row = {"stage": "top eigenvalue", "exact": exact.eigenvalue, **_ratio(runs)}
     row["baseline_error"] = abs(runs["baseline"][1][0] - exact.eigenvalue) / exact.eigenvalue
     row["ours_error"] = abs(runs["ours"][1].eigenvalue - exact.eigenvalue) / exact.eigenvalue
@@ -90,8 +97,9 @@ def stage_eigenvalue(model, ds, reps):
                     f"{statistics.median(runs['ours'][0]) / statistics.median(equal[0]):.2f}× that")
     row["note"] += "; " + _one_product(model, x, y, reps)
     peer = _time_pyhessian(model, x, y, reps, lambda h: h.eigenvalues()[0][0])
-    if peer:
-        row["peer"] = f"PyHessian {describe(peer[0])}, rel. error {abs(peer[1] - exact.eigenvalue) / exact.eigenvalue:.1e}"
+    peers = [f"PyHessian {describe(peer[0])}, rel. error {abs(peer[1] - exact.eigenvalue) / exact.eigenvalue:.1e}"
+             if peer else None, _eigenthings_top_note(peer_top, runs, model, x, y, exact.eigenvalue, reps)]
+    row["peer"] = "; ".join(p for p in peers if p)
     return row
 
 
@@ -143,9 +151,97 @@ def stage_trace(model, ds, reps):
                    f"products, {statistics.median(hutchpp['hutch++'][0]):.3f} s, error "
                    f"{abs(estimate.trace - exact) / exact:.1e} (stderr {estimate.stderr / exact:.1e})")
     peer = _time_pyhessian(model, x, y, reps, lambda h: float(np.mean(h.trace())))
-    if peer:
-        row["peer"] = f"PyHessian trace {describe(peer[0])}, rel. error {abs(peer[1] - exact) / exact:.1e}"
+    peers = [f"PyHessian trace {describe(peer[0])}, rel. error {abs(peer[1] - exact) / exact:.1e}" if peer else None,
+             _eigenthings_trace_note(model, x, y, exact, estimate.matvecs, reps)]
+    row["peer"] = "; ".join(p for p in peers if p)
     return row
+
+
+EIGENTHINGS = "hessian-eigenthings"
+
+
+def _eigenthings():
+    """The hessian_eigenthings module, or a one-line reason it cannot be used beside this torch."""
+    try:
+        import hessian_eigenthings
+    except ModuleNotFoundError as error:
+        if error.name == "hessian_eigenthings":
+            return f"{EIGENTHINGS} not installed (bench/requirements.txt)"
+        return f"{EIGENTHINGS} not usable beside torch {torch.__version__}: {_one_line(error)}"
+    except Exception as error:  # built against another torch
+        return f"{EIGENTHINGS} not usable beside torch {torch.__version__}: {_one_line(error)}"
+    return hessian_eigenthings
+
+
+def _one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
+def _eigenthings_operator(he, model, x, y):
+    """Its HessianOperator of the mean cross-entropy on (x, y) as one batch, by its default autograd method: each
+    product a fresh forward pass and double backward (its DDPHessianOperator adds all-reduces, a no-op here)."""
+    return he.HessianOperator(model, [(x, y)], he.supervised_loss(torch.nn.functional.cross_entropy))
+
+
+def _eigenthings_top(model, x, y, tol=1e-4):
+    """hessian-eigenthings' λ_max by its Lanczos (k=1, largest algebraic, seed 0), which has no stopping rule: it
+    runs max_iter steps (default 2k) and flags convergence by |β_m·s_m| < tol·|λ|. Here at the fewest steps that flag
+    accepts at our tol (found untimed by rerunning with 2, 3, … steps): (call, steps, module), or a one-line reason."""
+    he = _eigenthings()
+    if isinstance(he, str):
+        return he
+    try:
+        steps = next(m for m in range(2, 51) if bool(he.lanczos(_eigenthings_operator(he, model, x, y), k=1, max_iter=m,
+                                                                tol=tol, which="LA", seed=0).converged[0]))
+    except StopIteration:
+        return f"{EIGENTHINGS}: its Lanczos flagged no convergence within 50 steps"
+    except Exception as error:
+        return f"{EIGENTHINGS} failed beside torch {torch.__version__}: {_one_line(error)}"
+    call = lambda: he.lanczos(_eigenthings_operator(he, model, x, y), k=1, max_iter=steps, tol=tol,  # noqa: E731
+                              which="LA", seed=0)
+    return call, steps, he
+
+
+def _eigenthings_top_note(top, runs, model, x, y, exact: float, reps) -> str:
+    """The eigenvalue row's words on hessian-eigenthings: its certified Lanczos (timed beside ours), its Lanczos at
+    its default 2 steps, and its power iteration at its defaults (stopped on change and residual below 1e-4)."""
+    if isinstance(top, str):
+        return top
+    _, steps, he = top
+    times, result = runs[EIGENTHINGS]
+    try:
+        default = he.lanczos(_eigenthings_operator(he, model, x, y), k=1, seed=0)
+        power = alternate({"power": lambda: he.power_iteration_one(_eigenthings_operator(he, model, x, y), seed=0)},
+                          max(1, reps // 2))["power"]
+    except Exception as error:
+        return f"{EIGENTHINGS} failed beside torch {torch.__version__}: {_one_line(error)}"
+    value, _, _, power_hvps, converged = power[1]
+    return (f"{EIGENTHINGS} {he.__version__} Lanczos at {steps} steps, the fewest its own flag accepts at tol 1e-4 "
+            f"({result.iterations} HVPs): {describe(times)}, rel. error "
+            f"{abs(float(result.eigenvalues[0]) - exact) / exact:.1e}; at its default {default.iterations} steps rel. "
+            f"error {abs(float(default.eigenvalues[0]) - exact) / exact:.1e}; its power iteration at its defaults: "
+            f"{power_hvps} HVPs{'' if converged else ' (unconverged)'}, {statistics.median(power[0]):.3f} s, rel. error "
+            f"{abs(value - exact) / exact:.1e}")
+
+
+def _eigenthings_trace_note(model, x, y, exact: float, budget: int, reps) -> str:
+    """hessian-eigenthings' Hutch++, which spends a fixed number of products (no stopping rule), at our Hutch++'s
+    budget and at its default 100, timed alternately; or a one-line reason it cannot run."""
+    he = _eigenthings()
+    if isinstance(he, str):
+        return he
+    try:
+        runs = alternate({"our budget": lambda: he.trace(_eigenthings_operator(he, model, x, y), num_matvecs=budget,
+                                                         seed=0),
+                          "its default 100": lambda: he.trace(_eigenthings_operator(he, model, x, y), seed=0)},
+                         max(1, reps // 2))
+    except Exception as error:
+        return f"{EIGENTHINGS} failed beside torch {torch.__version__}: {_one_line(error)}"
+    # its budget goes in three equal thirds (sketch, its projected trace, residual probes): 3 × the residual samples
+    parts = [f"at {name}: {3 * result.samples.numel()} products, {describe(times)}, error "
+             f"{abs(result.estimate - exact) / exact:.1e} (stderr {result.stderr / exact:.1e})"
+             for name, (times, result) in runs.items()]
+    return f"{EIGENTHINGS} {he.__version__} Hutch++ " + ", ".join(parts)
 
 
 def stage_surface(model, ds, reps, steps=41):
@@ -398,35 +494,53 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-run", action="store_true", help="skip timing whole main.py runs")
     parser.add_argument("--runs", type=int, default=3, help="whole main.py runs to time (the median is reported)")
-    parser.add_argument("--write", type=Path, default=ROOT / "bench" / "RESULTS.md", help="where to write the table")
+    parser.add_argument("--only", type=lambda s: s.split(","), metavar="NAME,...",
+                        help=f"run only these stages ({', '.join(STAGES)}; 'run': the whole main.py runs); the partial "
+                             "table is printed, and written only with an explicit --write")
+    parser.add_argument("--write", type=Path, nargs="?", const=RESULTS, default=None,
+                        help=f"where to write the table (default {RESULTS.relative_to(ROOT)}, unless --only is given)")
     args = parser.parse_args(argv)
+    chosen = list(STAGES) + ["run"] if args.only is None else args.only
+    unknown = sorted(set(chosen) - set(STAGES) - {"run"})
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}, run")
     torch.set_num_threads(args.threads)
     ds = data.load_dataset("mnist", download=False)
     model_a, model_b = trained_models(ds)
     rows = []
-    stages = (lambda: stage_eigenvalue(model_a, ds, args.reps),
-              lambda: stage_trace(model_a, ds, args.reps),
-              lambda: stage_surface(model_a, ds, args.reps),
-              lambda: stage_noise(model_a, ds, args.reps),
-              lambda: stage_interpolation(model_a, model_b, ds, args.reps),
-              lambda: stage_flatness(model_a, ds, args.reps),
-              lambda: stage_tracking(ds, 3 * args.reps),  # a 0.2 s training: more repetitions for a stable median
-              lambda: fast_path_hessian(model_a, ds, max(2, args.reps // 2)),
-              lambda: fast_path_points(model_a, ds, max(2, args.reps // 2)),
-              lambda: fast_path_per_example(model_a, ds, max(2, args.reps // 2)))
     with utils.numpy_blas_single_threaded():  # as main.run: numpy's spinning BLAS threads slow torch down
-        for stage in stages:
-            rows.append(stage())
-            print(f"{rows[-1]['stage']}: ratio {rows[-1]['ratio']:.3f}", flush=True)
+        for name, stage in STAGES.items():
+            if name in chosen:
+                rows.append(stage(model_a, model_b, ds, args.reps))
+                print(f"{rows[-1]['stage']}: ratio {rows[-1]['ratio']:.3f}", flush=True)
     run = None
-    if not args.no_run:
+    if "run" in chosen and not args.no_run:
         run = {**whole_runs(max(1, args.runs)), "gemm": host_gemm_rate()}
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
             "torch": torch.__version__, "threads": args.threads}
     text = render(rows, run, meta)
     print(text)
-    args.write.write_text(with_table(args.write.read_text() if args.write.exists() else "", text))
+    write = args.write or (RESULTS if args.only is None else None)
+    if write is None:
+        print(f"--only: the partial table above is not written; --write writes it over {RESULTS.relative_to(ROOT)}")
+    else:
+        write.write_text(with_table(write.read_text() if write.exists() else "", text))
     return 0
+
+
+RESULTS = ROOT / "bench" / "RESULTS.md"
+STAGES = {  # name for --only -> stage(model_a, model_b, ds, reps), in the table's order
+    "eigenvalue": lambda a, b, ds, reps: stage_eigenvalue(a, ds, reps),
+    "trace": lambda a, b, ds, reps: stage_trace(a, ds, reps),
+    "surface": lambda a, b, ds, reps: stage_surface(a, ds, reps),
+    "noise": lambda a, b, ds, reps: stage_noise(a, ds, reps),
+    "interpolation": lambda a, b, ds, reps: stage_interpolation(a, b, ds, reps),
+    "flatness": lambda a, b, ds, reps: stage_flatness(a, ds, reps),
+    "tracking": lambda a, b, ds, reps: stage_tracking(ds, 3 * reps),  # a 0.2 s training: more repetitions
+    "fast-hessian": lambda a, b, ds, reps: fast_path_hessian(a, ds, max(2, reps // 2)),
+    "fast-points": lambda a, b, ds, reps: fast_path_points(a, ds, max(2, reps // 2)),
+    "fast-per-example": lambda a, b, ds, reps: fast_path_per_example(a, ds, max(2, reps // 2)),
+}
 
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

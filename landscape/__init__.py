@@ -9,6 +9,7 @@ noise          per-example gradients (reference and MLP fast path), gradient noi
 connectivity   barriers, interpolation, weight matching, Bézier curves
 surfaces       2-D loss slices and planes through three points
 exact          the dense float64 answers that `--exact` sets beside every estimate
+distributed    data slices and point shares over torch.distributed processes (`DataShard`, `PointShare`)
 files          the one atomic writer every file of the project goes through
 store          the stage store: finished stages kept on disk, keyed by their settings, inputs and code
 """

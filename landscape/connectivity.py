@@ -135,6 +135,7 @@ def permute_hidden_units(model: nn.Module, permutations: Sequence[torch.Tensor])
     with torch.no_grad():
         for layer, perm in enumerate(permutations):
             current, following = linears[layer], linears[layer + 1]
+            perm = torch.as_tensor(perm, device=current.weight.device)
             current.weight.copy_(current.weight[perm])
             if current.bias is not None:
                 current.bias.copy_(current.bias[perm])
@@ -151,10 +152,11 @@ def weight_matching(model_a: nn.Module, model_b: nn.Module, *, max_sweeps: int =
 
     _same_architecture(model_a, model_b)
     la, lb = _mlp_linears(model_a), _mlp_linears(model_b)
-    wa = [m.weight.detach().double() for m in la]
-    wb = [m.weight.detach().double() for m in lb]
-    ba = [None if m.bias is None else m.bias.detach().double() for m in la]
-    bb = [None if m.bias is None else m.bias.detach().double() for m in lb]
+    # on the CPU in float64 wherever the models live: the assignment solver (scipy) reads numpy arrays
+    wa = [m.weight.detach().double().cpu() for m in la]
+    wb = [m.weight.detach().double().cpu() for m in lb]
+    ba = [None if m.bias is None else m.bias.detach().double().cpu() for m in la]
+    bb = [None if m.bias is None else m.bias.detach().double().cpu() for m in lb]
     perms = [torch.arange(m.out_features) for m in la[:-1]]
     generator = torch.Generator().manual_seed(seed)
     sweeps = 0
@@ -189,7 +191,7 @@ class BezierResult:
 
 def bezier_points(theta_a: torch.Tensor, control: torch.Tensor, theta_b: torch.Tensor, ts) -> torch.Tensor:
     """Rows θ(t) of the quadratic Bézier curve for each t."""
-    t = torch.as_tensor(ts, dtype=theta_a.dtype)[:, None]
+    t = torch.as_tensor(ts, dtype=theta_a.dtype, device=theta_a.device)[:, None]
     return (1 - t) ** 2 * theta_a + 2 * t * (1 - t) * control + t**2 * theta_b
 
 
@@ -222,7 +224,7 @@ def bezier_curve(
     epoch_losses = []
     with torch.enable_grad():
         for _ in range(epochs):
-            order = torch.randperm(x.shape[0], generator=generator)
+            order = torch.randperm(x.shape[0], generator=generator).to(x.device)
             total = 0.0
             for start in range(0, x.shape[0], batch_size):
                 idx = order[start : start + batch_size]

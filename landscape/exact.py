@@ -31,8 +31,8 @@ def exact_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                     loss_fn: LossFn | None = None) -> ExactCurvature:
     """Everything the dense Hessian says, computed on a float64 copy of `model` (the model is not changed).
     tr(HΣ) = tr(J_c·H·J_cᵀ)/(N−1) with J_c the centred per-example gradients (N, D)."""
-    model64 = copy.deepcopy(model).double()
-    x64 = x.double() if x.is_floating_point() else x
+    model64 = copy.deepcopy(model).double().cpu()  # dense answers on the CPU, wherever the model lives
+    x64, y = (x.double() if x.is_floating_point() else x).cpu(), y.cpu()
     dense = exact_hessian(model64, x64, y, loss_fn=loss_fn)
     eigenvalues, eigenvectors = torch.linalg.eigh(dense)
     offsets = np.cumsum([0] + [int(np.prod(shape)) for _, shape in parameter_shapes(model)])
@@ -53,4 +53,4 @@ def product_rounding(model: nn.Module, x: torch.Tensor, y: torch.Tensor, vectors
     up to it: ‖H64·v − θv‖ ≤ r + ‖H32·v − H64·v‖."""
     like = next(model.parameters())
     products = hessian_operator(model, x, y, loss_fn=loss_fn).matmat(vectors.to(like)).double()
-    return float((products - exact_products).norm(dim=1).max())
+    return float((products - exact_products.to(products)).norm(dim=1).max())

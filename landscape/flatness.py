@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from landscape.distributed import DataShard, PointShare
 from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, flat_parameters, functional_loss, gaussian,
                                 graph_bytes_per_example, mlp_layers, prepare, resolve_loss, row_chunks, split_flat)
 from landscape.points import losses_at_points, point_evaluator
@@ -98,9 +99,11 @@ def perturbation_flatness(
     adaptive: bool = False,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    shard: DataShard | PointShare | None = None,
 ) -> FlatnessResult:
     """Average-case flatness: E_d[L(θ + σd) − L(θ)] for Gaussian d, filter-normalised (Li et al. 2018)
-    or, with adaptive=True, scaled entry-wise by |θ| (Kwon et al. 2021). All σ and directions in one batch."""
+    or, with adaptive=True, scaled entry-wise by |θ| (Kwon et al. 2021). All σ and directions in one batch.
+    `shard` spreads the data or the points over processes (`losses_at_points`)."""
     sigmas = [float(s) for s in sigmas]
     generator = torch.Generator().manual_seed(seed)
     normalization = "adaptive" if adaptive else "filter"
@@ -110,7 +113,7 @@ def perturbation_flatness(
     for k in range(samples):
         coefficients[1 + k * len(sigmas) : 1 + (k + 1) * len(sigmas), k] = torch.tensor(sigmas, dtype=torch.float64)
     result = losses_at_points(model, x, y, flat_parameters(model), directions, coefficients,
-                              loss_fn=loss_fn, memory_budget=memory_budget, accuracy=False)
+                              loss_fn=loss_fn, memory_budget=memory_budget, accuracy=False, shard=shard)
     base = result.losses[0]
     increases = (result.losses[1:] - base).reshape(samples, len(sigmas)).numpy()
     std = increases.std(axis=0, ddof=1) if samples > 1 else np.zeros(len(sigmas))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from landscape.distributed import DataShard
 from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, fast_path_layers, flat_parameters, functional_loss,
                                 graph_bytes_per_example, is_integer_labels, linear_parts, prepare, resolve_loss,
                                 row_chunks, split_rows)
@@ -39,6 +40,36 @@ class HessianOperator(ABC):
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self.matmat(v[None])[0]
+
+
+class ShardedHessian(HessianOperator):
+    """The Hessian of the whole data set's mean loss from this rank's operator `local` over its slice of
+    `local_examples` examples: every product, the gradient and the diagonal are (n_r/N)·(local one), summed
+    over the ranks. Implements `HessianOperator`'s interface (matmat, __call__, gradient, diagonal, dim,
+    matvecs)."""
+
+    def __init__(self, local, shard: DataShard, local_examples: int) -> None:
+        self.local, self.shard = local, shard
+        self.weight = local_examples / shard.examples
+        self.dim = local.dim
+
+    @property
+    def matvecs(self) -> int:
+        return self.local.matvecs
+
+    def matmat(self, vs: torch.Tensor, outputs: torch.Tensor | None = None) -> torch.Tensor:
+        return self.shard.sum_(self.local.matmat(vs, outputs) * self.weight)
+
+    def gradient(self) -> torch.Tensor:
+        return self.shard.sum_(self.local.gradient() * self.weight)
+
+    def diagonal(self) -> torch.Tensor | None:
+        """The summed diagonal where every rank's closed form applies; None on every rank otherwise."""
+        d = self.local.diagonal()
+        missing = self.shard.sum_(torch.tensor([float(d is None)], dtype=torch.float64))
+        if missing.item() > 0:
+            return None
+        return self.shard.sum_(d * self.weight)
 
 
 class AutogradHessian(HessianOperator):
@@ -73,7 +104,7 @@ class AutogradHessian(HessianOperator):
         rows = [torch.autograd.grad(outputs, params, [p[b] for p in parts], retain_graph=True, allow_unused=True)
                 for b in range(vs.shape[0])]
         hv = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(params))]
-        return torch.cat([(h if h is not None else torch.zeros((vs.shape[0], *p.shape), dtype=p.dtype)
+        return torch.cat([(h if h is not None else torch.zeros((vs.shape[0], *p.shape), dtype=p.dtype, device=p.device)
                            ).reshape(vs.shape[0], -1) for h, p in zip(hv, params)], dim=1)
 
     def gradient(self) -> torch.Tensor:
@@ -342,18 +373,22 @@ def hessian_operator(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     path: str = "auto",
+    shard: DataShard | None = None,
 ) -> HessianOperator:
     """The exact Hessian of the mean loss as a matrix-free operator: `op(v)` = H·v, `op.matmat(V)` = rows H·vᵢ.
 
     The one dispatch point: path="auto" uses the closed-form R-operator (`MLPHessian`) for plain MLPs and
     autograd's double backward (`AutogradHessian`, reverse-over-reverse, which every loss supports) for any
-    other model; "fast"/"general" force one.
+    other model; "fast"/"general" force one. With a `shard` (landscape.distributed), (x, y) is this rank's
+    slice of a data set spread over the ranks and the operator is the whole set's (`ShardedHessian`).
     """
     x, y = prepare(model, x, y)
     layers = fast_path_layers(model, path)
     if layers is not None:
-        return MLPHessian(model, layers, x, y, resolve_loss(loss_fn), memory_budget)
-    return AutogradHessian(model, x, y, resolve_loss(loss_fn), memory_budget)
+        op = MLPHessian(model, layers, x, y, resolve_loss(loss_fn), memory_budget)
+    else:
+        op = AutogradHessian(model, x, y, resolve_loss(loss_fn), memory_budget)
+    return op if shard is None else ShardedHessian(op, shard, x.shape[0])
 
 
 def hessian_vector_product(

@@ -297,12 +297,12 @@ def _add_b_noise(result, per_example, mean_grad, model, rel_stderr, max_probes, 
         return per_example.dots(hw) - (hw @ g).double()[:, None]
 
     if n <= exact_below:
-        trace, stderr, probes = float(torch.trace(m_matmat(torch.eye(n, dtype=torch.float64)))), 0.0, 0
+        trace, stderr, probes = float(torch.trace(m_matmat(torch.eye(n, dtype=torch.float64, device=g.device)))), 0.0, 0
     else:
         # a sketch of one probe block (8): 16 sketch products and the 16 Hutchinson ones that the stopping rule
         # needs at least, Hutch++'s 2:1 split; here 32 products reach 0.9% stderr, 16 sketches 0.6% with 48
         estimate = trace_estimate(m_matmat, n, method="hutch++", rel_stderr=rel_stderr, max_matvecs=max_probes,
-                                  seed=seed, like=torch.zeros(1, dtype=torch.float64), sketch=8)
+                                  seed=seed, like=torch.zeros(1, dtype=torch.float64, device=g.device), sketch=8)
         trace, stderr, probes = estimate.trace, estimate.stderr, estimate.matvecs
     result.trace_h_cov, result.trace_h_cov_stderr, result.probes = trace / (n - 1), stderr / (n - 1), probes
     result.b_noise = math.inf if zero else result.trace_h_cov / result.g_h_g
@@ -347,7 +347,7 @@ def two_batch_noise_scale(
     generator = torch.Generator().manual_seed(seed)
 
     def batch_grad_norm_sq(size: int) -> float:
-        idx = torch.randperm(n, generator=generator)[:size]
+        idx = torch.randperm(n, generator=generator)[:size].to(x.device)
         with torch.enable_grad():
             grads = torch.autograd.grad(functional_loss(model, params, x[idx], y[idx], loss_fn),
                                         list(params.values()), allow_unused=True, materialize_grads=True)
@@ -408,7 +408,7 @@ def batch_sharpness(
     generator = torch.Generator().manual_seed(seed)
     indices = torch.stack([torch.randperm(n, generator=generator)[:batch_size] for _ in range(batches)])
     values = []
-    for idx in indices:
+    for idx in indices.to(x.device):
         op = hessian_operator(model, x[idx], y[idx], loss_fn=loss_fn, memory_budget=memory_budget, path=path)
         g = op.gradient()
         g64 = g.double()

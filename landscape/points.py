@@ -9,10 +9,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from landscape.distributed import DataShard, PointShare
 from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, fast_path_layers, graph_bytes_per_example,
                                 is_integer_labels, linear_parts, prepare, resolve_loss, row_chunks, split_flat)
 
@@ -52,12 +54,16 @@ class PointEvaluator(ABC):
     def _sums(self, coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, number of correct predictions) per point, float64 (P,); NaN counts without labels."""
 
-    def __call__(self, coefficients) -> PointLosses:
+    def totals(self, coefficients) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(summed loss, correct count, examples) per point: what adds up over slices of the data."""
         coefficients = torch.as_tensor(coefficients).to(self.base).reshape(-1, self.directions.shape[0])
         with torch.no_grad():
             sums, correct = self._sums(coefficients)
-        n = self.x.shape[0]
-        return PointLosses(losses=sums / n, accuracies=correct / n)
+        return sums, correct, self.x.shape[0]
+
+    def __call__(self, coefficients) -> PointLosses:
+        sums, correct, n = self.totals(coefficients)
+        return PointLosses(losses=(sums / n).cpu(), accuracies=(correct / n).cpu())  # P numbers: on the CPU
 
 
 class FunctionalPoints(PointEvaluator):
@@ -173,16 +179,64 @@ class MLPPoints(PointEvaluator):
         return sums, (logits.transpose(1, 2).contiguous().argmax(dim=2) == y).sum(dim=1).double()
 
 
+class ShardedPoints:
+    """A point evaluator over the whole data set from this rank's evaluator `local` over its slice: every point's
+    summed loss and correct count, all-reduced, over N. Called as a `PointEvaluator` is."""
+
+    def __init__(self, local, shard: DataShard) -> None:
+        self.local, self.shard = local, shard
+
+    def __call__(self, coefficients) -> PointLosses:
+        sums, correct, _ = self.local.totals(coefficients)
+        labels = not bool(correct.isnan().any())
+        both = self.shard.sum_(torch.stack([sums, correct.nan_to_num(0.0)]))
+        n = self.shard.examples
+        return PointLosses(losses=(both[0] / n).cpu(), accuracies=(both[1] / n if labels else correct).cpu())
+
+
+class SharedPoints:
+    """A point evaluator whose points are spread over the ranks (`PointShare`): rank r evaluates the rows
+    r, r + world, … of the coefficients with `local`, and the results are gathered back in order, the very
+    numbers one process gets (each point is computed whole by one rank). Every rank must hold the same data
+    and call it with the same coefficients."""
+
+    def __init__(self, local, share: PointShare) -> None:
+        self.local, self.group = local, share.group
+
+    def __call__(self, coefficients) -> PointLosses:
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        coefficients = torch.as_tensor(coefficients)
+        mine = coefficients[rank::world]
+        found = self.local(mine) if mine.shape[0] else None
+        parts = [None] * world
+        dist.all_gather_object(parts, None if found is None else (found.losses, found.accuracies), group=self.group)
+        losses = torch.empty(coefficients.shape[0], dtype=torch.float64)
+        accuracies = torch.empty_like(losses)
+        for r, part in enumerate(parts):
+            if part is not None:
+                losses[r::world], accuracies[r::world] = part
+        return PointLosses(losses=losses, accuracies=accuracies)
+
+
 def point_evaluator(model: nn.Module, x: torch.Tensor, y: torch.Tensor, base: torch.Tensor, directions: torch.Tensor,
                     *, loss_fn: LossFn | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET, path: str = "auto",
-                    accuracy: bool = True, copy: bool = True) -> PointEvaluator:
+                    accuracy: bool = True, copy: bool = True, shard: DataShard | PointShare | None = None
+                    ) -> PointEvaluator:
     """A callable coefficients (P, K) -> `PointLosses`, as `losses_at_points` with everything else fixed: the one
-    dispatch point, `MLPPoints` for a plain MLP (path "auto" or "fast"), `FunctionalPoints` otherwise."""
+    dispatch point, `MLPPoints` for a plain MLP (path "auto" or "fast"), `FunctionalPoints` otherwise; with a
+    `shard` (landscape.distributed) it sees the whole data set spread over the ranks (`DataShard`: (x, y) is
+    this rank's slice) or spreads the points over them (`PointShare`: every rank holds all of (x, y))."""
     layers = fast_path_layers(model, path)
     kwargs = dict(loss_fn=loss_fn, memory_budget=memory_budget, accuracy=accuracy, copy=copy)
     if layers is not None:
-        return MLPPoints(model, layers, x, y, base, directions, **kwargs)
-    return FunctionalPoints(model, x, y, base, directions, **kwargs)
+        evaluator = MLPPoints(model, layers, x, y, base, directions, **kwargs)
+    else:
+        evaluator = FunctionalPoints(model, x, y, base, directions, **kwargs)
+    if isinstance(shard, DataShard):
+        return ShardedPoints(evaluator, shard)
+    if isinstance(shard, PointShare):
+        return SharedPoints(evaluator, shard)
+    return evaluator
 
 
 def losses_at_points(
@@ -197,12 +251,15 @@ def losses_at_points(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     path: str = "auto",
     accuracy: bool = True,
+    shard: DataShard | PointShare | None = None,
 ) -> PointLosses:
     """Loss and accuracy at θ_p = base + Σ_k coefficients[p, k]·directions[k] for every p, in batched passes.
 
     Shapes: base (D,), directions (K, D), coefficients (P, K). `path` is "auto" (fast when
     the model is a plain MLP), "fast" or "general"; both give the same numbers. With accuracy=False
-    (or targets that are not class labels) the accuracies are NaN and cost nothing.
+    (or targets that are not class labels) the accuracies are NaN and cost nothing. `shard`
+    (landscape.distributed): a `DataShard` when (x, y) is this rank's slice of a data set spread over
+    processes, a `PointShare` to spread the points instead.
     """
     return point_evaluator(model, x, y, base, directions, loss_fn=loss_fn, memory_budget=memory_budget, path=path,
-                           accuracy=accuracy, copy=False)(coefficients)
+                           accuracy=accuracy, copy=False, shard=shard)(coefficients)

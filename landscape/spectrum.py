@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from landscape.distributed import DataShard
 from landscape.hessian import NO_EXACT_DIAGONAL, HessianOperator, hessian_operator
 from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, flat_parameters, gaussian, numpy_blas_single_threaded,
                                 parameter_shapes, rademacher, start_vector)
@@ -162,6 +163,7 @@ def top_hessian_eigenvalue(
     start: torch.Tensor | None = None,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    shard: DataShard | None = None,
     operator: HessianOperator | None = None,
 ) -> EigenResult:
     """Largest algebraic eigenvalue λ_max of the Hessian of the mean loss (sharpness; Keskar et al. 2017).
@@ -175,7 +177,7 @@ def top_hessian_eigenvalue(
     both start from the gradient plus a seeded random tenth (`_gradient_start`), which saves a few products
     at a trained point. `operator` reuses a `hessian_operator` of the same model and data.
     """
-    op = operator or hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    op = operator or hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
     spent = op.matvecs
     like = flat_parameters(model)
     v0 = _gradient_start(op, seed, like) if start is None else start.detach().to(like)
@@ -219,13 +221,14 @@ def hessian_eigenpairs(
     max_iter: int = 300,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    shard: DataShard | None = None,
 ) -> EigenpairsResult:
     """The k largest (or most negative) eigenvalues of the Hessian and their eigenvectors, by Lanczos with full
     reorthogonalisation, stopped when every wanted pair has ‖Hv − λv‖ ≤ tol·max(|λ|, 1e-8·‖H‖); the residuals
     are then recomputed with k true products. λ_min < 0 means a saddle, not a minimum (Dauphin et al. 2014)."""
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
-    return _extreme_eigenpairs(model, x, y, {which: k}, tol, seed, max_iter, loss_fn, memory_budget)[which]
+    return _extreme_eigenpairs(model, x, y, {which: k}, tol, seed, max_iter, loss_fn, memory_budget, shard)[which]
 
 
 def hessian_spectrum_ends(
@@ -240,19 +243,20 @@ def hessian_spectrum_ends(
     max_iter: int = 300,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    shard: DataShard | None = None,
 ) -> tuple[EigenpairsResult, EigenpairsResult]:
     """The k largest and the k_smallest most negative eigenpairs from one Lanczos run: a Krylov space converges
     at both ends of the spectrum at once, so one run stopped when both ends meet the test of `hessian_eigenpairs`
     costs the longer of the two separate runs, not their sum. Both results count the shared products."""
     pairs = _extreme_eigenpairs(model, x, y, {"largest": k, "smallest": k_smallest}, tol, seed, max_iter, loss_fn,
-                                memory_budget)
+                                memory_budget, shard)
     return pairs["largest"], pairs["smallest"]
 
 
-def _extreme_eigenpairs(model, x, y, wanted: dict[str, int], tol, seed, max_iter, loss_fn, memory_budget):
+def _extreme_eigenpairs(model, x, y, wanted: dict[str, int], tol, seed, max_iter, loss_fn, memory_budget, shard=None):
     """One Lanczos run from a seeded Gaussian start until every end in `wanted` ({which: k}) has converged,
     then the true residuals of all wanted pairs in one batched product."""
-    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
     _check_wanted(wanted, op.dim)
     v0 = start_vector(op.dim, seed, flat_parameters(model))
     run = _lanczos_runs(op.matmat, v0[None], max_steps=max(max_iter, *wanted.values()),
@@ -356,6 +360,7 @@ def hessian_trace(
     seed: int = 0,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    shard: DataShard | None = None,
     operator: HessianOperator | None = None,
 ) -> TraceResult:
     """tr(H) of the mean loss by Hutch++ (default) or Hutchinson on exact products, stopped when the standard
@@ -365,7 +370,7 @@ def hessian_trace(
     `operator` reuses a `hessian_operator` of the same model and data."""
     if method not in ("hutchinson", "hutch++", "exact", "auto"):
         raise ValueError(f"method must be 'hutchinson', 'hutch++', 'exact' or 'auto', got {method!r}")
-    op = operator or hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    op = operator or hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
     if method in ("exact", "auto"):
         diagonal = op.diagonal()
         if diagonal is not None:
@@ -400,12 +405,13 @@ def hessian_spectral_density(
     grid_points: int = 2000,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    shard: DataShard | None = None,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature (Ghorbani et al. 2019): for each of `runs` Gaussian vectors v/‖v‖,
     m Lanczos steps give T = U·diag(θ)·Uᵀ, and vᵀf(H)v ≈ Σ_i U_1i²·f(θ_i); the density is the average over
     runs of Σ_i U_1i²·N(t; θ_i, σ²), so it integrates to 1 and its mean is ≈ tr(H)/D. σ defaults to
     1% of the spectral range. All runs advance in lockstep, one batched product per step."""
-    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
     results = _slq_runs(op, flat_parameters(model), runs, lanczos_steps, seed, memory_budget)
     return _slq_density(results, lanczos_steps, sigma, grid_points)
 
@@ -435,6 +441,7 @@ def hessian_spectrum(
     grid_points: int = 2000,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    shard: DataShard | None = None,
 ) -> HessianSpectrum:
     """`hessian_spectral_density` and `hessian_spectrum_ends` from one set of Lanczos runs. The SLQ runs advance
     in lockstep for `lanczos_steps` steps; the first then goes on alone until the k largest and the k_smallest
@@ -442,7 +449,7 @@ def hessian_spectrum(
     their true residuals take one batched product. A run's first m steps do not depend on how long it goes on,
     so the density, from each run's leading m×m block of T, is `hessian_spectral_density`'s for the same seed;
     the ends cost the few steps past m instead of a run of their own (35-47 products per model here)."""
-    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
     wanted = {"largest": k, "smallest": k_smallest}
     _check_wanted(wanted, op.dim)
     results = _slq_runs(op, flat_parameters(model), runs, lanczos_steps, seed, memory_budget,
@@ -517,6 +524,7 @@ def layer_curvature(
     exact_below: int = 64,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    shard: DataShard | None = None,
 ) -> list[LayerCurvature]:
     """Per parameter tensor b: the top eigenvalue of its diagonal Hessian block H_bb (Lanczos restricted to the
     block, stopped at ‖H_bb v − λv‖ ≤ tol·|λ|) and tr(H_bb): the sum of the exact diagonal where
@@ -524,7 +532,7 @@ def layer_curvature(
     `exact_below` entries and Hutchinson with block-restricted Rademacher probes until the standard error
     reaches rel_stderr. All blocks advance together: each Lanczos step and each probe round is one batched
     product."""
-    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
     like = flat_parameters(model)
     names, sizes = zip(*[(name, math.prod(shape)) for name, shape in parameter_shapes(model)])
     offsets = np.concatenate([[0], np.cumsum(sizes)])

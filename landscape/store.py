@@ -228,13 +228,14 @@ def _strip_docstrings(tree: ast.AST) -> None:
 # ----------------------------------------------------------------------------- the store
 
 
-DISPLAY = "progress"  # a keyword a stage may take to show its own progress bar: not an input, not in the key
+DISPLAY = "progress"  # an option a stage may take to show its own progress bar: not in the key
 
 
 def stage_inputs(stage: Callable) -> list[str]:
-    """The names of a stage's inputs: its keyword-only parameters (the first positional one is its settings)."""
+    """The names of a stage's inputs: its keyword-only parameters without a default (the first positional one
+    is its settings; keyword-only ones with a default are options, such as `progress`)."""
     return [p.name for p in inspect.signature(stage).parameters.values()
-            if p.kind is p.KEYWORD_ONLY and p.name != DISPLAY]
+            if p.kind is p.KEYWORD_ONLY and p.default is inspect.Parameter.empty]
 
 
 def _display(stage: Callable, progress: bool) -> dict:
@@ -252,32 +253,55 @@ class Store:
                  progress: bool = False) -> None:
         self.root, self.code, self.environment, self.fresh = Path(root), code, environment, fresh
         self.loaded: list[str] = []
+        self.computed: list[str] = []
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
         self.used: set[Path] = set()
         self.progress = progress
         self.bar = tqdm(total=total, desc="measuring", unit="stage", disable=not progress, leave=False)
 
-    def key(self, stage: Callable, settings, inputs: dict[str, Keyed], *also: Callable) -> str:
-        """Stage name, every settings field, every input's key, the code it can run, the environment."""
+    def key(self, stage: Callable, settings, inputs: dict[str, Keyed], *also: Callable, options: dict | None = None
+            ) -> str:
+        """Stage name, every settings field, every input's key, the options that change the result (by their
+        repr), the code it can run, the environment."""
         fields = dataclasses.asdict(settings) if settings is not None else {}
         code = self.code.digest(stage, *also, *([type(settings)] if settings is not None else []))
-        return digest(stage.__name__, fields, {name: value.key for name, value in sorted(inputs.items())}, code,
-                      self.environment)
+        parts = [stage.__name__, fields, {name: value.key for name, value in sorted(inputs.items())}, code,
+                 self.environment]
+        if options:
+            parts.append({name: repr(value) for name, value in sorted(options.items())})
+        return digest(*parts)
 
-    def run(self, stage: Callable, settings, subject: str, inputs: dict[str, Keyed], *, label: str) -> Keyed:
-        """stage(settings, **inputs) from `subject`'s folder if it finished before, else computed and saved."""
+    def _stage_file(self, stage: Callable, settings, subject: str, inputs: dict[str, Keyed], options: dict | None
+                    ) -> tuple[dict[str, Keyed], str, Path]:
         inputs = {name: inputs[name] for name in stage_inputs(stage)}
-        key = self.key(stage, settings, inputs)
-        path = self.root / subject / f"{stage.__name__}.{key}.json"
+        key = self.key(stage, settings, inputs, options=options)
+        return inputs, key, self.root / subject / f"{stage.__name__}.{key}.json"
+
+    def finished(self, stage: Callable, settings, subject: str, inputs: dict[str, Keyed], *,
+                 options: dict | None = None) -> bool:
+        """Whether `run` would load this stage rather than compute it (a readable file with its key)."""
+        _, key, path = self._stage_file(stage, settings, subject, inputs, options)
+        return self._load_json(path, key, quiet=True) is not None
+
+    def run(self, stage: Callable, settings, subject: str, inputs: dict[str, Keyed], *, label: str,
+            options: dict | None = None, save: bool = True) -> Keyed:
+        """stage(settings, **inputs, **options) from `subject`'s folder if it finished before, else computed and
+        saved. `options` are keyword arguments that are not inputs (a `DataShard`), in the key by their repr;
+        save=False computes without loading or saving (a process that helps another compute a stage)."""
+        inputs, key, path = self._stage_file(stage, settings, subject, inputs, options)
         self._progress(label)
-        found = self._load_json(path, key)
+        found = self._load_json(path, key) if save else None
         if found is not None:
             self._record(label, path, found["seconds"], loaded=True)
             return Keyed(found["result"], key)
         start = time.perf_counter()
-        result = stage(settings, **{name: value.value for name, value in inputs.items()}, **_display(stage, self.progress))
+        result = stage(settings, **{name: value.value for name, value in inputs.items()},
+                       **_display(stage, self.progress), **(options or {}))
         seconds = round(time.perf_counter() - start, 4)
+        if not save:
+            self.timings[label] = seconds
+            return Keyed(result, key)
         payload = {"stage": stage.__name__, "label": label, "key": key, "seconds": seconds,
                    "settings": dataclasses.asdict(settings) if settings is not None else {},
                    "inputs": {name: value.key for name, value in inputs.items()}, "result": result}
@@ -315,14 +339,13 @@ class Store:
     def _record(self, label: str, path: Path, seconds: float, *, loaded: bool) -> None:
         self.used.add(path)
         self.timings[label] = seconds
-        if loaded:
-            self.loaded.append(label)
+        (self.loaded if loaded else self.computed).append(label)
         log.debug("%s %s: %s", "loaded" if loaded else "computed", label, path)
 
     def _reject(self, path: Path, why: str) -> None:
         self.warnings.append(f"{path} {why}; recomputing it")  # the run prints its warnings when it ends
 
-    def _load_json(self, path: Path, key: str) -> dict | None:
+    def _load_json(self, path: Path, key: str, *, quiet: bool = False) -> dict | None:
         if self.fresh or not path.exists():
             return None
         try:
@@ -331,14 +354,15 @@ class Store:
                 raise ValueError("key mismatch")
             return {"result": payload["result"], "seconds": float(payload["seconds"])}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            self._reject(path, "is damaged")
+            if not quiet:
+                self._reject(path, "is damaged")
             return None
 
     def _load_model(self, path: Path, key: str, model: torch.nn.Module) -> dict | None:
         if self.fresh or not path.exists():
             return None
         try:
-            payload = torch.load(path, weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True)  # copied to the model's device
             if payload["key"] != key:
                 raise ValueError("key mismatch")
             model.load_state_dict(payload["state_dict"], strict=True)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from landscape.distributed import DataShard, PointShare
 from landscape.flatness import random_direction
 from landscape.plumbing import DEFAULT_MEMORY_BUDGET, LossFn, flat_parameters
 from landscape.points import losses_at_points
@@ -45,10 +46,12 @@ def loss_surface_2d(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     accuracy: bool = True,
+    shard: DataShard | PointShare | None = None,
 ) -> SurfaceResult:
     """2-D slice of the loss around θ (Li et al. 2018): two random Gaussian filter-normalised directions
     from `seed` (or the given flat `directions`, used unchanged), on a steps×steps grid over [−span, span]².
-    With accuracy=False the accuracies are NaN and cost nothing."""
+    With accuracy=False the accuracies are NaN and cost nothing. `shard` spreads the data or the grid points
+    over processes (`losses_at_points`)."""
     grid = symmetric_grid(steps, span)
     if directions is None:
         generator = torch.Generator().manual_seed(seed)
@@ -57,7 +60,7 @@ def loss_surface_2d(
     a, b = np.meshgrid(grid, grid, indexing="ij")
     coefficients = torch.from_numpy(np.stack([a.ravel(), b.ravel()], axis=1))
     result = losses_at_points(model, x, y, flat_parameters(model), d, coefficients,
-                              loss_fn=loss_fn, memory_budget=memory_budget, accuracy=accuracy)
+                              loss_fn=loss_fn, memory_budget=memory_budget, accuracy=accuracy, shard=shard)
     return SurfaceResult(grid.copy(), grid.copy(), result.losses.numpy().reshape(steps, steps),
                          result.accuracies.numpy().reshape(steps, steps), (d[0], d[1]))
 

@@ -599,3 +599,13 @@ def run_main(tmp_path, *flags, fault=None):
         [sys.executable, "-c", FAULT_DRIVER.format(fault=tuple(fault)), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
+
+
+# ----------------------------------------------------------------------------- CUDA
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False here); "
+                                                 "bench/gpu_check.sh runs these on one")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA device (bench/gpu_check.sh runs them: pytest -m cuda)")
