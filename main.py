@@ -19,10 +19,12 @@ import argparse
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import io
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -30,6 +32,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -685,6 +688,7 @@ class Ranks:
         return items[self.rank :: self.world]
 
     def barrier(self) -> None:
+        """Wait until every rank gets here."""
         if self.world > 1:
             torch.distributed.barrier()
 
@@ -697,7 +701,7 @@ class Ranks:
         return found[0]
 
     def gather(self, value) -> list:
-        """Every rank's `value`, in rank order (a collective call)."""
+        """Every rank's `value`, in rank order, on every rank (a collective call)."""
         if self.world == 1:
             return [value]
         found = [None] * self.world
@@ -705,76 +709,43 @@ class Ranks:
         return found
 
 
-RANK_TIMEOUT = dt.timedelta(hours=12)  # a rank waits this long at a barrier for a slower one (a sweep's share)
+RANK_TIMEOUT = dt.timedelta(hours=12)  # how long a rank waits at a collective for a slower one (a sweep's share)
 
 
 def join_ranks(cfg: Config) -> Ranks:
     """The process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR,
-    MASTER_PORT): gloo on the CPU, NCCL on CUDA, each rank on its own GPU. Without torchrun, a single process."""
-    import os
-
+    MASTER_PORT): gloo on the CPU, NCCL on CUDA, each rank on GPU LOCAL_RANK. Without torchrun, a single
+    process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks()
-    device = device_of(cfg.device)
+    device, local = device_of(cfg.device), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"torchrun started process {local} on a machine with {torch.cuda.device_count()} GPU(s): "
+                             "start at most one process per GPU (--nproc_per_node), or use --device cpu")
+        torch.cuda.set_device(local)
     torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", timeout=RANK_TIMEOUT)
     return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size())
-
-
-# The stages whose measurements add up over slices of the data (landscape.distributed): under --shard-data every
-# rank computes them together on its slice; the others (training included) run on rank 0 with all the data.
-SHARDED_STAGES = {"sharpness", "spectrum", "trace", "layers", "flatness", "adaptive_flatness", "surface"}
-
-
-@dataclass(frozen=True)
-class Spread:
-    """--shard-data under torchrun: each split cut into one contiguous slice per rank (`sliced`: this rank's,
-    keyed as the whole split sharded over `ranks.world` processes, since the all-reduced sums round
-    differently from one process's)."""
-
-    ranks: Ranks
-    sliced: dict[str, Keyed]
-
-    @classmethod
-    def of(cls, ranks: Ranks, inputs: dict[str, Keyed], store: Store) -> "Spread":
-        sliced = {}
-        for name in ("train", "analysis", "test"):
-            x, y = inputs[name].value
-            part = utils.shard_rows(x.shape[0], ranks.rank, ranks.world)
-            sliced[name] = Keyed(Examples(x[part], y[part], utils.DataShard.of(part.stop - part.start)),
-                                 digest(inputs[name].key, "sharded over", ranks.world))
-        if not ranks.main:
-            store.fresh = False  # rank 0 decides what is computed afresh; the others read its models
-        return cls(ranks, sliced)
-
-    def trained(self, store: Store, settings: Training, inputs: dict[str, Keyed], *, label: str
-                ) -> tuple[Keyed, dict]:
-        """Rank 0 trains (or loads) the model on the whole training set; the other ranks wait, then load it."""
-        if not self.ranks.main:
-            self.ranks.barrier()
-        found = store.trained(build_model, train_model, settings, inputs, label=label)
-        if self.ranks.main:
-            self.ranks.barrier()
-        return found
-
-    def run(self, store: Store, stage, settings, subject: str, found: dict[str, Keyed], *, label: str
-            ) -> Keyed | None:
-        """A sharded stage computed by every rank on its slice (rank 0 saves it) unless rank 0 has it already;
-        any other stage on rank 0 alone. None on the ranks that did not get the result."""
-        if stage.__name__ not in SHARDED_STAGES:
-            return store.run(stage, settings, subject, found, label=label) if self.ranks.main else None
-        inputs = {**found, **self.sliced}
-        finished = self.ranks.broadcast(store.finished(stage, settings, subject, inputs) if self.ranks.main else None)
-        if finished and not self.ranks.main:
-            return None
-        return store.run(stage, settings, subject, inputs, label=label, save=self.ranks.main)
 
 
 def leave_ranks(ranks: Ranks) -> None:
     if ranks.world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def run_in_shares(store: Store, ranks: Ranks, *phases: list[Callable[[], object]]) -> list[list[str]]:
+    """Under torchrun: each phase's jobs spread over the ranks (jobs[rank::world]), a phase starting once every
+    rank has finished the one before. Between phases every rank's store accepts the files all ranks wrote,
+    so that under --fresh each stage is computed once and then read back. Returns the labels each rank
+    computed; what was loaded meanwhile is forgotten, since the gathering pass that follows loads it again."""
+    for jobs in phases:
+        for job in ranks.share(jobs):
+            job()
+        for paths in ranks.gather(sorted(str(path) for path in store.written)):
+            store.accept(paths)
+    store.loaded.clear()
+    return ranks.gather(store.computed)
 
 
 def run(cfg: Config, ranks: Ranks | None = None) -> dict | None:
@@ -787,38 +758,53 @@ def run(cfg: Config, ranks: Ranks | None = None) -> dict | None:
 
 def start_run(cfg: Config, *, stages: int, ranks: Ranks | None = None
               ) -> tuple[Path, data_module.Dataset, dict[str, Keyed], Store]:
-    """What every run does first: check the output folder, set the threads, load the data, open the stage store
-    (with a progress bar over `stages` stages, on rank 0). Returns (output folder, data set, keyed data inputs,
-    store)."""
+    """What every run does first: check the output folder, set the threads, load the data (under torchrun rank 0
+    first, which may download it, then the others from disk), open the stage store (with a progress bar over
+    `stages` stages, on rank 0). Returns (output folder, data set, keyed data inputs, store)."""
     ranks = ranks or Ranks()
     out = output_folder(cfg)
     _check_output_folder(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device_of(cfg.device) == "cuda":  # full float32 products, and the same result for the same key
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    environment = stage_environment(device_of(cfg.device))
+    if len({json.dumps(e, sort_keys=True) for e in ranks.gather(environment)}) > 1:
+        raise UsageError("the processes differ in torch version, thread count or device, so their results would "
+                         "not match: give every process the same --threads and the same kind of device")
+    if not ranks.main:
+        ranks.barrier()  # rank 0 has the data on disk
     start = time.perf_counter()
-    ds = load_data(cfg)
+    ds = load_data(cfg if ranks.main else dataclasses.replace(cfg, offline=True))
     load_seconds = round(time.perf_counter() - start, 4)
+    if ranks.main:
+        ranks.barrier()
+    if len(set(ranks.gather(ds.sha256))) > 1:
+        raise data_module.DataError("the processes read different data (checksums differ): give them the same "
+                                    "--data-dir, or run rank 0 once alone to put the data set on disk")
     if ranks.main:
         log.info("data: %s", ds.source)
         if ds.hint:
             log.info("      %s", ds.hint)
-    store = Store(_resolve(cfg.runs_dir), code=CodeIndex(REPO_ROOT), environment=stage_environment(device_of(cfg.device)),
-                  fresh=cfg.fresh, total=stages,
-                  progress=ranks.main and not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty())
+    store = Store(_resolve(cfg.runs_dir), code=CodeIndex(REPO_ROOT), environment=environment, fresh=cfg.fresh,
+                  total=stages, progress=ranks.main and not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty())
     store.timings["load_data"] = load_seconds
     return out, ds, data_inputs(cfg, ds), store
 
 
-def run_header(cfg: Config, ds: data_module.Dataset, store: Store, ranks: Ranks | None = None) -> dict:
+def run_header(cfg: Config, ds: data_module.Dataset, store: Store, ranks: Ranks | None = None,
+               shares: list[list[str]] | None = None) -> dict:
     """The part of metrics.json every run has: schema, time, configuration, data, environment (with the number
-    of processes), store."""
+    of processes and, under torchrun, how many stages each computed in its share), store."""
     return {
         "schema_version": 1,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(cfg),
         "data": {"name": ds.name, "source": ds.source, "hint": ds.hint, "n_train": int(ds.x_train.shape[0]),
                  "n_test": int(ds.x_test.shape[0]), "sha256": ds.sha256},
-        "environment": {**environment(device_of(cfg.device)), "processes": (ranks or Ranks()).world},
+        "environment": {**environment(device_of(cfg.device)), "processes": (ranks or Ranks()).world,
+                        **({"stages_per_process": [len(share) for share in shares]} if shares else {})},
         "run_folder": str(store.root),
         "resumed": store.loaded,
     }
@@ -827,79 +813,127 @@ def run_header(cfg: Config, ds: data_module.Dataset, store: Store, ranks: Ranks 
 def _run(cfg: Config, ranks: Ranks) -> dict | None:
     total = len(cfg.seeds) * (1 + len(MODEL_STAGES) + len(EXACT_STAGES)) + len(PAIR_STAGES) + len(FIRST_MODEL_STAGES)
     out, ds, inputs, store = start_run(cfg, stages=total, ranks=ranks)
-    spread = Spread.of(ranks, inputs, store) if cfg.shard_data else None
-    if ranks.world > 1 and spread is None:
-        computed = _run_share(store, cfg, inputs, ranks)
+    sharded = ShardedRun.of(ranks, inputs) if cfg.shard_data else None
+    if sharded is not None and not ranks.main:  # this rank keeps only its slices
+        inputs, ds = {name: Keyed(None, keyed.key) for name, keyed in inputs.items()}, None
+    shares = []
+    if ranks.world > 1 and sharded is None:
+        shares = run_in_shares(
+            store, ranks, [functools.partial(measure_seed, store, cfg, inputs, seed) for seed in cfg.seeds],
+            [functools.partial(pair_stages, store, cfg, inputs), functools.partial(first_model_stages, store, cfg, inputs)])
         if not ranks.main:
             store.close()
             return None
-        store.loaded = [label for label in store.loaded if label not in computed]
     trained, measured, per_model, warnings = {}, {}, {}, []
     for seed in cfg.seeds:
-        trained[seed], history, measured[seed] = measure_seed(store, cfg, inputs, seed, spread)
+        trained[seed], history, measured[seed] = measure_seed(store, cfg, inputs, seed, sharded)
         if ranks.main:
             per_model[str(seed)] = model_metrics(seed, history, trained[seed].value, measured[seed])
             warnings += _model_warnings(per_model[str(seed)])
-    pair, alone = pair_stages(store, cfg, inputs, trained, spread), first_model_stages(store, cfg, measured, spread)
+    pair = pair_stages(store, cfg, inputs, trained, sharded)
+    alone = first_model_stages(store, cfg, inputs, {seed: measured[seed] for seed in cfg.seeds[:1]}, sharded)
     store.close()
     if not ranks.main:
         return None
+    computed = {label for share in shares for label in share}  # by any rank in this run: not "resumed"
+    store.loaded = [label for label in store.loaded if label not in computed]
     if store.loaded:
         log.info("resumed %d finished stages from %s (--fresh recomputes them)", len(store.loaded), store.root)
     if cfg.model != "mlp":
         warnings.append(f"weight matching and the rescaling experiment need an MLP: skipped for --model {cfg.model}")
-    metrics = run_metrics(cfg, ds, store, per_model, pair, alone, warnings, ranks)
+    metrics = run_metrics(cfg, ds, store, per_model, pair, alone, warnings, ranks, shares)
     written = write_outputs(metrics, out, figures=not cfg.skip_figures)
     _tidy_store(store, prune=cfg.prune)
     return written
 
 
-def measure_seed(store: Store, cfg: Config, inputs: dict[str, Keyed], seed: int, spread: Spread | None = None
+def measure_seed(store: Store, cfg: Config, inputs: dict[str, Keyed], seed: int, sharded: ShardedRun | None = None
                  ) -> tuple[Keyed, dict, dict[str, Keyed]]:
     """One seed's model trained (or loaded) and its stages run: (model, training history, stage results)."""
     label = f"train[seed={seed}]"
     settings = Training.of(cfg, seed=seed)
-    if spread is None:
+    if sharded is None:
         model, history = store.trained(build_model, train_model, settings, inputs, label=label)
     else:
-        model, history = spread.trained(store, settings, inputs, label=label)
-    if label not in store.loaded:
+        model, history = sharded.trained(store, settings, inputs, label=label)
+    if label in store.computed:
         log.info("trained seed %d: %d steps, final epoch loss %.4f", seed, history["steps"], history["epoch_losses"][-1])
     stages = MODEL_STAGES + (EXACT_STAGES if exact_mode(cfg, model.value) else ())
     return model, history, run_stages(store, cfg, stages, model.key, {**inputs, "model": model},
-                                      suffix=f"[seed={seed}]", spread=spread)
+                                      suffix=f"[seed={seed}]", sharded=sharded)
 
 
-def pair_stages(store: Store, cfg: Config, inputs: dict[str, Keyed], trained: dict[int, Keyed],
-                spread: Spread | None = None) -> dict[str, Keyed]:
+def pair_stages(store: Store, cfg: Config, inputs: dict[str, Keyed], trained: dict[int, Keyed] | None = None,
+                sharded: ShardedRun | None = None) -> dict[str, Keyed]:
+    """PAIR_STAGES between the first two seeds' models (trained or loaded here when not given)."""
+    if trained is None:
+        trained = {seed: measure_seed(store, cfg, inputs, seed)[0] for seed in cfg.seeds[:2]}
     first, second = trained[cfg.seeds[0]], trained[cfg.seeds[1]]
     return run_stages(store, cfg, PAIR_STAGES, digest(first.key, second.key),
-                      {**inputs, "model_a": first, "model_b": second}, spread=spread)
+                      {**inputs, "model_a": first, "model_b": second}, sharded=sharded)
 
 
-def first_model_stages(store: Store, cfg: Config, measured: dict[int, dict[str, Keyed]], spread: Spread | None = None
+def first_model_stages(store: Store, cfg: Config, inputs: dict[str, Keyed],
+                       measured: dict[int, dict[str, Keyed]] | None = None, sharded: ShardedRun | None = None
                        ) -> dict[str, Keyed]:
-    first = measured[cfg.seeds[0]]
-    return run_stages(store, cfg, FIRST_MODEL_STAGES, first["model"].key, first, spread=spread)
+    """FIRST_MODEL_STAGES on the first seed's model, which read its results (measured here when not given)."""
+    first = measured[cfg.seeds[0]] if measured else measure_seed(store, cfg, inputs, cfg.seeds[0])[2]
+    return run_stages(store, cfg, FIRST_MODEL_STAGES, first["model"].key, first, sharded=sharded)
 
 
-def _run_share(store: Store, cfg: Config, inputs: dict[str, Keyed], ranks: Ranks) -> set[str]:
-    """This rank's share of the default run under torchrun: the seeds seeds[rank::world], then (once every
-    rank has finished its seeds) its share of the two jobs that read them, the pair's stages and the first
-    model's. Returns the labels that any rank computed (rather than loaded) in this run."""
-    for seed in ranks.share(list(cfg.seeds)):
-        measure_seed(store, cfg, inputs, seed)
-    ranks.barrier()
-    store.fresh = False  # --fresh recomputed this run's models once; from here on they are read back
-    for job in ranks.share(["pair", "first model"]):
-        wanted = cfg.seeds[:2] if job == "pair" else cfg.seeds[:1]
-        found = {seed: measure_seed(store, cfg, inputs, seed) for seed in wanted}
-        if job == "pair":
-            pair_stages(store, cfg, inputs, {seed: model for seed, (model, _, _) in found.items()})
-        else:
-            first_model_stages(store, cfg, {seed: measured for seed, (_, _, measured) in found.items()})
-    ranks.barrier()
-    return {label for labels in ranks.gather(store.computed) for label in labels}
+# The stages whose measurements add up over slices of the data (landscape.distributed): under --shard-data every
+# rank computes them together on its slice; the others (and training) run on rank 0 with all the data.
+SHARDED_STAGES = (sharpness, spectrum, trace, layers, flatness, adaptive_flatness, surface)
+
+
+@dataclass(frozen=True)
+class ShardedRun:
+    """--shard-data under torchrun: each split cut into one contiguous slice per rank (`sliced`: this rank's,
+    a copy, keyed as the whole split cut so, since all-reduced sums round differently from one process's)."""
+
+    ranks: Ranks
+    sliced: dict[str, Keyed]
+
+    @classmethod
+    def of(cls, ranks: Ranks, inputs: dict[str, Keyed]) -> "ShardedRun":
+        """This rank's slices of train, analysis and test (a collective call: every rank makes it)."""
+        sliced = {}
+        for name in ("train", "analysis", "test"):
+            x, y = inputs[name].value
+            if x.shape[0] < ranks.world:
+                raise UsageError(f"--shard-data: the {name} split has {x.shape[0]} examples, fewer than the "
+                                 f"{ranks.world} processes; use more examples or fewer processes")
+            parts = [utils.shard_rows(x.shape[0], r, ranks.world) for r in range(ranks.world)]
+            part = parts[ranks.rank]
+            sliced[name] = Keyed(Examples(x[part].clone(), y[part].clone(), utils.DataShard.of(part.stop - part.start)),
+                                 digest(inputs[name].key, "rows per process", [(p.start, p.stop) for p in parts]))
+        return cls(ranks, sliced)
+
+    def trained(self, store: Store, settings: Training, inputs: dict[str, Keyed], *, label: str
+                ) -> tuple[Keyed, dict]:
+        """Rank 0 trains (or loads) the model on the whole training set and sends it to every rank."""
+        found = store.trained(build_model, train_model, settings, inputs, label=label) if self.ranks.main else None
+        sent = self.ranks.broadcast(None if found is None else
+                                    ({k: v.cpu() for k, v in found[0].value.state_dict().items()}, found[0].key,
+                                     found[1]))
+        if self.ranks.main:
+            return found
+        state, key, history = sent
+        model = build_model(settings)
+        model.load_state_dict(state)
+        return Keyed(model.eval(), key), history
+
+    def run(self, store: Store, stage, settings, subject: str, found: dict[str, Keyed], *, label: str
+            ) -> Keyed | None:
+        """A sharded stage: loaded by rank 0 if it finished before, else computed by every rank on its slice
+        and saved by rank 0. Any other stage: on rank 0 alone. None on the ranks that get no result."""
+        if stage not in SHARDED_STAGES:
+            return store.run(stage, settings, subject, found, label=label) if self.ranks.main else None
+        inputs = {**found, **self.sliced}
+        loaded = store.load(stage, settings, subject, inputs, label=label) if self.ranks.main else None
+        if self.ranks.broadcast(loaded is not None):
+            return loaded
+        return store.run(stage, settings, subject, inputs, label=label, save=self.ranks.main, reuse=False)
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -989,49 +1023,62 @@ def sweep_pair(store: Store, cfg: Config, inputs: dict[str, Keyed], point: dict,
 
 
 def sweep_tag(point: dict) -> str:
+    """A grid point in a progress label: b=… lr=… w=…."""
     return f"b={point['batch_size']} lr={point['lr']} w={point['width']}"
+
+
+def sweep_point(store: Store, cfg: Config, inputs: dict[str, Keyed], point: dict) -> tuple[list[dict], list[dict]]:
+    """Every seed's model of one grid point (trained and measured, or loaded) and the barriers between its first
+    two seeds: (sweep.csv's rows, the models left out with the reason)."""
+    trained, rows, excluded = {}, [], []
+    for seed in cfg.seeds:
+        keyed, row, why = sweep_model(store, cfg, inputs, point, seed)
+        if keyed is None:
+            excluded.append(why)
+            continue
+        trained[seed] = keyed
+        rows.append(row)
+    first, second = cfg.seeds[0], cfg.seeds[1]
+    barriers = {"barrier": math.nan, "aligned_barrier": math.nan}
+    if first in trained and second in trained:
+        barriers = sweep_pair(store, cfg, inputs, point, trained[first], trained[second])
+    return [{**row, **barriers} for row in rows], excluded
 
 
 def run_sweep(cfg: Config, ranks: Ranks | None = None) -> dict | None:
     """Train and measure every model of the grid (each a cached stage: a killed sweep resumes, a grown grid
     computes only the new models), the barriers between each configuration's first two seeds, and the rank
     statistics of every measure against the generalisation gaps. Under torchrun (`ranks`), every rank first
-    trains and measures its share of the models, then its share of the pairs, into the shared store; rank 0
-    then reads them all back, computes the statistics and writes the outputs (the other ranks return None)."""
+    trains and measures its share of the models, then its share of the grid points' pairs, into the shared
+    store; rank 0 then reads them all back, computes the statistics and writes the outputs (the other ranks
+    return None)."""
     ranks = ranks or Ranks()
     with utils.numpy_blas_single_threaded():
         grid = sweep_grid(cfg)
         units = [(point, seed) for point in grid for seed in cfg.seeds]
         out, ds, inputs, store = start_run(
             cfg, stages=len(units) * (1 + len(MODEL_STAGES)) + len(grid) * len(SWEEP_PAIR_STAGES), ranks=ranks)
+        shares = []
         if ranks.world > 1:
-            computed = _sweep_share(store, cfg, inputs, grid, units, ranks)
+            shares = run_in_shares(
+                store, ranks, [functools.partial(sweep_model, store, cfg, inputs, *unit) for unit in units],
+                [functools.partial(sweep_point, store, cfg, inputs, point) for point in grid])
             if not ranks.main:
                 store.close()
                 return None
         rows, excluded, start = [], [], time.perf_counter()
         for number, point in enumerate(grid):
-            trained, point_rows = {}, []
-            for seed in cfg.seeds:
-                keyed, row, why = sweep_model(store, cfg, inputs, point, seed)
-                if keyed is None:
-                    excluded.append(why)
-                    continue
-                trained[seed] = keyed
-                point_rows.append(row)
+            point_rows, point_excluded = sweep_point(store, cfg, inputs, point)
+            rows += point_rows
+            excluded += point_excluded
             done = (number + 1) * len(cfg.seeds)
             elapsed = time.perf_counter() - start
             log.info("sweep: %d/%d models (%s), %.1f s per model, about %.0f s to go", done, len(units),
                      sweep_tag(point), elapsed / done, elapsed / done * (len(units) - done))
-            first, second = cfg.seeds[0], cfg.seeds[1]
-            barriers = {"barrier": math.nan, "aligned_barrier": math.nan}
-            if first in trained and second in trained:
-                barriers = sweep_pair(store, cfg, inputs, point, trained[first], trained[second])
-            rows += [{**row, **barriers} for row in point_rows]
         store.close()
-        if ranks.world > 1:  # what the other ranks computed in this run is not "resumed"
-            store.loaded = [label for label in store.loaded if label not in computed]
-        metrics = {**run_header(cfg, ds, store, ranks), "kind": "sweep",
+        computed = {label for share in shares for label in share}  # by any rank in this run: not "resumed"
+        store.loaded = [label for label in store.loaded if label not in computed]
+        metrics = {**run_header(cfg, ds, store, ranks, shares), "kind": "sweep",
                    "sweep": {"axes": list(SWEEP_AXES), "grid": grid, "seeds": list(cfg.seeds), "rows": rows,
                              "excluded": excluded, "correlations": sweep_correlations(rows, seed=cfg.probe_seed),
                              "batch_size_vs_sharpness": batch_size_vs_sharpness(rows, seed=cfg.probe_seed)},
@@ -1039,30 +1086,6 @@ def run_sweep(cfg: Config, ranks: Ranks | None = None) -> dict | None:
         written = write_sweep_outputs(metrics, out, figures=not cfg.skip_figures)
         _tidy_store(store, prune=cfg.prune)
         return written
-
-
-def _sweep_share(store: Store, cfg: Config, inputs: dict[str, Keyed], grid: list[dict], units: list, ranks: Ranks
-                 ) -> set[str]:
-    """This rank's share of the sweep: the models units[rank::world], then (once every rank has finished its
-    models) the pairs grid[rank::world], whose models it reads from the store. Returns the labels that any
-    rank computed (rather than loaded) in this run."""
-    models_start = time.perf_counter()
-    for point, seed in ranks.share(units):
-        sweep_model(store, cfg, inputs, point, seed)
-    log.info("sweep: rank %d finished its %d models in %.1f s", ranks.rank, len(ranks.share(units)),
-             time.perf_counter() - models_start)
-    ranks.barrier()
-    store.fresh = False  # --fresh recomputed this run's models once; from here on they are read back
-    for point in ranks.share(grid):
-        found = {}
-        for seed in cfg.seeds[:2]:
-            keyed, _, _ = sweep_model(store, cfg, inputs, point, seed)
-            if keyed is not None:
-                found[seed] = keyed
-        if len(found) == 2:
-            sweep_pair(store, cfg, inputs, point, *found.values())
-    ranks.barrier()
-    return {label for labels in ranks.gather(store.computed) for label in labels}
 
 
 def _sweep_configs(rows: list[dict]) -> list[dict]:
@@ -1114,13 +1137,14 @@ def write_sweep_outputs(metrics: dict, out: Path, *, figures: bool = True) -> di
 
 
 def run_metrics(cfg: Config, ds: data_module.Dataset, store: Store, per_model: dict, pair: dict[str, Keyed],
-                alone: dict[str, Keyed], warnings: list[str], ranks: Ranks | None = None) -> dict:
+                alone: dict[str, Keyed], warnings: list[str], ranks: Ranks | None = None,
+                shares: list[list[str]] | None = None) -> dict:
     """The dictionary metrics.json holds, from the stages' results."""
     first, second = cfg.seeds[0], cfg.seeds[1]
     connectivity_metrics = {"seeds": [first, second], **pair["connectivity"].value}
     connectivity_metrics.update({name: pair[name].value for name in ("aligned", "bezier") if name in pair})
     return {
-        **run_header(cfg, ds, store, ranks),
+        **run_header(cfg, ds, store, ranks, shares),
         "models": per_model,
         "connectivity": connectivity_metrics,
         "reparametrisation": {"seed": first, "rows": [],
@@ -1132,18 +1156,18 @@ def run_metrics(cfg: Config, ds: data_module.Dataset, store: Store, per_model: d
 
 
 def run_stages(store: Store, cfg: Config, stages, subject: str, found: dict[str, Keyed], *, suffix: str = "",
-               spread: Spread | None = None) -> dict[str, Keyed]:
+               sharded: ShardedRun | None = None) -> dict[str, Keyed]:
     """Each stage in order into `subject`'s folder, its result added to `found` for the stages after it;
-    those that need an MLP are skipped for other models. Under --shard-data (`spread`) the sharded stages are
+    those that need an MLP are skipped for other models. Under --shard-data (`sharded`) the sharded stages are
     computed by every rank together and the others by rank 0 alone. Returns `found` with the results."""
     found = dict(found)
     for stage in stages:
         if cfg.model != "mlp" and stage.__name__ in NEEDS_AN_MLP:
             continue
         settings, label = settings_of(stage, cfg), stage.__name__ + suffix
-        if spread is None:
+        if sharded is None:
             found[stage.__name__] = store.run(stage, settings, subject, found, label=label)
-        elif (result := spread.run(store, stage, settings, subject, found, label=label)) is not None:
+        elif (result := sharded.run(store, stage, settings, subject, found, label=label)) is not None:
             found[stage.__name__] = result
     return found
 

@@ -26,8 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def lambda_worker(threads: int) -> None:
-    """One rank (or the only process): train the default MLP for one epoch on all 60,000 images (the same
-    weights on every rank: same seed, same thread count), then time λ_max on this rank's share."""
+    """One rank (or the only process): train the default MLP for one epoch on all 60,000 images with one thread
+    (the same weights in every variant: same seed, same thread count), then time λ_max on this rank's share
+    with `threads` threads."""
     import torch
     import torch.distributed as dist
 
@@ -36,7 +37,7 @@ def lambda_worker(threads: int) -> None:
     import training
     import utils
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     if world > 1:
@@ -47,6 +48,7 @@ def lambda_worker(threads: int) -> None:
     model = main.build_model(main.Training.of(cfg, seed=0))
     training.train(model, ds.x_train, ds.y_train, epochs=1, lr=cfg.lr, momentum=cfg.momentum,
                    batch_size=cfg.batch_size, seed=0)
+    torch.set_num_threads(threads)
     x, y, shard = ds.x_train, ds.y_train, None
     if world > 1:
         part = utils.shard_rows(x.shape[0], rank, world)

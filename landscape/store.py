@@ -228,14 +228,13 @@ def _strip_docstrings(tree: ast.AST) -> None:
 # ----------------------------------------------------------------------------- the store
 
 
-DISPLAY = "progress"  # an option a stage may take to show its own progress bar: not in the key
+DISPLAY = "progress"  # a keyword a stage may take to show its own progress bar: not an input, not in the key
 
 
 def stage_inputs(stage: Callable) -> list[str]:
-    """The names of a stage's inputs: its keyword-only parameters without a default (the first positional one
-    is its settings; keyword-only ones with a default are options, such as `progress`)."""
+    """The names of a stage's inputs: its keyword-only parameters (the first positional one is its settings)."""
     return [p.name for p in inspect.signature(stage).parameters.values()
-            if p.kind is p.KEYWORD_ONLY and p.default is inspect.Parameter.empty]
+            if p.kind is p.KEYWORD_ONLY and p.name != DISPLAY]
 
 
 def _display(stage: Callable, progress: bool) -> dict:
@@ -246,8 +245,10 @@ class Store:
     """Finished stages under `root`, loaded when their key matches, else computed now and saved atomically.
 
     `run` serves a stage that returns a JSON-able result, `trained` one that trains a model in place (its
-    state_dict and history go to <subject>/model.pt). `loaded`, `timings` and `warnings` say what happened, for
-    metrics.json; `fresh` recomputes everything; `progress` shows a bar over `total` stages on a terminal."""
+    state_dict and history go to <subject>/model.pt). `loaded`, `computed`, `timings` and `warnings` say what
+    happened, for metrics.json; `fresh` recomputes everything once: it loads only files written in this run
+    (by this store, or by another process's and handed to `accept`); `progress` shows a bar over `total`
+    stages on a terminal."""
 
     def __init__(self, root: Path, *, code: CodeIndex, environment: dict, fresh: bool = False, total: int = 0,
                  progress: bool = False) -> None:
@@ -257,47 +258,49 @@ class Store:
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
         self.used: set[Path] = set()
+        self.written: set[Path] = set()  # by this run: loadable even when fresh
         self.progress = progress
         self.bar = tqdm(total=total, desc="measuring", unit="stage", disable=not progress, leave=False)
 
-    def key(self, stage: Callable, settings, inputs: dict[str, Keyed], *also: Callable, options: dict | None = None
-            ) -> str:
-        """Stage name, every settings field, every input's key, the options that change the result (by their
-        repr), the code it can run, the environment."""
+    def key(self, stage: Callable, settings, inputs: dict[str, Keyed], *also: Callable) -> str:
+        """Stage name, every settings field, every input's key, the code it can run, the environment."""
         fields = dataclasses.asdict(settings) if settings is not None else {}
         code = self.code.digest(stage, *also, *([type(settings)] if settings is not None else []))
-        parts = [stage.__name__, fields, {name: value.key for name, value in sorted(inputs.items())}, code,
-                 self.environment]
-        if options:
-            parts.append({name: repr(value) for name, value in sorted(options.items())})
-        return digest(*parts)
+        return digest(stage.__name__, fields, {name: value.key for name, value in sorted(inputs.items())}, code,
+                      self.environment)
 
-    def _stage_file(self, stage: Callable, settings, subject: str, inputs: dict[str, Keyed], options: dict | None
+    def accept(self, paths) -> None:
+        """Files another process of this run wrote: loadable even when fresh."""
+        self.written.update(Path(p) for p in paths)
+
+    def _stage_file(self, stage: Callable, settings, subject: str, inputs: dict[str, Keyed]
                     ) -> tuple[dict[str, Keyed], str, Path]:
         inputs = {name: inputs[name] for name in stage_inputs(stage)}
-        key = self.key(stage, settings, inputs, options=options)
+        key = self.key(stage, settings, inputs)
         return inputs, key, self.root / subject / f"{stage.__name__}.{key}.json"
 
-    def finished(self, stage: Callable, settings, subject: str, inputs: dict[str, Keyed], *,
-                 options: dict | None = None) -> bool:
-        """Whether `run` would load this stage rather than compute it (a readable file with its key)."""
-        _, key, path = self._stage_file(stage, settings, subject, inputs, options)
-        return self._load_json(path, key, quiet=True) is not None
+    def load(self, stage: Callable, settings, subject: str, inputs: dict[str, Keyed], *, label: str
+             ) -> Keyed | None:
+        """The stage's saved result if it finished before (recorded as loaded), else None."""
+        _, key, path = self._stage_file(stage, settings, subject, inputs)
+        found = self._load_json(path, key)
+        if found is None:
+            return None
+        self._progress(label)
+        self._record(label, path, found["seconds"], loaded=True)
+        return Keyed(found["result"], key)
 
     def run(self, stage: Callable, settings, subject: str, inputs: dict[str, Keyed], *, label: str,
-            options: dict | None = None, save: bool = True) -> Keyed:
-        """stage(settings, **inputs, **options) from `subject`'s folder if it finished before, else computed and
-        saved. `options` are keyword arguments that are not inputs (a `DataShard`), in the key by their repr;
-        save=False computes without loading or saving (a process that helps another compute a stage)."""
-        inputs, key, path = self._stage_file(stage, settings, subject, inputs, options)
+            save: bool = True, reuse: bool = True) -> Keyed:
+        """stage(settings, **inputs) from `subject`'s folder if it finished before, else computed and saved;
+        reuse=False computes without looking (the caller has looked), save=False without loading or saving
+        (a process that helps another one compute the stage)."""
+        if save and reuse and (found := self.load(stage, settings, subject, inputs, label=label)) is not None:
+            return found
+        inputs, key, path = self._stage_file(stage, settings, subject, inputs)
         self._progress(label)
-        found = self._load_json(path, key) if save else None
-        if found is not None:
-            self._record(label, path, found["seconds"], loaded=True)
-            return Keyed(found["result"], key)
         start = time.perf_counter()
-        result = stage(settings, **{name: value.value for name, value in inputs.items()},
-                       **_display(stage, self.progress), **(options or {}))
+        result = stage(settings, **{name: value.value for name, value in inputs.items()}, **_display(stage, self.progress))
         seconds = round(time.perf_counter() - start, 4)
         if not save:
             self.timings[label] = seconds
@@ -340,13 +343,18 @@ class Store:
         self.used.add(path)
         self.timings[label] = seconds
         (self.loaded if loaded else self.computed).append(label)
+        if not loaded:
+            self.written.add(path)
         log.debug("%s %s: %s", "loaded" if loaded else "computed", label, path)
 
     def _reject(self, path: Path, why: str) -> None:
         self.warnings.append(f"{path} {why}; recomputing it")  # the run prints its warnings when it ends
 
-    def _load_json(self, path: Path, key: str, *, quiet: bool = False) -> dict | None:
-        if self.fresh or not path.exists():
+    def _loadable(self, path: Path) -> bool:
+        return path.exists() and (not self.fresh or path in self.written)
+
+    def _load_json(self, path: Path, key: str) -> dict | None:
+        if not self._loadable(path):
             return None
         try:
             payload = json.loads(path.read_text())
@@ -354,12 +362,11 @@ class Store:
                 raise ValueError("key mismatch")
             return {"result": payload["result"], "seconds": float(payload["seconds"])}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            if not quiet:
-                self._reject(path, "is damaged")
+            self._reject(path, "is damaged")
             return None
 
     def _load_model(self, path: Path, key: str, model: torch.nn.Module) -> dict | None:
-        if self.fresh or not path.exists():
+        if not self._loadable(path):
             return None
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)  # copied to the model's device

@@ -91,7 +91,8 @@ def quick_run(tmp_path_factory):
     import main
 
     out = tmp_path_factory.mktemp("quick")
-    assert main.main(["--quick", "--quiet", "--offline", "--out", str(out), "--runs-dir", str(out / "runs")]) == 0
+    assert main.main(["--quick", "--quiet", "--offline", "--device", "cpu", "--out", str(out),
+                      "--runs-dir", str(out / "runs")]) == 0
     return out, json.loads((out / "metrics.json").read_text())
 
 
@@ -609,3 +610,10 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (torch.cud
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on a CUDA device (bench/gpu_check.sh runs them: pytest -m cuda)")
+
+
+@pytest.fixture(autouse=True)
+def on_the_cpu_unless_marked_cuda(request, monkeypatch):
+    """Every test but the CUDA-marked ones sees no GPU, as CI's machines: `--device auto` means the CPU there."""
+    if CUDA and request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -37,17 +37,20 @@ def test_auto_picks_cuda_exactly_when_torch_sees_a_gpu():
 
 def test_metrics_record_the_device_that_ran(quick_run):
     _, metrics = quick_run
-    assert metrics["environment"]["device"] == main.device_name(main.device_of("auto"))
+    assert metrics["environment"]["device"] == "cpu"  # the run asked for --device cpu
     assert metrics["environment"]["processes"] == 1
 
 
-def measurements(model, x, y) -> dict:
-    """Every measurement, as plain numbers (results from any device)."""
-    other = tiny_mlp(9, activation=type(model[1]) if isinstance(model, nn.Sequential) else nn.Tanh).to(x.device)
+def measurements(model, other, x, y) -> dict:
+    """Every measurement (`other`: a second model of the same architecture), as plain numbers."""
     out = {
         "lambda_max": utils.top_hessian_eigenvalue(model, x, y, tol=1e-10, seed=1).eigenvalue,
         "spectrum": utils.hessian_spectrum(model, x, y, k=3, tol=1e-8, lanczos_steps=10, runs=2).top.eigenvalues,
         "trace": utils.hessian_trace(model, x, y, method="hutch++", rel_stderr=0.05, seed=2).trace,
+        "diagonal_trace": utils.hessian_trace(model, x, y, method="auto").trace,
+        "two_batch": utils.two_batch_noise_scale(model, x, y, b_small=2, b_big=8, batches=3).b_simple,
+        "plane": utils.loss_plane(model, x, y, (utils.flat_parameters(model), utils.flat_parameters(other),
+                                               utils.flat_parameters(model) * 0.5), steps=3).losses.tolist(),
         "layers": [layer.top_eigenvalue for layer in utils.layer_curvature(model, x, y, tol=1e-8)],
         "flatness": utils.perturbation_flatness(model, x, y, [0.1, 0.2], samples=3).mean_increase,
         "worst_case": utils.worst_case_sharpness(model, x, y, rho=0.1, steps=5).sharpness,
@@ -71,10 +74,10 @@ def measurements(model, x, y) -> dict:
 def test_every_measurement_on_the_gpu_equals_the_cpu(activation, general):
     model = tiny_mlp(0, activation=activation)
     x, y = tiny_data(0, n=16)
+    other = tiny_mlp(9, activation=activation)
     wrap = Wrapped if general else (lambda m: m)
-    on_cpu = measurements(wrap(model), x, y)
-    on_gpu = measurements(wrap(model).cuda(), x.cuda(), y.cuda())
-    assert next(model.parameters()).device.type == "cuda"  # the model itself was moved, and left there
+    on_cpu = measurements(wrap(model), wrap(other), x, y)
+    on_gpu = measurements(wrap(model).cuda(), wrap(other).cuda(), x.cuda(), y.cuda())
     for key, want in on_cpu.items():
         np.testing.assert_allclose(np.asarray(on_gpu[key], dtype=float), np.asarray(want, dtype=float),
                                    rtol=1e-8, atol=1e-10, err_msg=key)

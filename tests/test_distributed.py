@@ -7,6 +7,7 @@ returns the same numbers. The single-process values are computed in this process
 processes started with torch.multiprocessing (as torchrun would start them), on float64 tiny models.
 """
 
+import json
 import math
 import os
 import socket
@@ -86,8 +87,12 @@ def spread(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alone():
-    torch.set_num_threads(1)
-    return {name: measure(model, x, y) for name, model, x, y in cases()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank
+    try:
+        return {name: measure(model, x, y) for name, model, x, y in cases()}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_shard_rows_cover_every_example_once_in_order():
@@ -141,13 +146,12 @@ def test_sharded_hessian_is_the_weighted_sum_of_the_slices_hessians():
 # Two processes of one thread each against one process of one thread: the stage keys hold the thread count,
 # so with it equal every stage a rank computes alone is the very computation of the single process.
 
-QUICK_SWEEP = ["--sweep", "--quick", "--offline", "--quiet", "--threads", "1", "--skip-figures"]
-QUICK_RUN = ["--quick", "--offline", "--quiet", "--threads", "1", "--skip-figures"]
+QUICK_SWEEP = ["--sweep", "--quick", "--offline", "--quiet", "--threads", "1", "--skip-figures", "--device", "cpu"]
+QUICK_RUN = ["--quick", "--offline", "--quiet", "--threads", "1", "--skip-figures", "--device", "cpu"]
 
 
 def python_main(args: list[str], folder, *, processes: int = 1) -> dict:
     """main.py in a fresh process (under torchrun with `processes` > 1), writing into `folder`; its metrics."""
-    import json
     import subprocess
     import sys
 
@@ -172,6 +176,7 @@ def test_two_processes_run_the_quick_sweep_exactly_as_one(one_process_sweep, tmp
     the statistics: every row, exclusion and statistic equals the single process's."""
     two = python_main(QUICK_SWEEP, tmp_path, processes=2)
     assert two["environment"]["processes"] == 2 and one_process_sweep["environment"]["processes"] == 1
+    assert min(two["environment"]["stages_per_process"]) > 0  # both ranks did part of the work
     assert two["sweep"]["rows"] == one_process_sweep["sweep"]["rows"] and len(two["sweep"]["rows"]) >= 4
     for key in ("excluded", "correlations", "batch_size_vs_sharpness"):
         assert two["sweep"][key] == one_process_sweep["sweep"][key], key
@@ -232,10 +237,18 @@ def one_process_run(tmp_path_factory):
 
 def test_two_processes_split_the_default_run_exactly_as_one(one_process_run, tmp_path):
     """Without --shard-data the ranks split the seeds, then the pair's and the first model's stages: every
-    number equals the single process's."""
+    number equals the single process's; rerun, it loads every stage; rerun with --fresh, it loads none of the
+    earlier files (each stage computed once, by one rank) and gives the same numbers again."""
     two = python_main(QUICK_RUN, tmp_path, processes=2)
+    assert min(two["environment"]["stages_per_process"]) > 0 and two["resumed"] == []
     for key in ("models", "connectivity", "reparametrisation", "surface"):
         assert numbers(two[key]) == numbers(one_process_run[key]), key
+    again = python_main(QUICK_RUN, tmp_path, processes=2)
+    assert sorted(again["resumed"]) == sorted(again["timings"].keys() - {"load_data", "plots"})
+    fresh = python_main([*QUICK_RUN, "--fresh"], tmp_path, processes=2)
+    assert fresh["resumed"] == [] and sum(fresh["environment"]["stages_per_process"]) == len(again["resumed"])
+    for key in ("models", "connectivity", "reparametrisation", "surface"):
+        assert numbers(fresh[key]) == numbers(one_process_run[key]), key
 
 
 def test_sharded_data_default_run_equals_one_process(one_process_run, tmp_path):
@@ -260,3 +273,7 @@ def test_sharded_data_default_run_equals_one_process(one_process_run, tmp_path):
     np.testing.assert_allclose(two["surface"]["losses"], one_process_run["surface"]["losses"], rtol=1e-5)
     assert two["surface"]["examples"] == one_process_run["surface"]["examples"]
     assert two["connectivity"] == one_process_run["connectivity"]
+    # the sharded stages read slices (keyed as such), the others the whole splits
+    inputs = {json.loads(p.read_text())["inputs"]["train"] for p in (tmp_path / "runs").glob("*/sharpness.*.json")}
+    whole = {json.loads(p.read_text())["inputs"]["train"] for p in (tmp_path / "runs").glob("*/evaluate.*.json")}
+    assert len(inputs) == len(whole) == 1 and inputs != whole
