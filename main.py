@@ -274,6 +274,7 @@ class Training(Settings):
 
     @classmethod
     def of(cls, cfg: Config, **given):
+        """As Settings.of, with --device resolved."""
         return super().of(cfg, **{"device": device_of(cfg.device), **given})
 
 
@@ -730,6 +731,7 @@ def join_ranks(cfg: Config) -> Ranks:
 
 
 def leave_ranks(ranks: Ranks) -> None:
+    """Close the process group `join_ranks` opened, if any."""
     if ranks.world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -744,6 +746,8 @@ def run_in_shares(store: Store, ranks: Ranks, *phases: list[Callable[[], object]
             job()
         for paths in ranks.gather(sorted(str(path) for path in store.written)):
             store.accept(paths)
+    others = [w for r, found in enumerate(ranks.gather(store.warnings)) if r != ranks.rank for w in found]
+    store.warnings += [w for w in others if w not in store.warnings]  # a damaged file any rank met
     store.loaded.clear()
     return ranks.gather(store.computed)
 

@@ -22,9 +22,10 @@ This module is the public interface; the code lives in the package `landscape/`,
    `weight_matching` (`permute_hidden_units`), `bezier_curve` (`bezier_points`, `bezier_losses`).
 7. Surfaces (`landscape.surfaces`): `symmetric_grid`, `loss_surface_2d`, `loss_plane`.
 8. Exact answers (`landscape.exact`): `exact_curvature`, `product_rounding`, for small models.
-9. Across processes (`landscape.distributed`): `DataShard` (this process holds a slice of the examples; every
-   curvature function, `losses_at_points`, `perturbation_flatness` and `loss_surface_2d` then measure the whole
-   set, their sums all-reduced over torch.distributed), `PointShare` (the points spread instead), `shard_rows`.
+9. Across processes (`landscape.distributed`): `DataShard` (this process holds a slice of the examples;
+   `hessian_operator`, the eigenvalue, spectrum, trace and per-layer functions, `losses_at_points`,
+   `perturbation_flatness` and `loss_surface_2d` then measure the whole set, their sums all-reduced over
+   torch.distributed), `PointShare` (the points spread instead), `shard_rows`.
 10. Rank statistics (`landscape.statistics`): `kendall_tau`, `granulated_kendall_tau` (Jiang et al. 2020's Ψ),
    `rank_correlation` (both with bootstrap intervals), for which measure ranks models by generalisation.
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 18, on a machine with a GPU (under 5 minutes on one): the GPU-marked tests, a quick
-# run on the GPU, then the default run on the GPU against the CPU (wall time and the numbers side by side).
+# The CUDA checks of issue 18, on a machine with a GPU (under 5 minutes on one): the GPU-marked tests (which
+# include a quick run on the GPU), then the benchmark: the default run on the GPU against the CPU, wall time,
+# the numbers side by side and the slowest stages.
 # Paste what it prints into bench/RESULTS.md. Usage: bash bench/gpu_check.sh   (after make test has set up .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -44,7 +44,7 @@ def lambda_worker(threads: int) -> None:
         dist.init_process_group("gloo")
         rank = dist.get_rank()
     ds = data.load_dataset("fashion-mnist", download=False)
-    cfg = main.Config(dataset="fashion-mnist")
+    cfg = main.Config(dataset="fashion-mnist", device="cpu")  # gloo, CPU tensors, on any machine
     model = main.build_model(main.Training.of(cfg, seed=0))
     training.train(model, ds.x_train, ds.y_train, epochs=1, lr=cfg.lr, momentum=cfg.momentum,
                    batch_size=cfg.batch_size, seed=0)

@@ -13,7 +13,7 @@ the same probes and returns the same result: the single-process one up to the ro
 (tests/test_distributed.py runs both).
 
 A `PointShare` is the other way to spread work: every rank holds all the data and evaluates its own share
-of the parameter points (surface grid points, flatness directions), `SharedPoints` gathers them; the
+of the parameter points (surface grid points, flatness directions), `SplitPoints` gathers them; the
 gathered losses are exactly the single-process ones, point for point.
 """
 

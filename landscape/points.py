@@ -194,7 +194,7 @@ class ShardedPoints:
         return PointLosses(losses=(both[0] / n).cpu(), accuracies=(both[1] / n if labels else correct).cpu())
 
 
-class SharedPoints:
+class SplitPoints:
     """A point evaluator whose points are spread over the ranks (`PointShare`): rank r evaluates the rows
     r, r + world, … of the coefficients with `local`, and the results are gathered back in order, the very
     numbers one process gets (each point is computed whole by one rank). Every rank must hold the same data
@@ -221,7 +221,7 @@ class SharedPoints:
 def point_evaluator(model: nn.Module, x: torch.Tensor, y: torch.Tensor, base: torch.Tensor, directions: torch.Tensor,
                     *, loss_fn: LossFn | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET, path: str = "auto",
                     accuracy: bool = True, copy: bool = True, shard: DataShard | PointShare | None = None
-                    ) -> PointEvaluator:
+                    ) -> PointEvaluator | ShardedPoints | SplitPoints:
     """A callable coefficients (P, K) -> `PointLosses`, as `losses_at_points` with everything else fixed: the one
     dispatch point, `MLPPoints` for a plain MLP (path "auto" or "fast"), `FunctionalPoints` otherwise; with a
     `shard` (landscape.distributed) it sees the whole data set spread over the ranks (`DataShard`: (x, y) is
@@ -235,7 +235,7 @@ def point_evaluator(model: nn.Module, x: torch.Tensor, y: torch.Tensor, base: to
     if isinstance(shard, DataShard):
         return ShardedPoints(evaluator, shard)
     if isinstance(shard, PointShare):
-        return SharedPoints(evaluator, shard)
+        return SplitPoints(evaluator, shard)
     return evaluator
 
 
