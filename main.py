@@ -116,6 +116,7 @@ class Config:
     sweep_target_loss: float = field(default=0.1, metadata={"help": "training cross-entropy every sweep model is trained to (models compared at equal fit)"})
     sweep_max_epochs: int = field(default=40, metadata={"help": "epoch budget of a sweep model; one that does not reach the target is reported and left out of the statistics"})
     shard_data: bool = field(default=False, metadata={"help": "under torchrun: each process holds a slice of the examples, and the Hessian products, gradients and losses of the sharpness, spectrum, trace, per-layer, flatness and surface stages are all-reduced over the processes"})
+    shard_points: bool = field(default=False, metadata={"help": "under torchrun: every process holds all the data and evaluates its share of the flatness directions and surface grid points (the very numbers of one process)"})
     quick: bool = field(default=False, metadata={"help": "whole pipeline on a small slice of the real data with tiny budgets, in seconds"})
     quiet: bool = field(default=False, metadata={"help": "print only warnings and errors", "short": "-q"})
     verbose: bool = field(default=False, metadata={"help": "also print debugging detail (run folder, stage keys)", "short": "-v"})
@@ -220,8 +221,11 @@ def validate(cfg: Config) -> None:
         (math.isfinite(cfg.sweep_target_loss) and cfg.sweep_target_loss > 0, "--sweep-target-loss must be positive",
          cfg.sweep_target_loss),
         (not cfg.sweep or cfg.model == "mlp", "--sweep varies MLP widths: it needs --model mlp", cfg.model),
-        (not (cfg.sweep and cfg.shard_data), "--shard-data is for the default run; under torchrun the sweep spreads "
-         "its models over the processes instead: drop --shard-data", "--sweep --shard-data"),
+        (not (cfg.sweep and (cfg.shard_data or cfg.shard_points)), "--shard-data and --shard-points are for the "
+         "default run; under torchrun the sweep spreads its models over the processes instead: drop them",
+         "--sweep"),
+        (not (cfg.shard_data and cfg.shard_points), "--shard-data and --shard-points are two ways to spread a "
+         "measurement: choose one", "both"),
         (cfg.device != "cuda" or torch.cuda.is_available(),
          "--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); use --device cpu",
          cfg.device),
@@ -586,12 +590,13 @@ def reparametrisation(s: Rescaling, *, model, train, test, analysis, sharpness, 
 
 
 def surface(s: Surface, *, model, analysis, test) -> dict:
-    examples = analysis if s.surface_split == "train" else test
-    shard = shard_of(examples)
-    x, y = examples
+    split = analysis if s.surface_split == "train" else test
+    shard = shard_of(split)
+    x, y = split
     r = utils.loss_surface_2d(model, x, y, steps=s.surface_steps, span=s.surface_span, seed=s.probe_seed,
                               memory_budget=s.budget, shard=shard)
-    return {"split": s.surface_split, "examples": shard.examples if shard else int(x.shape[0]), "alphas": r.alphas.tolist(),
+    examples = shard.examples if isinstance(shard, utils.DataShard) else int(x.shape[0])  # the whole split's
+    return {"split": s.surface_split, "examples": examples, "alphas": r.alphas.tolist(),
             "betas": r.betas.tolist(), "losses": r.losses.tolist(), "accuracies": r.accuracies.tolist()}
 
 
@@ -634,18 +639,19 @@ def bezier(s: Bezier, *, model_a, model_b, analysis, test) -> dict:
 
 
 class Examples(tuple):
-    """A split's (x, y), and under --shard-data the `DataShard` that says this process holds only a slice."""
+    """A split's (x, y), and how a measurement on it is spread over processes: a `DataShard` under --shard-data
+    (this process holds only a slice), a `PointShare` under --shard-points."""
 
-    shard: utils.DataShard | None
+    shard: utils.DataShard | utils.PointShare | None
 
-    def __new__(cls, x: torch.Tensor, y: torch.Tensor, shard: utils.DataShard | None = None):
+    def __new__(cls, x: torch.Tensor, y: torch.Tensor, shard: utils.DataShard | utils.PointShare | None = None):
         examples = super().__new__(cls, (x, y))
         examples.shard = shard
         return examples
 
 
-def shard_of(examples) -> utils.DataShard | None:
-    """The data shard of a stage's input split: None for a whole split (a plain (x, y) pair)."""
+def shard_of(examples) -> utils.DataShard | utils.PointShare | None:
+    """How a stage's input split is spread: None for a whole split in one process (a plain (x, y) pair)."""
     return getattr(examples, "shard", None)
 
 
@@ -817,8 +823,9 @@ def run_header(cfg: Config, ds: data_module.Dataset, store: Store, ranks: Ranks 
 def _run(cfg: Config, ranks: Ranks) -> dict | None:
     total = len(cfg.seeds) * (1 + len(MODEL_STAGES) + len(EXACT_STAGES)) + len(PAIR_STAGES) + len(FIRST_MODEL_STAGES)
     out, ds, inputs, store = start_run(cfg, stages=total, ranks=ranks)
-    sharded = ShardedRun.of(ranks, inputs) if cfg.shard_data else None
-    if sharded is not None and not ranks.main:  # this rank keeps only its slices
+    sharded = (ShardedRun.of(ranks, inputs) if cfg.shard_data else
+               ShardedRun.of_points(ranks, inputs) if cfg.shard_points else None)
+    if cfg.shard_data and not ranks.main:  # this rank keeps only its slices
         inputs, ds = {name: Keyed(None, keyed.key) for name, keyed in inputs.items()}, None
     shares = []
     if ranks.world > 1 and sharded is None:
@@ -888,15 +895,20 @@ def first_model_stages(store: Store, cfg: Config, inputs: dict[str, Keyed],
 # The stages whose measurements add up over slices of the data (landscape.distributed): under --shard-data every
 # rank computes them together on its slice; the others (and training) run on rank 0 with all the data.
 SHARDED_STAGES = (sharpness, spectrum, trace, layers, flatness, adaptive_flatness, surface)
+# The stages that evaluate many parameter points: under --shard-points every rank evaluates its share of them.
+POINT_STAGES = (flatness, adaptive_flatness, surface)
 
 
 @dataclass(frozen=True)
 class ShardedRun:
-    """--shard-data under torchrun: each split cut into one contiguous slice per rank (`sliced`: this rank's,
-    a copy, keyed as the whole split cut so, since all-reduced sums round differently from one process's)."""
+    """A default run under torchrun whose `stages` every rank computes together, on its `sliced` inputs:
+    --shard-data cuts each split into one contiguous slice per rank (a copy, keyed as the whole split cut so,
+    since all-reduced sums round differently from one process's); --shard-points gives every rank all of
+    each split, marked to spread the points (`PointShare`)."""
 
     ranks: Ranks
     sliced: dict[str, Keyed]
+    stages: tuple = SHARDED_STAGES
 
     @classmethod
     def of(cls, ranks: Ranks, inputs: dict[str, Keyed]) -> "ShardedRun":
@@ -912,6 +924,15 @@ class ShardedRun:
             sliced[name] = Keyed(Examples(x[part].clone(), y[part].clone(), utils.DataShard.of(part.stop - part.start)),
                                  digest(inputs[name].key, "rows per process", [(p.start, p.stop) for p in parts]))
         return cls(ranks, sliced)
+
+    @classmethod
+    def of_points(cls, ranks: Ranks, inputs: dict[str, Keyed]) -> "ShardedRun":
+        """Every split whole on every rank, its points spread over the ranks."""
+        share = utils.PointShare()
+        sliced = {name: Keyed(Examples(*inputs[name].value, share),
+                              digest(inputs[name].key, "points spread over", ranks.world))
+                  for name in ("train", "analysis", "test")}
+        return cls(ranks, sliced, POINT_STAGES)
 
     def trained(self, store: Store, settings: Training, inputs: dict[str, Keyed], *, label: str
                 ) -> tuple[Keyed, dict]:
@@ -931,7 +952,7 @@ class ShardedRun:
             ) -> Keyed | None:
         """A sharded stage: loaded by rank 0 if it finished before, else computed by every rank on its slice
         and saved by rank 0. Any other stage: on rank 0 alone. None on the ranks that get no result."""
-        if stage not in SHARDED_STAGES:
+        if stage not in self.stages:
             return store.run(stage, settings, subject, found, label=label) if self.ranks.main else None
         inputs = {**found, **self.sliced}
         loaded = store.load(stage, settings, subject, inputs, label=label) if self.ranks.main else None
@@ -1433,9 +1454,10 @@ def main(argv: list[str] | None = None) -> int:
     ranks = Ranks()
     try:
         ranks = join_ranks(cfg)
-        if cfg.shard_data and ranks.world == 1:
-            raise UsageError("--shard-data spreads the data over the processes torchrun starts: run "
-                             "torchrun --nproc_per_node=N main.py --shard-data (one process holds all the data anyway)")
+        for flag, wanted in (("--shard-data", cfg.shard_data), ("--shard-points", cfg.shard_points)):
+            if wanted and ranks.world == 1:
+                raise UsageError(f"{flag} spreads work over the processes torchrun starts: run "
+                                 f"torchrun --nproc_per_node=N main.py {flag} (one process does it all anyway)")
         logging.basicConfig(level=level, force=True,
                             format="%(message)s" if ranks.world == 1 else f"[rank {ranks.rank}] %(message)s")
         if cfg.plot_only:

@@ -198,7 +198,9 @@ class SplitPoints:
     """A point evaluator whose points are spread over the ranks (`PointShare`): rank r evaluates the rows
     r, r + world, … of the coefficients with `local`, and the results are gathered back in order, the very
     numbers one process gets (each point is computed whole by one rank). Every rank must hold the same data
-    and call it with the same coefficients."""
+    and call it with the same coefficients. The points are split, not the directions: with each rank holding
+    only its own directions, the first-layer mixture would sum fewer terms and round differently (last-bit
+    differences in float64, measured), so the results would no longer be one process's."""
 
     def __init__(self, local, share: PointShare) -> None:
         self.local, self.group = local, share.group

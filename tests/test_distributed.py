@@ -277,3 +277,14 @@ def test_sharded_data_default_run_equals_one_process(one_process_run, tmp_path):
     inputs = {json.loads(p.read_text())["inputs"]["train"] for p in (tmp_path / "runs").glob("*/sharpness.*.json")}
     whole = {json.loads(p.read_text())["inputs"]["train"] for p in (tmp_path / "runs").glob("*/evaluate.*.json")}
     assert len(inputs) == len(whole) == 1 and inputs != whole
+
+
+def test_points_spread_over_ranks_give_the_default_run_of_one_process(one_process_run, tmp_path):
+    """With --shard-points every rank holds all the data and evaluates its share of the flatness directions
+    and surface grid points: every number, those included, is the single process's."""
+    two = python_main([*QUICK_RUN, "--shard-points"], tmp_path, processes=2)
+    for key in ("models", "connectivity", "reparametrisation", "surface"):
+        assert numbers(two[key]) == numbers(one_process_run[key]), key
+    keys = {json.loads(p.read_text())["inputs"]["train"] for p in (tmp_path / "runs").glob("*/flatness.*.json")}
+    whole = {json.loads(p.read_text())["inputs"]["train"] for p in (tmp_path / "runs").glob("*/sharpness.*.json")}
+    assert len(keys) == len(whole) == 1 and keys != whole  # the flatness stages did run spread

@@ -127,6 +127,10 @@ def test_flags_override_defaults_and_quick_budgets():
     (["--dataset", "cifar"], "--dataset"),
     (["--lr", "nan"], "--lr"),
     (["--trace-method", "exact", "--model", "cnn"], "--trace-method exact needs the ReLU MLP"),
+    (["--shard-data", "--shard-points"], "choose one"),
+    (["--sweep", "--shard-data"], "--shard-data and --shard-points are for the default run"),
+    (["--shard-points"], "--shard-points spreads work over the processes torchrun starts"),
+    (["--shard-data"], "--shard-data spreads work over the processes torchrun starts"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, flag, capsys, tmp_path):
     assert main.main([*argv, "--out", str(tmp_path / "o")]) == 2
