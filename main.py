@@ -747,9 +747,12 @@ def run_in_shares(store: Store, ranks: Ranks, *phases: list[Callable[[], object]
     rank has finished the one before. Between phases every rank's store accepts the files all ranks wrote,
     so that under --fresh each stage is computed once and then read back. Returns the labels each rank
     computed; what was loaded meanwhile is forgotten, since the gathering pass that follows loads it again."""
-    for jobs in phases:
-        for job in ranks.share(jobs):
+    for phase, jobs in enumerate(phases, 1):
+        mine, start = ranks.share(jobs), time.perf_counter()
+        for done, job in enumerate(mine, 1):
             job()
+            log.info("phase %d/%d: %d of this process's %d jobs done in %.1f s", phase, len(phases), done,
+                     len(mine), time.perf_counter() - start)
         for paths in ranks.gather(sorted(str(path) for path in store.written)):
             store.accept(paths)
     others = [w for r, found in enumerate(ranks.gather(store.warnings)) if r != ranks.rank for w in found]
@@ -1013,24 +1016,26 @@ def sweep_row(point: dict, seed: int, history: dict, model: torch.nn.Module, m: 
     return row
 
 
-def sweep_model(store: Store, cfg: Config, inputs: dict[str, Keyed], point: dict, seed: int
+def sweep_model(store: Store, cfg: Config, inputs: dict[str, Keyed], point: dict, seed: int, *, say: bool = True
                 ) -> tuple[Keyed | None, dict | None, dict | None]:
     """One sweep model trained and measured (or loaded): (the trained model, its sweep.csv row, None), or
-    (None, None, why it is left out) when it diverged or missed the target loss."""
+    (None, None, why it is left out) when it diverged or missed the target loss, which `say` logs."""
     mcfg = sweep_model_config(cfg, point)
     tag = sweep_tag(point)
     try:
         keyed, history = store.trained(build_model, train_model, Training.of(mcfg, seed=seed), inputs,
                                        label=f"train[{tag} seed={seed}]")
     except training.TrainingDiverged as err:  # not cached: a rerun tries it again, up to the blow-up
-        log.warning("sweep: %s seed %d diverged at epoch %d, step %d: left out of the statistics", tag, seed,
-                    err.epoch, err.step)
+        if say:
+            log.warning("sweep: %s seed %d diverged at epoch %d, step %d: left out of the statistics", tag, seed,
+                        err.epoch, err.step)
         return None, None, {**point, "seed": seed, "epochs": err.epoch, "final_epoch_loss": math.inf,
                             "reason": "diverged"}
     if not history["reached_target"]:
-        log.warning("sweep: %s seed %d did not reach training loss %g in %d epochs (last epoch %.4f): left out of "
-                    "the statistics", tag, seed, cfg.sweep_target_loss, cfg.sweep_max_epochs,
-                    history["epoch_losses"][-1])
+        if say:
+            log.warning("sweep: %s seed %d did not reach training loss %g in %d epochs (last epoch %.4f): left out "
+                        "of the statistics", tag, seed, cfg.sweep_target_loss, cfg.sweep_max_epochs,
+                        history["epoch_losses"][-1])
         return None, None, {**point, "seed": seed, "epochs": len(history["epoch_losses"]),
                             "final_epoch_loss": history["epoch_losses"][-1], "reason": "missed the target"}
     measured = run_stages(store, mcfg, MODEL_STAGES, keyed.key, {**inputs, "model": keyed},
@@ -1052,12 +1057,13 @@ def sweep_tag(point: dict) -> str:
     return f"b={point['batch_size']} lr={point['lr']} w={point['width']}"
 
 
-def sweep_point(store: Store, cfg: Config, inputs: dict[str, Keyed], point: dict) -> tuple[list[dict], list[dict]]:
+def sweep_point(store: Store, cfg: Config, inputs: dict[str, Keyed], point: dict, *, say: bool = True
+                ) -> tuple[list[dict], list[dict]]:
     """Every seed's model of one grid point (trained and measured, or loaded) and the barriers between its first
-    two seeds: (sweep.csv's rows, the models left out with the reason)."""
+    two seeds: (sweep.csv's rows, the models left out with the reason, which `say` logs)."""
     trained, rows, excluded = {}, [], []
     for seed in cfg.seeds:
-        keyed, row, why = sweep_model(store, cfg, inputs, point, seed)
+        keyed, row, why = sweep_model(store, cfg, inputs, point, seed, say=say)
         if keyed is None:
             excluded.append(why)
             continue
@@ -1087,19 +1093,20 @@ def run_sweep(cfg: Config, ranks: Ranks | None = None) -> dict | None:
         if ranks.world > 1:
             shares = run_in_shares(
                 store, ranks, [functools.partial(sweep_model, store, cfg, inputs, *unit) for unit in units],
-                [functools.partial(sweep_point, store, cfg, inputs, point) for point in grid])
+                [functools.partial(sweep_point, store, cfg, inputs, point, say=False) for point in grid])
             if not ranks.main:
                 store.close()
                 return None
         rows, excluded, start = [], [], time.perf_counter()
-        for number, point in enumerate(grid):
-            point_rows, point_excluded = sweep_point(store, cfg, inputs, point)
+        for number, point in enumerate(grid):  # under torchrun: reading back what the ranks computed
+            point_rows, point_excluded = sweep_point(store, cfg, inputs, point, say=ranks.world == 1)
             rows += point_rows
             excluded += point_excluded
-            done = (number + 1) * len(cfg.seeds)
-            elapsed = time.perf_counter() - start
-            log.info("sweep: %d/%d models (%s), %.1f s per model, about %.0f s to go", done, len(units),
-                     sweep_tag(point), elapsed / done, elapsed / done * (len(units) - done))
+            if ranks.world == 1:
+                done = (number + 1) * len(cfg.seeds)
+                elapsed = time.perf_counter() - start
+                log.info("sweep: %d/%d models (%s), %.1f s per model, about %.0f s to go", done, len(units),
+                         sweep_tag(point), elapsed / done, elapsed / done * (len(units) - done))
         store.close()
         computed = {label for share in shares for label in share}  # by any rank in this run: not "resumed"
         store.loaded = [label for label in store.loaded if label not in computed]
