@@ -861,9 +861,9 @@ def _run(cfg: Config, ranks: Ranks) -> dict | None:
     return written
 
 
-def measure_seed(store: Store, cfg: Config, inputs: dict[str, Keyed], seed: int, sharded: ShardedRun | None = None
-                 ) -> tuple[Keyed, dict, dict[str, Keyed]]:
-    """One seed's model trained (or loaded) and its stages run: (model, training history, stage results)."""
+def train_seed(store: Store, cfg: Config, inputs: dict[str, Keyed], seed: int, sharded: ShardedRun | None = None
+               ) -> tuple[Keyed, dict]:
+    """One seed's model, trained or loaded: (model, training history)."""
     label = f"train[seed={seed}]"
     settings = Training.of(cfg, seed=seed)
     if sharded is None:
@@ -872,6 +872,13 @@ def measure_seed(store: Store, cfg: Config, inputs: dict[str, Keyed], seed: int,
         model, history = sharded.trained(store, settings, inputs, label=label)
     if label in store.computed:
         log.info("trained seed %d: %d steps, final epoch loss %.4f", seed, history["steps"], history["epoch_losses"][-1])
+    return model, history
+
+
+def measure_seed(store: Store, cfg: Config, inputs: dict[str, Keyed], seed: int, sharded: ShardedRun | None = None
+                 ) -> tuple[Keyed, dict, dict[str, Keyed]]:
+    """One seed's model trained (or loaded) and its stages run: (model, training history, stage results)."""
+    model, history = train_seed(store, cfg, inputs, seed, sharded)
     stages = MODEL_STAGES + (EXACT_STAGES if exact_mode(cfg, model.value) else ())
     return model, history, run_stages(store, cfg, stages, model.key, {**inputs, "model": model},
                                       suffix=f"[seed={seed}]", sharded=sharded)
@@ -881,7 +888,7 @@ def pair_stages(store: Store, cfg: Config, inputs: dict[str, Keyed], trained: di
                 sharded: ShardedRun | None = None) -> dict[str, Keyed]:
     """PAIR_STAGES between the first two seeds' models (trained or loaded here when not given)."""
     if trained is None:
-        trained = {seed: measure_seed(store, cfg, inputs, seed)[0] for seed in cfg.seeds[:2]}
+        trained = {seed: train_seed(store, cfg, inputs, seed)[0] for seed in cfg.seeds[:2]}
     first, second = trained[cfg.seeds[0]], trained[cfg.seeds[1]]
     return run_stages(store, cfg, PAIR_STAGES, digest(first.key, second.key),
                       {**inputs, "model_a": first, "model_b": second}, sharded=sharded)

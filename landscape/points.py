@@ -188,10 +188,11 @@ class ShardedPoints:
 
     def __call__(self, coefficients) -> PointLosses:
         sums, correct, _ = self.local.totals(coefficients)
-        labels = not bool(correct.isnan().any())
-        both = self.shard.sum_(torch.stack([sums, correct.nan_to_num(0.0)]))
         n = self.shard.examples
-        return PointLosses(losses=(both[0] / n).cpu(), accuracies=(both[1] / n if labels else correct).cpu())
+        if not self.local.count_correct:  # the accuracies are NaN: nothing to add up
+            return PointLosses(losses=(self.shard.sum_(sums) / n).cpu(), accuracies=correct.cpu())
+        both = self.shard.sum_(torch.stack([sums, correct]))  # one all-reduce for both
+        return PointLosses(losses=(both[0] / n).cpu(), accuracies=(both[1] / n).cpu())
 
 
 class SplitPoints:

@@ -601,7 +601,6 @@ def run_main(tmp_path, *flags, fault=None):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
 
-
 # ----------------------------------------------------------------------------- CUDA
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False here); "

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import utils
-from conftest import Wrapped, tiny_data, tiny_mlp
+from conftest import ROOT, Wrapped, tiny_data, tiny_mlp
 
 WORLD = 2
 N = 13  # odd: the slices differ in size (7 and 6), so the weights n_r/N matter
@@ -152,11 +154,6 @@ QUICK_RUN = ["--quick", "--offline", "--quiet", "--threads", "1", "--skip-figure
 
 def python_main(args: list[str], folder, *, processes: int = 1) -> dict:
     """main.py in a fresh process (under torchrun with `processes` > 1), writing into `folder`; its metrics."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command = [*(launcher if processes > 1 else [sys.executable]), str(ROOT / "main.py"), *args,
                "--out", str(folder / "out"), "--runs-dir", str(folder / "runs")]
