@@ -165,8 +165,8 @@ class SharpnessTracker:
     HVPS, FIRST_HVPS, PROBES, BATCHES, OVERHEAD, FIXED_STEPS = 2, 8, 2, 8, 0.2, 10
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, *, examples: int, batch_size: int, seed: int,
-                 memory_budget: int) -> None:
-        self.x, self.y, self.seed, self.budget = x, y, seed, memory_budget
+                 memory_budget: int, tol: float = 1e-2) -> None:
+        self.x, self.y, self.seed, self.budget, self.tol = x, y, seed, memory_budget, tol
         self.examples = min(examples, x.shape[0])
         self.batch_size = min(batch_size, x.shape[0])
         self.vector = None
@@ -195,7 +195,7 @@ class SharpnessTracker:
         x, y = self.x[: self.examples], self.y[: self.examples]
         try:
             op = utils.hessian_operator(model, x, y, memory_budget=self.budget)
-            eig = utils.top_hessian_eigenvalue(model, x, y, tol=1e-2, seed=self.seed,
+            eig = utils.top_hessian_eigenvalue(model, x, y, tol=self.tol, seed=self.seed,
                                                max_iter=self.HVPS if self.vector is not None else self.FIRST_HVPS,
                                                start=self.vector, operator=op)
             trace = utils.hessian_trace(model, x, y, method="auto", rel_stderr=0.5, max_matvecs=self.PROBES,

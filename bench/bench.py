@@ -336,6 +336,8 @@ def stage_flatness(model, ds, reps, sigmas=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5), samp
 def stage_tracking(ds, reps):
     """Overhead of tracking sharpness during training at the default settings: tracked / untracked training."""
     import main
+    from experiment.settings import TrainingSettings
+    from experiment.stages import Split, build_model, train_model
 
     scratch = tempfile.mkdtemp()
     cfg = main.Config(runs_dir=scratch, fresh=True)
@@ -344,10 +346,10 @@ def stage_tracking(ds, reps):
     checks = 0
     for _ in range(reps):
         for name, c in (("untracked", base), ("tracked", cfg)):
-            settings = main.Training.of(c, seed=0)
-            model = main.build_model(settings)
+            settings = TrainingSettings.of(c, seed=0)
+            model = build_model(settings)
             start = time.perf_counter()  # the training stage itself, no store around it
-            history = main.train_model(settings, model, train=(ds.x_train, ds.y_train))
+            history = train_model(settings, model, train=Split(ds.x_train, ds.y_train))
             timings[name].append(time.perf_counter() - start)
             checks = len(history["tracking"]["records"]) if name == "tracked" else checks
     ratio = statistics.median(timings["tracked"]) / statistics.median(timings["untracked"]) - 1
@@ -508,7 +510,7 @@ def main(argv=None) -> int:
     ds = data.load_dataset("mnist", download=False)
     model_a, model_b = trained_models(ds)
     rows = []
-    with utils.numpy_blas_single_threaded():  # as main.run: numpy's spinning BLAS threads slow torch down
+    with utils.numpy_blas_single_threaded():  # as main.main: numpy's spinning BLAS threads slow torch down
         for name, stage in STAGES.items():
             if name in chosen:
                 rows.append(stage(model_a, model_b, ds, args.reps))

@@ -35,6 +35,8 @@ def lambda_worker(threads: int) -> None:
     import data
     import main
     import training
+    from experiment.settings import TrainingSettings
+    from experiment.stages import build_model
     import utils
 
     torch.set_num_threads(1)
@@ -45,7 +47,7 @@ def lambda_worker(threads: int) -> None:
         rank = dist.get_rank()
     ds = data.load_dataset("fashion-mnist", download=False)
     cfg = main.Config(dataset="fashion-mnist", device="cpu")  # gloo, CPU tensors, on any machine
-    model = main.build_model(main.Training.of(cfg, seed=0))
+    model = build_model(TrainingSettings.of(cfg, seed=0))
     training.train(model, ds.x_train, ds.y_train, epochs=1, lr=cfg.lr, momentum=cfg.momentum,
                    batch_size=cfg.batch_size, seed=0)
     torch.set_num_threads(threads)

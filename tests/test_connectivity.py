@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
     DT,
     ThetaModel,
     acc_at,

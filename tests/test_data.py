@@ -12,7 +12,7 @@ N_TRAIN, N_TEST = 6, 4
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 import data
 

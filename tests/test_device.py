@@ -15,11 +15,14 @@ import torch
 from torch import nn
 
 import main
+from experiment.environment import device_of
+from experiment.settings import TrainingSettings
 import training
 import utils
-from conftest import CUDA, ROOT, Wrapped, needs_cuda, tiny_data, tiny_mlp
+from helpers import CUDA, ROOT, Wrapped, needs_cuda, tiny_data, tiny_mlp
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CUDA, reason="this machine has CUDA: the refusal is for machines without it")
 def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "main.py"), "--device", "cuda", "--out", str(tmp_path / "o")],
@@ -30,11 +33,12 @@ def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path):
 
 
 def test_auto_picks_cuda_exactly_when_torch_sees_a_gpu():
-    assert main.device_of("auto") == ("cuda" if CUDA else "cpu")
-    assert main.device_of("cpu") == "cpu"
-    assert main.Training.of(main.Config(), seed=3).device == main.device_of("auto")
+    assert device_of("auto") == ("cuda" if CUDA else "cpu")
+    assert device_of("cpu") == "cpu"
+    assert TrainingSettings.of(main.Config(), seed=3).device == device_of("auto")
 
 
+@pytest.mark.slow
 def test_metrics_record_the_device_that_ran(quick_run):
     _, metrics = quick_run
     assert metrics["environment"]["device"] == "cpu"  # the run asked for --device cpu
@@ -96,6 +100,7 @@ def test_training_on_the_gpu_follows_the_cpu_in_float64():
     torch.testing.assert_close(trained[1], trained[0], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.slow
 @needs_cuda
 @pytest.mark.cuda
 def test_a_quick_run_on_the_gpu_writes_everything_and_records_the_gpu(tmp_path):

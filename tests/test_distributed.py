@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import utils
-from conftest import ROOT, Wrapped, tiny_data, tiny_mlp
+from helpers import ROOT, Wrapped, tiny_data, tiny_mlp
 
 WORLD = 2
 N = 13  # odd: the slices differ in size (7 and 6), so the weights n_r/N matter
@@ -168,6 +168,7 @@ def one_process_sweep(tmp_path_factory):
     return python_main(QUICK_SWEEP, tmp_path_factory.mktemp("sweep1"))
 
 
+@pytest.mark.slow
 def test_two_processes_run_the_quick_sweep_exactly_as_one(one_process_sweep, tmp_path):
     """Ranks split the models, then the pairs, into the shared store; rank 0 reads them all back and computes
     the statistics: every row, exclusion and statistic equals the single process's."""
@@ -183,22 +184,24 @@ def test_two_processes_run_the_quick_sweep_exactly_as_one(one_process_sweep, tmp
 def _dying_rank(rank: int, port: int, argv: list[str], models_before_dying: int) -> None:
     """A torchrun-like rank whose rank 1 is killed (os._exit) when it starts its third model."""
     import main
+    from experiment import sweep
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     started = []
-    real = main.sweep_model
+    real = sweep.train_and_measure
 
-    def sweep_model(*args, **kwargs):
-        started.append(args[3:])
+    def train_and_measure(*args, **kwargs):
+        started.append(args[1:])
         if rank == 1 and len(started) > models_before_dying:
             os._exit(9)
         return real(*args, **kwargs)
 
-    main.sweep_model = sweep_model
+    sweep.train_and_measure = train_and_measure
     main.main(argv)
 
 
+@pytest.mark.slow
 def test_a_killed_rank_keeps_its_finished_models_and_a_rerun_resumes(one_process_sweep, tmp_path):
     """Rank 1 dies at its third model; the models both ranks finished stay in the store, and the same sweep
     rerun (here by one process) loads them, computes the rest and gives the single process's rows."""
@@ -232,6 +235,7 @@ def one_process_run(tmp_path_factory):
     return python_main(QUICK_RUN, tmp_path_factory.mktemp("run1"))
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_default_run_exactly_as_one(one_process_run, tmp_path):
     """Without --shard-data the ranks split the seeds, then the pair's and the first model's stages: every
     number equals the single process's; rerun, it loads every stage; rerun with --fresh, it loads none of the
@@ -248,6 +252,7 @@ def test_two_processes_split_the_default_run_exactly_as_one(one_process_run, tmp
         assert numbers(fresh[key]) == numbers(one_process_run[key]), key
 
 
+@pytest.mark.slow
 def test_sharded_data_default_run_equals_one_process(one_process_run, tmp_path):
     """With --shard-data each rank holds half the examples: the sharded stages (λ_max, the spectrum, the trace,
     the per-layer blocks, flatness, the surface) equal the single process's to float32 rounding of the
@@ -276,6 +281,7 @@ def test_sharded_data_default_run_equals_one_process(one_process_run, tmp_path):
     assert len(inputs) == len(whole) == 1 and inputs != whole
 
 
+@pytest.mark.slow
 def test_points_spread_over_ranks_give_the_default_run_of_one_process(one_process_run, tmp_path):
     """With --shard-points every rank holds all the data and evaluates its share of the flatness directions
     and surface grid points: every number, those included, is the single process's."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers import (
     DT,
     DUMMY_X,
     DUMMY_Y,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers import (
     DT,
     REL,
     ACTIVATIONS_meas,

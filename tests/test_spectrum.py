@@ -23,7 +23,7 @@ with warnings.catch_warnings():
     from curvlinops import HessianLinearOperator
 
 
-from conftest import (
+from helpers import (
     ACTIVATIONS,
     DT,
     REL,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_main
+from helpers import ROOT, run_main
 
 import main
 from landscape.store import CodeIndex, Keyed, Store
@@ -50,6 +50,7 @@ FAULTS = {"after the first model": ("after", r"^model\.pt$", 1),
           "while writing metrics.json": ("before", r"^metrics\.json$", 1)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_run_killed_at_any_point_resumes_to_identical_metrics(tmp_path, reference, fault):
     killed = run_main(tmp_path, fault=FAULTS[fault])
@@ -60,6 +61,7 @@ def test_run_killed_at_any_point_resumes_to_identical_metrics(tmp_path, referenc
     assert resumed(tmp_path / "out"), "the rerun must load what the killed run finished"
 
 
+@pytest.mark.slow
 def test_kill_while_writing_metrics_leaves_the_previous_file_intact(tmp_path, reference):
     assert run_main(tmp_path).returncode == 0
     before = (tmp_path / "out" / "metrics.json").read_bytes()
@@ -68,11 +70,13 @@ def test_kill_while_writing_metrics_leaves_the_previous_file_intact(tmp_path, re
     assert (tmp_path / "out" / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_same_configuration_twice_gives_bit_identical_numbers(tmp_path, reference):
     assert run_main(tmp_path, "--fresh").returncode == 0
     assert numbers(tmp_path / "out") == reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_checkpoint_and_stage_files_are_recomputed_with_a_warning(tmp_path, reference, damage):
     assert run_main(tmp_path).returncode == 0
@@ -142,12 +146,14 @@ def test_each_setting_has_its_own_file_and_a_stage_reruns_only_for_new_settings_
     assert saved["settings"] == {"width": 3} and saved["inputs"] == {"data": "five rows"}
 
 
+@pytest.mark.slow
 def test_fresh_recomputes_everything(tmp_path, reference):
     assert run_main(tmp_path).returncode == 0
     assert run_main(tmp_path, "--fresh").returncode == 0
     assert resumed(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_keeps_finished_stages_and_the_rerun_resumes(tmp_path, reference):
     cmd = [sys.executable, str(ROOT / "main.py"), "--quick", "--quiet", "--out", str(tmp_path / "out"),
            "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(ROOT / "data"), "--offline", "--skip-figures"]
@@ -164,6 +170,7 @@ def test_ctrl_c_exits_130_keeps_finished_stages_and_the_rerun_resumes(tmp_path, 
     assert numbers(tmp_path / "out") == reference
 
 
+@pytest.mark.slow
 def test_a_run_loaded_under_another_module_name_works_and_never_imports_torch_dynamo(tmp_path, reference):
     """Loaded as a module that sys.modules does not know (as profilers and runpy load it), main.py still keys its
     stages on its own source and gives the reference numbers; and torch._dynamo (2.1 s to import, pulled in by
@@ -191,7 +198,7 @@ def main_env() -> dict:
 
 
 # ----------------------------------------------------------------------------- what recomputes what
-PROJECT = ("main.py", "models.py", "data.py", "training.py", "utils.py", "plotting.py", "landscape")
+PROJECT = ("main.py", "models.py", "data.py", "training.py", "utils.py", "plotting.py", "landscape", "experiment")
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +234,7 @@ def labels(root: Path, out: str) -> set[str]:
     return set(metrics["timings"]) - {"load_data", "plots"}
 
 
+@pytest.mark.slow
 def test_an_unchanged_rerun_and_a_docstring_or_comment_edit_recompute_nothing(project_copy):
     root = project_copy
     run_copy(root, "same")
@@ -241,6 +249,7 @@ def test_an_unchanged_rerun_and_a_docstring_or_comment_edit_recompute_nothing(pr
     assert set(resumed(root / "documented")) == everything
 
 
+@pytest.mark.slow
 def test_editing_a_helper_recomputes_exactly_the_stages_that_call_it(project_copy):
     """_slq_density is run by the spectrum stage alone; build_model by the training of every seed, on which
     every other stage depends."""
@@ -250,12 +259,13 @@ def test_editing_a_helper_recomputes_exactly_the_stages_that_call_it(project_cop
     edit(root / "landscape" / "spectrum.py", "    runs = len(results)\n", "    runs = len(results)\n    assert runs\n")
     run_copy(root, "helper")
     assert everything - set(resumed(root / "helper")) == {"spectrum[seed=0]", "spectrum[seed=42]"}
-    edit(root / "main.py", "    generator = torch.Generator().manual_seed(s.seed)\n",
+    edit(root / "experiment" / "stages.py", "    generator = torch.Generator().manual_seed(s.seed)\n",
          "    generator = torch.Generator().manual_seed(s.seed)\n    assert generator\n")
     run_copy(root, "model")
     assert resumed(root / "model") == []
 
 
+@pytest.mark.slow
 def test_changing_a_seed_recomputes_only_that_seeds_stages_and_the_pairwise_ones(project_copy):
     root = project_copy
     run_copy(root, "seeds")
@@ -268,6 +278,7 @@ def test_changing_a_seed_recomputes_only_that_seeds_stages_and_the_pairwise_ones
     assert {"train[seed=0]", "sharpness[seed=0]", "surface", "reparametrisation"} <= again
 
 
+@pytest.mark.slow
 def test_changing_one_setting_recomputes_the_stages_that_read_it(project_copy):
     root = project_copy
     run_copy(root, "settings")
@@ -275,6 +286,7 @@ def test_changing_one_setting_recomputes_the_stages_that_read_it(project_copy):
     assert labels(root, "surface") - set(resumed(root / "surface")) == {"surface"}
 
 
+@pytest.mark.slow
 def test_prune_deletes_the_files_this_run_did_not_use_and_lists_them(project_copy):
     """Without --prune a run says how many files it left unused; with it, it deletes them (naming each), so
     that the store holds one file per stage of this run, all of which it loaded."""
@@ -291,6 +303,7 @@ def test_prune_deletes_the_files_this_run_did_not_use_and_lists_them(project_cop
     assert set(resumed(root / "pruned")) == labels(root, "pruned")
 
 
+@pytest.mark.slow
 def test_a_stage_that_reads_earlier_results_is_recomputed_when_they_change(tmp_path):
     """The exact-mode comparison reads the trace stage: rerunning in the same runs folder with another
     --trace-method must recompute both, not compare the old comparison's numbers with the new trace."""

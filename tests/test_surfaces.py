@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
     DT,
     DUMMY_X,
     DUMMY_Y,

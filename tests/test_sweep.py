@@ -8,11 +8,15 @@ import math
 
 import numpy as np
 import pytest
-from test_plotting import pdf_text
+from helpers import pdf_text
 
 import main
 import plotting
 import utils
+from experiment import report
+from experiment.sweep import AXES, MEASURES
+
+pytestmark = pytest.mark.slow
 
 QUICK = ["--sweep", "--quick", "--offline", "--quiet"]
 
@@ -41,7 +45,7 @@ def test_quick_sweep_writes_figures_csv_npz_and_statistics_that_agree(quick_swee
     assert len(s["rows"]) + len(s["excluded"]) == 8
     for name in plotting.SWEEP_FIGURES:
         assert (out / name).stat().st_size > 10_000 and (out / name).with_suffix(".pdf").exists()
-    report = " ".join(pdf_text(out / plotting.SWEEP_REPORT).split())
+    report = " ".join(pdf_text(out / report.SWEEP_REPORT).split())
     assert "Findings" in report and "Keskar et al. 2017" in report and "Jiang et al. 2020" in report
     with open(out / "sweep.csv") as f:
         table = list(csv.DictReader(f))
@@ -56,14 +60,14 @@ def test_quick_sweep_writes_figures_csv_npz_and_statistics_that_agree(quick_swee
         assert row["train_loss"] <= metrics["config"]["sweep_target_loss"]
         assert row["gap_loss"] == row["test_loss"] - row["train_loss"]
     rows = s["rows"]
-    configs = [{k: r[k] for k in (*main.SWEEP_AXES, "seed")} for r in rows]
-    for measure in main.SWEEP_MEASURES:
+    configs = [{k: r[k] for k in (*AXES, "seed")} for r in rows]
+    for measure in MEASURES:
         c = s["correlations"][measure]["gap_loss"]
         usable = [i for i, r in enumerate(rows) if r[measure] is not None]  # JSON writes NaN as null
         assert c["tau"] == pytest.approx(utils.kendall_tau([rows[i][measure] for i in usable],
                                                            [rows[i]["gap_loss"] for i in usable]), nan_ok=True)
         psi, _ = utils.granulated_kendall_tau([rows[i][measure] for i in usable], [rows[i]["gap_loss"] for i in usable],
-                                              [configs[i] for i in usable], main.SWEEP_AXES)
+                                              [configs[i] for i in usable], AXES)
         assert c["psi"] == pytest.approx(psi, nan_ok=True)
 
 

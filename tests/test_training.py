@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from conftest import tiny_data, tiny_mlp
+from helpers import tiny_data, tiny_mlp
 
 import data
 import main
+from experiment.settings import TrainingSettings
+from experiment.stages import build_model
 import models
 import training
 import utils
@@ -59,7 +61,7 @@ def test_initialisation_matches_pytorch_default_distribution():
 
 def test_default_settings_reach_90_percent_on_the_offline_fallback(fallback):
     cfg = main.Config()
-    model = main.build_model(main.Training.of(cfg, seed=cfg.seeds[0]))
+    model = build_model(TrainingSettings.of(cfg, seed=cfg.seeds[0]))
     training.train(model, fallback.x_train, fallback.y_train, epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
                    batch_size=cfg.batch_size, seed=cfg.seeds[0])
     assert training.evaluate(model, fallback.x_test, fallback.y_test).accuracy >= 0.90

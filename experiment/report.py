@@ -1,0 +1,677 @@
+"""The reports' words: every sentence, threshold, section and text table of the default run's report and the
+sweep's, as pure functions of the metrics dictionary (what metrics.json holds). Each interpretation is chosen by
+numbers against a threshold named here, and each branch has a test. plotting.py draws the figures and lays out
+the PDF pages from what this module returns; it decides nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Section:
+    """One page of a report: a title, a formula (matplotlib mathtext), a reference, the numbers behind it (one
+    line each), an interpretation chosen by those numbers, and the figure file it shows (None: none)."""
+
+    title: str
+    formula: str = ""
+    reference: str = ""
+    numbers: list[str] = field(default_factory=list)
+    interpretation: str = ""
+    figure: str | None = None
+
+
+@dataclass(frozen=True)
+class TextPage:
+    """A page of text: a heading, paragraphs, and smaller detail lines under a subheading."""
+
+    heading: str
+    paragraphs: list[str] = field(default_factory=list)
+    details_heading: str = ""
+    details: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Document:
+    """A report: its file name, its title (the PDF's metadata) and its pages in order."""
+
+    name: str
+    title: str
+    pages: list[TextPage | Section]
+
+
+def seeds_of(metrics: dict) -> list[str]:
+    """The default run's models, by their seed as metrics.json keys them."""
+    return list(metrics["models"])
+
+
+def barrier_of(path: dict) -> float:
+    """A path's loss barrier above the line between its endpoints, with α refined near the peak (as the figure's
+    legend shows it); the barrier over the given α alone in metrics written before refinement existed."""
+    return path.get("barriers", {}).get("loss_linear", path["barrier"])
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "inf"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, int):
+        return str(value)
+    if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"
+
+
+def trace_text(trace: dict, *, ascii: bool = False) -> str:
+    """"39.4 (exact)" for the exact diagonal sum, "39.4 ± 0.73" for a stochastic estimate."""
+    if trace.get("method") == "exact":
+        return f"{fmt(trace['trace'])} (exact)"
+    return f"{fmt(trace['trace'])} {'+-' if ascii else '±'} {fmt(trace['stderr'], 2)}"
+
+
+def summary_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """The summary table as (header, rows of strings): one column per seed."""
+    seeds = seeds_of(metrics)
+    m = [metrics["models"][s] for s in seeds]
+    last_sigma = m[0]["flatness"]["sigmas"][-1]
+    rows = [
+        ["train loss", *[fmt(x["train"]["loss"]) for x in m]],
+        ["test loss", *[fmt(x["test"]["loss"]) for x in m]],
+        ["train accuracy (%)", *[f"{100 * x['train']['accuracy']:.2f}" for x in m]],
+        ["test accuracy (%)", *[f"{100 * x['test']['accuracy']:.2f}" for x in m]],
+        ["generalisation gap (loss)", *[fmt(x["generalization_gap"]) for x in m]],
+        ["sharpness λ_max", *[fmt(x["sharpness"]["eigenvalue"]) for x in m]],
+        ["  converged (HVPs)", *[f"{fmt(x['sharpness']['converged'])} ({x['sharpness']['iterations']})" for x in m]],
+        *[[f"  λ_{i + 1}", *[fmt(x["eigenpairs"]["top"][i]) for x in m]] for i in range(1, len(m[0]["eigenpairs"]["top"]))],
+        ["λ_min (< 0: saddle)", *[fmt(x["eigenpairs"]["lambda_min"]) for x in m]],
+        ["trace tr(H)", *[trace_text(x["trace"]) for x in m]],
+        [f"flatness ΔL at σ={fmt(last_sigma, 3)}", *[fmt(x["flatness"]["mean_increase"][-1]) for x in m]],
+        [f"  adaptive ΔL at σ={fmt(last_sigma, 3)}", *[fmt(x["adaptive_flatness"]["mean_increase"][-1]) for x in m]],
+        [f"  worst-case ρ={fmt(m[0]['worst_case']['absolute']['rho'], 3)}",
+         *[fmt(x["worst_case"]["absolute"]["sharpness"]) for x in m]],
+        [f"  adaptive worst-case ρ={fmt(m[0]['worst_case']['adaptive']['rho'], 3)}",
+         *[fmt(x["worst_case"]["adaptive"]["sharpness"]) for x in m]],
+        ["  PAC-Bayes σ (1/σ²)", *[f"{fmt(x['pac_bayes']['plain']['sigma'], 3)} ({fmt(x['pac_bayes']['plain']['flatness'], 3)})"
+                                   for x in m]],
+        ["  magnitude-aware σ (1/σ²)", *[f"{fmt(x['pac_bayes']['magnitude_aware']['sigma'], 3)} "
+                                         f"({fmt(x['pac_bayes']['magnitude_aware']['flatness'], 3)})" for x in m]],
+        ["noise scale B_simple", *[fmt(x["gradient_noise"]["b_simple"]) for x in m]],
+        ["  tr(Σ)", *[fmt(x["gradient_noise"]["trace_cov"]) for x in m]],
+        ["  |G|²", *[fmt(x["gradient_noise"]["grad_norm_sq"]) for x in m]],
+        ["noise scale B_noise", *[fmt(x["gradient_noise"]["b_noise"]) for x in m]],
+        ["noise temperature εN/(B(1−m))", *[fmt(x["gradient_noise"]["temperature"]) for x in m]],
+    ]
+    c = metrics["connectivity"]
+    pair = f"{c['seeds'][0]}↔{c['seeds'][1]}"
+    rows += [[f"loss barrier {pair} ({split})", fmt(barrier_of(c[split])), *[""] * (len(seeds) - 1)]
+             for split in ("train", "test")]
+    if "aligned" in c:
+        rows += [[f"  after weight matching ({split})", fmt(barrier_of(c["aligned"][split])),
+                  *[""] * (len(seeds) - 1)] for split in ("train", "test")]
+    if "bezier" in c:
+        rows += [[f"  Bézier curve, max loss ({split})", fmt(max(c["bezier"][split]["losses"])),
+                  *[""] * (len(seeds) - 1)] for split in ("train", "test")]
+    return ["measure", *[f"seed {s}" for s in seeds]], rows
+
+
+def layer_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """Per-layer curvature: top eigenvalue and trace of each parameter tensor's diagonal Hessian block."""
+    seeds = seeds_of(metrics)
+    layers = [metrics["models"][s]["layers"] for s in seeds]
+    header = ["parameter tensor", *[f"seed {s}: λ_max / tr" for s in seeds]]
+    rows = [[layer["name"], *[f"{fmt(ls[i]['top_eigenvalue'], 3)} / {fmt(ls[i]['trace'], 3)}" for ls in layers]]
+            for i, layer in enumerate(layers[0])]
+    return header, rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Aligned text: first column left, the others right."""
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_summary(metrics: dict) -> str:
+    """The summary table and the per-layer table as aligned text for the terminal."""
+    return format_table(*summary_rows(metrics)) + "\n\n" + format_table(*layer_rows(metrics))
+
+
+
+# ----------------------------------------------------------------------------- the default run's report
+REFERENCES = {
+    "training": "Zhang et al. 2017, Understanding deep learning requires rethinking generalization",
+    "sharpness": "Keskar et al. 2017 (sharp minima); Ghorbani et al. 2019 (Hessian spectra by stochastic Lanczos "
+                 "quadrature); Meyer et al. 2021 (Hutch++)",
+    "tracking": "Cohen et al. 2021, Gradient descent on neural networks typically occurs at the edge of stability",
+    "flatness": "Li et al. 2018, Visualizing the loss landscape of neural nets (filter normalisation); "
+                "Chaudhari et al. 2017, Entropy-SGD",
+    "robust": "Dinh et al. 2017 (sharp minima can generalize); Kwon et al. 2021 (adaptive sharpness); "
+              "Jiang et al. 2020 (PAC-Bayes flatness); Andriushchenko et al. 2023 (worst-case sharpness)",
+    "noise": "McCandlish et al. 2018, An empirical model of large-batch training; Smith & Le 2018; Mandt et al. 2017",
+    "connectivity": "Entezari et al. 2022; Frankle et al. 2020; Ainsworth et al. 2022 (weight matching); "
+                    "Garipov et al. 2018 (Bezier curves)",
+    "surface": "Li et al. 2018, Visualizing the loss landscape of neural nets",
+}
+
+
+# The thresholds that choose the report's interpretation sentences; each branch has a unit test.
+EDGE_BAND = 0.10  # batch sharpness within 10% of the stability threshold: at the edge of stability
+CONNECTED = 0.05  # a barrier below 5% of the mean endpoint loss: the path connects the two models
+INVARIANT = 0.01  # a measure that moves by under 1% across function-preserving rescalings: invariant
+MOVES = 0.10  # ... and by over 10%: it describes the parametrisation, not the function
+
+
+def compare_sentence(values: dict[str, float], noun: str, higher: str) -> str:
+    """'seed 42 is sharper than seed 0 by 8.8% (3.026 vs 2.781)' for two or more seeds."""
+    (a, va), (b, vb) = sorted(values.items(), key=lambda kv: kv[1], reverse=True)[:2]
+    if not (np.isfinite(va) and np.isfinite(vb)) or vb == 0:
+        return f"{noun}: {', '.join(f'seed {k} {fmt(v)}' for k, v in values.items())}."
+    return (f"seed {a} is {higher} than seed {b} by {100 * (va - vb) / abs(vb):.1f}% "
+            f"({noun} {fmt(va)} vs {fmt(vb)}).")
+
+
+def negative_curvature_sentence(lambda_min: dict[str, tuple[float, float]]) -> str:
+    """Which models have λ_min < 0 by more than its residual (negative curvature the solver resolves)."""
+    negative = [s for s, (value, residual) in lambda_min.items() if value < -abs(residual)]
+    if negative:
+        return (f" lambda_min < 0 beyond its residual for seed(s) {', '.join(negative)}: SGD stopped near, not at, "
+                "a minimum (directions of negative curvature remain).")
+    return (" No model has lambda_min below zero by more than its residual: no negative curvature is resolved, as "
+            "at a local minimum.")
+
+
+def stability_sentence(seed: str, batch_sharpness: float, lambda_max: float, lr: float, momentum: float) -> str:
+    """Where the tracked batch sharpness ends relative to heavy-ball SGD's stability threshold 2(1+β)/η
+    (2/η without momentum), with EDGE_BAND either side counting as the edge; and whether full-batch λ_max is
+    below it, as Andreyev & Beneventano 2024 find under mini-batch SGD."""
+    threshold = 2 * (1 + momentum) / lr
+    name = "2(1+beta)/eta" if momentum else "2/eta"
+    if not np.isfinite(batch_sharpness):
+        return (f"seed {seed}: tracked lambda_max ends at {lambda_max / threshold:.1%} of {name} = "
+                f"{fmt(threshold)} (batch sharpness was not tracked).")
+    ratio = batch_sharpness / threshold
+    where = ("below the edge of stability" if ratio < 1 - EDGE_BAND else
+             f"at the edge of stability (within {EDGE_BAND:.0%})" if ratio <= 1 + EDGE_BAND else
+             "beyond the edge of stability: a step overshoots along its own batch's gradient")
+    order = ("below it, as Andreyev & Beneventano 2024 find under mini-batch SGD" if lambda_max < batch_sharpness
+             else "not below it, unlike Andreyev & Beneventano 2024's finding under mini-batch SGD")
+    return (f"seed {seed}: batch sharpness ends at {fmt(batch_sharpness)}, {ratio:.1%} of {name} = "
+            f"{fmt(threshold)}: {where}; full-batch lambda_max {fmt(lambda_max)} is {order}.")
+
+
+def noise_sentence(b_simple: dict[str, float], batch_size: int) -> str:
+    """B_simple against the batch size B (McCandlish et al. 2018): above B, noise dominates a step and a larger
+    batch would still have sped training up; below it, a larger batch mostly spends compute."""
+    above = [s for s, b in b_simple.items() if b > batch_size]
+    below = [s for s in b_simple if s not in above]
+    ratios = ", ".join(f"seed {s} {b / batch_size:.2g}x" for s, b in b_simple.items())
+    if not below:
+        return (f"B_simple exceeds the batch size {batch_size} for every model ({ratios}): gradient noise dominates "
+                "each step, so larger batches would still have sped up training at this point.")
+    if not above:
+        return (f"B_simple is below the batch size {batch_size} for every model ({ratios}): the gradient signal "
+                "dominates each step, so larger batches would mostly spend more computation per step.")
+    return (f"B_simple exceeds the batch size {batch_size} for seed(s) {', '.join(above)} but not for "
+            f"{', '.join(below)} ({ratios}): the regime differs between the models.")
+
+
+def connectivity_sentence(barrier: float, endpoint_loss: float, aligned: float | None) -> str:
+    """The straight-line barrier relative to the mean endpoint loss, connected below CONNECTED; after weight
+    matching, how much of it was permutation symmetry."""
+    ratio = barrier / max(endpoint_loss, 1e-12)
+    text = (f"The straight-line barrier is {ratio:.1%} of the mean endpoint training loss: the two seeds are "
+            f"linearly connected (below {CONNECTED:.0%})." if ratio < CONNECTED else
+            f"The straight-line barrier is {ratio:.2g}x the mean endpoint training loss: the two seeds are not "
+            f"linearly connected (a barrier of {CONNECTED:.0%} or more).")
+    if aligned is None:
+        return text
+    aligned_ratio = aligned / max(endpoint_loss, 1e-12)
+    share = 1 - aligned / barrier if barrier > 0 else 0.0
+    if aligned_ratio < CONNECTED:
+        return text + (f" After aligning hidden units it is {fmt(aligned)} ({aligned_ratio:.1%} of the endpoint "
+                       "loss): linearly connected up to permutation symmetry.")
+    if aligned < barrier:
+        return text + (f" After aligning hidden units it drops to {fmt(aligned)} ({share:.0%} of it was permutation "
+                       f"symmetry), still {aligned_ratio:.0%} of the endpoint loss: not linearly connected even "
+                       "after alignment.")
+    return text + f" Aligning hidden units does not lower it ({fmt(aligned)})."
+
+
+def joined(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def curve_sentence(curve_barrier: float, line_barrier: float, endpoint_loss: float) -> str:
+    """Whether the trained Bézier curve connects the models (its barrier below CONNECTED of the endpoint loss)."""
+    ratio = curve_barrier / max(endpoint_loss, 1e-12)
+    line_connected = line_barrier / max(endpoint_loss, 1e-12) < CONNECTED
+    if ratio < CONNECTED:
+        return (f"The trained curve's barrier is {ratio:.1%} of the mean endpoint loss: it joins the two solutions "
+                "through low loss" + (" although the straight line between them does not." if not line_connected
+                                      else ", as the straight line does."))
+    if curve_barrier < line_barrier:
+        return (f"The trained curve's barrier {fmt(curve_barrier)} is {1 - curve_barrier / line_barrier:.0%} lower "
+                f"than the straight line's {fmt(line_barrier)} but still {ratio:.2g}x the mean endpoint loss: not a "
+                f"low-loss path (that needs under {CONNECTED:.0%}); more --bezier-epochs may find one.")
+    return (f"The trained curve's barrier {fmt(curve_barrier)} is no lower than the straight line's "
+            f"{fmt(line_barrier)}: the curve's training found no better path.")
+
+
+def basin_sentence(losses: np.ndarray, alphas: list[float], betas: list[float]) -> str:
+    """On a (2k+1)² slice centred on the model (losses[i, j] at alphas[i], betas[j]): whether the slice's
+    minimum is the centre, and along how many of the eight rays from the centre (axes and diagonals) the loss
+    never falls on the way out."""
+    losses = np.asarray(losses)
+    c = losses.shape[0] // 2
+    centre = losses[c, c]
+    lowest = np.unravel_index(np.argmin(losses), losses.shape)
+    rays = [np.array([losses[c + k * di, c + k * dj] for k in range(c + 1)])
+            for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)]
+    rising = sum(bool(np.all(np.diff(ray) >= 0)) for ray in rays)
+    if losses[lowest] < centre:
+        return (f"The slice's lowest loss {fmt(float(losses[lowest]))} lies off the trained model, at (alpha, beta) = "
+                f"({alphas[lowest[0]]:.3g}, {betas[lowest[1]]:.3g}), below the centre's {fmt(float(centre))}: "
+                "the model is not at the minimum of this slice.")
+    if rising == len(rays):
+        return (f"The loss rises along every one of the 8 rays from the trained model, {float(losses.max()) / max(centre, 1e-12):.2g}x "
+                "at its highest: a single basin around the model on this slice.")
+    return (f"The trained model is the slice's lowest point, but along {len(rays) - rising} of the 8 rays from it the "
+            "loss falls again on the way out: more than one basin, or a ridge, on this slice.")
+
+
+def rescaling_sentence(rows: list[dict]) -> str:
+    """Dinh et al. 2017's test: across function-preserving rescalings, which measures stay put (under INVARIANT
+    relative spread) and which move (over MOVES)."""
+    names = {"top_eigenvalue": "lambda_max", "worst_case_absolute": "absolute worst-case sharpness",
+             "worst_case_adaptive": "adaptive worst-case sharpness", "filter_normalised": "filter-normalised flatness",
+             "adaptive_average": "adaptive flatness"}
+    spread = {}
+    for key, name in names.items():
+        values = np.asarray([row[key] for row in rows], dtype=float)
+        spread[name] = float(values.max() / values.min() - 1) if values.min() > 0 else math.inf
+    moved = [f"{name} (x{1 + v:.3g})" for name, v in spread.items() if v > MOVES]
+    still = [name for name, v in spread.items() if v < INVARIANT]
+    between = [f"{name} ({v:.1%})" for name, v in spread.items() if INVARIANT <= v <= MOVES]
+    parts = []
+    if moved:
+        parts.append(f"moves {joined(moved)}")
+    if between:
+        parts.append(f"moves {joined(between)} a little")
+    text = "Rescaling the first two layers (the same function) " + ("; ".join(parts) if parts else "moves no measure")
+    if still:
+        text += (f", while {joined(still)} stay within {INVARIANT:.0%}: only these describe the function rather than "
+                 "its parametrisation.")
+    else:
+        text += ": every measure depends on the parametrisation here."
+    return text
+
+
+def report_sections(metrics: dict) -> list["Section"]:
+    """The report's sections: title, formula (mathtext), reference, numbers per seed, interpretation, figure."""
+    return [section for build in SECTIONS if (section := build(metrics)) is not None]
+
+
+def training_section(metrics: dict) -> Section | None:
+    """Losses, accuracies and the generalisation gap."""
+    seeds = seeds_of(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
+    gaps = {s: m[s]["generalization_gap"] for s in seeds}
+    return Section(**{
+        "title": "Training and generalisation", "reference": REFERENCES["training"],
+        "formula": r"$\mathrm{gap} = L_{\mathrm{test}}(\theta) - L_{\mathrm{train}}(\theta)$",
+        "numbers": [f"seed {s}: train loss {fmt(m[s]['train']['loss'])}, test loss {fmt(m[s]['test']['loss'])}, "
+                    f"test accuracy {100 * m[s]['test']['accuracy']:.2f}%, generalisation gap {fmt(gaps[s])}"
+                    for s in seeds],
+        "interpretation": compare_sentence(gaps, "generalisation gap", "worse at generalising"),
+        "figure": None,
+    })
+
+
+def sharpness_section(metrics: dict) -> Section | None:
+    """λ_max, the top eigenvalues, λ_min and tr(H)."""
+    seeds = seeds_of(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
+    sharp = {s: m[s]["sharpness"]["eigenvalue"] for s in seeds}
+    return Section(**{
+        "title": "Sharpness and the Hessian spectrum", "reference": REFERENCES["sharpness"],
+        "formula": r"$\lambda_{\max} = \max_{v} \frac{v^\top H v}{v^\top v},\quad "
+                   r"H = \nabla^2_\theta \frac{1}{N}\sum_i \ell_i(\theta),\quad \mathrm{tr}(H) = \sum_i H_{ii} = E_z[z^\top H z]$",
+        "numbers": [f"seed {s}: sharpness lambda_max {fmt(sharp[s])} (residual {fmt(m[s]['sharpness']['residual'], 2)}), "
+                    f"top eigenvalues {', '.join(fmt(v) for v in m[s]['eigenpairs']['top'])}, lambda_min "
+                    f"{fmt(m[s]['eigenpairs']['lambda_min'])}, trace {trace_text(m[s]['trace'], ascii=True)}"
+                    for s in seeds],
+        "interpretation": compare_sentence(sharp, "lambda_max", "sharper") + negative_curvature_sentence(
+            {s: (m[s]["eigenpairs"]["lambda_min"], m[s]["eigenpairs"].get("lambda_min_residual", 0.0)) for s in seeds}),
+        "figure": "hessian_spectrum.png",
+    })
+
+
+def tracking_section(metrics: dict) -> Section | None:
+    """λ_max during training against the stability threshold."""
+    seeds = seeds_of(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
+    cfg = metrics["config"]
+    final = {s: (m[s]["training"].get("tracking", {}).get("records") or [{}])[-1] for s in seeds}
+    return Section(**{
+        "title": "Curvature during training", "reference": REFERENCES["tracking"],
+        "formula": r"$\lambda_{\max}(\theta_t),\ E_B\left[\frac{g_B^\top H_B g_B}{\|g_B\|^2}\right]\ "
+                   r"\mathrm{vs}\ 2/\eta\ \mathrm{and}\ 2(1+\beta)/\eta$",
+        "numbers": [f"seed {s}: at the end, tracked lambda_max {fmt(final[s].get('lambda_max', math.nan))} on "
+                    f"{m[s]['training'].get('tracking', {}).get('examples', 0)} examples, batch sharpness "
+                    f"{fmt(final[s].get('batch_sharpness', math.nan))} +- "
+                    f"{fmt(final[s].get('batch_sharpness_stderr', math.nan), 2)} over batches of "
+                    f"{cfg['batch_size']}; checked every {m[s]['training'].get('tracking', {}).get('every', 0)} steps"
+                    for s in seeds],
+        "interpretation": " ".join(stability_sentence(s, final[s].get("batch_sharpness", math.nan),
+                                                      final[s]["lambda_max"], cfg["lr"], cfg["momentum"])
+                                   for s in seeds) if all(final.values()) else
+                          "Tracking was switched off in this run.",
+        "figure": "sharpness_during_training.png",
+    })
+
+
+def flatness_section(metrics: dict) -> Section | None:
+    """Filter-normalised flatness."""
+    seeds = seeds_of(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
+    flat = {s: m[s]["flatness"]["mean_increase"][-1] for s in seeds}
+    sigma = m[seeds[0]]["flatness"]["sigmas"][-1]
+    return Section(**{
+        "title": "Perturbation flatness", "reference": REFERENCES["flatness"],
+        "formula": r"$\Delta L(\sigma) = E_d\,[L(\theta + \sigma d) - L(\theta)],\ "
+                   r"d\ \mathrm{filter\text{-}normalised}:\ \|d_{r}\| = \|\theta_{r}\|$",
+        "numbers": [f"seed {s}: flatness increase at sigma {fmt(sigma, 3)} is {fmt(flat[s])} +- "
+                    f"{fmt(m[s]['flatness']['std_increase'][-1], 2)} (std over {m[s]['flatness']['samples']} "
+                    "directions)" for s in seeds],
+        "interpretation": compare_sentence(flat, f"loss increase at sigma {fmt(sigma, 3)}", "less flat"),
+        "figure": "flatness_stem.png",
+    })
+
+
+def robust_flatness_section(metrics: dict) -> Section | None:
+    """The measures meant to survive reparametrisation, and the rescaling experiment (MLPs only)."""
+    seeds = seeds_of(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
+    if "worst_case" not in m[seeds[0]]:
+        return None
+    rows = metrics.get("reparametrisation", {}).get("rows", [])
+    return Section(**{
+        "title": "Flatness that survives reparametrisation", "reference": REFERENCES["robust"],
+        "formula": r"$S_\rho = \max_{\|T^{-1}\epsilon\|\leq\rho} L(\theta+\epsilon) - L(\theta),\ "
+                   r"T = I\ \mathrm{or}\ \mathrm{diag}|\theta|;\quad \mathrm{PAC\text{-}Bayes}: 1/\sigma^2$",
+        "numbers": [f"seed {s}: adaptive increase {fmt(m[s]['adaptive_flatness']['mean_increase'][-1])}, worst-case "
+                    f"{fmt(m[s]['worst_case']['absolute']['sharpness'])} (absolute), "
+                    f"{fmt(m[s]['worst_case']['adaptive']['sharpness'])} (adaptive), PAC-Bayes sigma "
+                    f"{fmt(m[s]['pac_bayes']['plain']['sigma'], 3)}, magnitude-aware "
+                    f"{fmt(m[s]['pac_bayes']['magnitude_aware']['sigma'], 3)}" for s in seeds],
+        "interpretation": rescaling_sentence(rows) if rows else
+                          "The rescaling experiment needs a ReLU MLP and was skipped for this model.",
+        "figure": "reparametrisation.png",
+    })
+
+
+def noise_section(metrics: dict) -> Section | None:
+    """The gradient noise scales."""
+    seeds = seeds_of(metrics)
+    m = {s: metrics["models"][s] for s in seeds}
+    cfg = metrics["config"]
+    noise = {s: math.inf if m[s]["gradient_noise"]["b_simple"] is None else m[s]["gradient_noise"]["b_simple"]
+             for s in seeds}
+    return Section(**{
+        "title": "Gradient noise", "reference": REFERENCES["noise"],
+        "formula": r"$B_{\mathrm{simple}} = \frac{\mathrm{tr}\,\Sigma}{|G|^2},\ "
+                   r"B_{\mathrm{noise}} = \frac{\mathrm{tr}(H\Sigma)}{G^\top H G},\ "
+                   r"g = \frac{\epsilon N}{B(1-m)}$",
+        "numbers": [f"seed {s}: noise scale B_simple {fmt(m[s]['gradient_noise']['b_simple'])}, B_noise "
+                    f"{fmt(m[s]['gradient_noise']['b_noise'])}, temperature "
+                    f"{fmt(m[s]['gradient_noise']['temperature'])}" for s in seeds],
+        "interpretation": noise_sentence(noise, cfg["batch_size"]),
+        "figure": None,
+    })
+
+
+def connectivity_section(metrics: dict) -> Section | None:
+    """The barriers between the two models."""
+    c = metrics["connectivity"]
+    base = {s: (c["train"]["endpoint_losses"][i]) for i, s in enumerate(c["seeds"][:2])}
+    aligned = barrier_of(c["aligned"]["train"]) if "aligned" in c else None
+    return Section(**{
+        "title": "Mode connectivity", "reference": REFERENCES["connectivity"],
+        "formula": r"$B = \max_\alpha L((1-\alpha)\theta_A + \alpha\theta_B) - "
+                   r"[(1-\alpha) L(\theta_A) + \alpha L(\theta_B)]$",
+        "numbers": [f"loss barrier {split} {fmt(barrier_of(c[split]))}"
+                    + (f", after weight matching {fmt(barrier_of(c['aligned'][split]))}"
+                       if "aligned" in c else "")
+                    + (f", Bezier curve max loss {fmt(max(c['bezier'][split]['losses']))}" if "bezier" in c else "")
+                    for split in ("train", "test")],
+        "interpretation": connectivity_sentence(barrier_of(c["train"]), float(np.mean(list(base.values()))), aligned),
+        "figure": "mode_connectivity.png",
+    })
+
+
+def plane_section(metrics: dict) -> Section | None:
+    """The trained Bézier curve (when there is one)."""
+    c = metrics["connectivity"]
+    if "bezier" not in c:
+        return None
+    return Section(**{"title": "The plane through both solutions and the curve", "reference": REFERENCES["connectivity"],
+            "formula": r"$\theta(t) = (1-t)^2\theta_A + 2t(1-t)\theta_C + t^2\theta_B$",
+            "numbers": [f"Bezier curve max loss train {fmt(max(c['bezier']['train']['losses']))}, "
+                        f"test {fmt(max(c['bezier']['test']['losses']))}"],
+            "interpretation": curve_sentence(c["bezier"]["train"]["barrier"],
+                                             barrier_of(c["train"]), float(np.mean(c["train"]["endpoint_losses"]))),
+            "figure": "connectivity_plane.png"})
+
+
+def surface_section(metrics: dict) -> Section | None:
+    """The 2-D loss slice."""
+    s = metrics["surface"]
+    losses = np.asarray(s["losses"])
+    centre = losses[len(losses) // 2, len(losses) // 2]
+    return Section(**{
+        "title": "Loss surface", "reference": REFERENCES["surface"],
+        "formula": r"$f(\alpha, \beta) = L(\theta + \alpha d_1 + \beta d_2)$",
+        "numbers": [f"seed {s['seed']}: {s['split']} loss at the centre {fmt(centre)}, minimum on the slice "
+                    f"{fmt(losses.min())}, maximum {fmt(losses.max())}"],
+        "interpretation": basin_sentence(losses, s["alphas"], s["betas"]),
+        "figure": "loss_surface_3d.png",
+    })
+
+
+SECTIONS = (training_section, sharpness_section, tracking_section, flatness_section, robust_flatness_section,
+            noise_section, connectivity_section, plane_section, surface_section)  # the report's order
+
+
+
+# ----------------------------------------------------------------------------- the sweep's report
+SWEEP_LABELS = {
+    "lambda_max": "λ_max", "lambda_k": "λ_k (k-th largest)", "lambda_min": "λ_min", "trace": "tr(H)",
+    "layer_lambda_max": "largest layer-block λ_max", "flatness": "filter-normalised ΔL(σ_max)",
+    "adaptive_flatness": "adaptive ΔL(σ_max)", "worst_case_absolute": "worst-case sharpness (absolute)",
+    "worst_case_adaptive": "worst-case sharpness (adaptive)", "pac_bayes_inv_sigma_sq": "PAC-Bayes 1/σ²",
+    "pac_bayes_magnitude_aware_inv_sigma_sq": "PAC-Bayes 1/σ² (magnitude-aware)", "b_simple": "B_simple",
+    "b_noise": "B_noise", "temperature": "temperature εN/(B(1−m))", "weight_norm_sq": "‖θ‖²",
+    "batch_sharpness": "batch sharpness", "barrier": "barrier (straight line)",
+    "aligned_barrier": "barrier after weight matching",
+}
+
+
+def sorted_correlations(metrics: dict, gap: str) -> list[tuple[str, dict]]:
+    """(measure, its correlation with `gap`) for the measures that have one, sorted by τ, largest first."""
+    found = [(k, v[gap]) for k, v in metrics["sweep"]["correlations"].items() if v.get(gap)]
+    return sorted(found, key=lambda kv: -np.nan_to_num(kv[1]["tau"], nan=-2.0))
+
+
+def interval_side(c: dict | None, key: str = "tau") -> int:
+    """+1 when the 95% interval of c's statistic lies above 0, −1 below, 0 when it contains 0 or is unknown."""
+    if not c:
+        return 0
+    low, high = c[f"{key}_interval"]
+    return 1 if low is not None and low > 0 else -1 if high is not None and high < 0 else 0
+
+
+def ranking_sentences(correlations: dict, gap: str = "gap_loss") -> list[str]:
+    """Which measures ranked the models' generalisation gap on this sweep: τ's 95% interval above 0 (a larger
+    value went with a larger gap), below 0 (the wrong way round), or containing 0 (no evidence either way)."""
+    by_side = {1: [], -1: [], 0: []}
+    for measure, c in correlations.items():
+        if c.get(gap):
+            by_side[interval_side(c[gap])].append(f"{SWEEP_LABELS.get(measure, measure)} (τ {c[gap]['tau']:+.2f})")
+    sentences = []
+    if by_side[1]:
+        sentences.append(f"Ranked generalisation (τ's 95% interval above 0): {joined(by_side[1])}.")
+    else:
+        sentences.append("No measure ranked generalisation with a 95% interval above 0 on this sweep.")
+    if by_side[-1]:
+        sentences.append(f"Ranked it the wrong way round (interval below 0: larger went with a smaller gap): "
+                         f"{joined(by_side[-1])}.")
+    if by_side[0]:
+        sentences.append(f"No evidence either way (interval contains 0): {joined(by_side[0])}.")
+    return sentences
+
+
+def literature_sentences(correlations: dict, batch_vs_sharpness: dict | None, gap: str = "gap_loss") -> list[str]:
+    """This sweep against published findings, each verdict chosen by the intervals: Jiang et al. 2020 (sharpness
+    and magnitude-aware PAC-Bayes among the best predictors), Keskar et al. 2017 (larger batches, sharper
+    minima), Dinh et al. 2017 / Andriushchenko et al. 2023 (raw sharpness depends on the parametrisation and
+    can mislead)."""
+    ranked = sorted((c[gap]["psi"] if c.get(gap) and c[gap]["psi"] is not None else -2.0, m)
+                    for m, c in correlations.items())[::-1]
+    top_third = {m for _, m in ranked[: max(1, math.ceil(len(ranked) / 3))]}
+    jiang = [m for m in ("worst_case_absolute", "worst_case_adaptive", "pac_bayes_magnitude_aware_inv_sigma_sq")
+             if m in correlations]
+    among = [SWEEP_LABELS[m] for m in jiang if m in top_third]
+    out = []
+    verb = "is" if len(among) == 1 else "are"
+    if len(among) == len(jiang):
+        out.append(f"Jiang et al. 2020: sharpness and magnitude-aware PAC-Bayes among the best predictors. Here "
+                   f"too: {joined(among)} {verb} in the top third by Ψ. Our data agree.")
+    elif among:
+        out.append(f"Jiang et al. 2020: sharpness and magnitude-aware PAC-Bayes among the best predictors. Here only "
+                   f"{joined(among)} {verb} in the top third by Ψ: our data partly disagree.")
+    else:
+        out.append("Jiang et al. 2020: sharpness and magnitude-aware PAC-Bayes among the best predictors. Here none "
+                   "of them is in the top third by Ψ: our data disagree.")
+    side = interval_side(batch_vs_sharpness)
+    tau = batch_vs_sharpness["tau"] if batch_vs_sharpness else math.nan
+    out.append("Keskar et al. 2017: larger batches find sharper minima. " + (
+        f"Here τ(batch size, λ_max) = {tau:+.2f} with its interval above 0: our data agree." if side > 0 else
+        f"Here τ(batch size, λ_max) = {tau:+.2f} with its interval below 0: larger batches found flatter minima, "
+        "our data disagree." if side < 0 else
+        f"Here τ(batch size, λ_max) = {tau:+.2f} with an interval that contains 0: our data neither confirm nor "
+        "refute it."))
+    raw = correlations.get("lambda_max", {}).get(gap)
+    adaptive = correlations.get("worst_case_adaptive", {}).get(gap)
+    if raw and adaptive:
+        better = "better" if adaptive["tau"] > raw["tau"] else "no better"
+        out.append(f"Dinh et al. 2017, Andriushchenko et al. 2023: raw sharpness depends on the parametrisation and "
+                   f"can mislead. Here λ_max has τ {raw['tau']:+.2f} and the rescaling-invariant adaptive worst-case "
+                   f"sharpness {adaptive['tau']:+.2f}: the invariant measure ranks {better}"
+                   + (" and λ_max ranks the wrong way round." if interval_side(raw) < 0 else "."))
+    return out
+
+
+def edge_of_stability_sentence(rows: list[dict], momentum: float) -> str:
+    """Andreyev & Beneventano 2024 across the sweep: how many models end with batch sharpness within EDGE_BAND
+    of 2/η or 2(1+β)/η, and in how many full-batch λ_max is below batch sharpness."""
+    usable = [r for r in rows if r.get("batch_sharpness") is not None and np.isfinite(r["batch_sharpness"])]
+    if not usable:
+        return "Batch sharpness was not tracked in this sweep."
+    thresholds = [2 / r["lr"] for r in usable], [2 * (1 + momentum) / r["lr"] for r in usable]
+    at = [sum(abs(r["batch_sharpness"] / t - 1) <= EDGE_BAND for r, t in zip(usable, ts)) for ts in thresholds]
+    below = sum(r["lambda_max"] < r["batch_sharpness"] for r in usable)
+    return (f"Andreyev & Beneventano 2024: under mini-batch SGD batch sharpness, not λ_max, settles at 2/η. Here "
+            f"{at[0]} of {len(usable)} models end with batch sharpness within {EDGE_BAND:.0%} of 2/η and {at[1]} within "
+            f"{EDGE_BAND:.0%} of 2(1+β)/η; full-batch λ_max is below batch sharpness in {below} of {len(usable)}"
+            + (": our data agree on the order." if below > len(usable) / 2 else
+               ": our data disagree on the order."))
+
+
+def sweep_findings(metrics: dict) -> list[str]:
+    """The sweep report's sentences, each chosen by the sweep's numbers."""
+    sweep = metrics["sweep"]
+    return [*ranking_sentences(sweep["correlations"]),
+            *literature_sentences(sweep["correlations"], sweep.get("batch_size_vs_sharpness")),
+            edge_of_stability_sentence(sweep["rows"], metrics["config"]["momentum"])]
+
+
+def sweep_summary(metrics: dict) -> str:
+    """The terminal's table of the sweep: each measure's τ and Ψ with the loss and error gaps, with intervals."""
+    sweep = metrics["sweep"]
+    header = ["measure", "tau (loss gap)", "95% interval", "Psi (loss gap)", "95% interval", "tau (error gap)"]
+    rows = []
+    for measure, c in sorted_correlations(metrics, "gap_loss"):
+        error = sweep["correlations"][measure].get("gap_error") or {"tau": math.nan}
+        rows.append([measure, f"{c['tau']:+.2f}", f"[{c['tau_interval'][0]:+.2f}, {c['tau_interval'][1]:+.2f}]",
+                     f"{c['psi']:+.2f}", f"[{c['psi_interval'][0]:+.2f}, {c['psi_interval'][1]:+.2f}]",
+                     f"{error['tau']:+.2f}"])
+    lines = [f"sweep: {len(sweep['rows'])} models measured, {len(sweep['excluded'])} left out (missed training loss "
+             f"{metrics['config']['sweep_target_loss']:g}, or diverged)", format_table(header, rows)]
+    if sweep["rows"]:
+        lines += ["", *(textwrap.fill(text, 110) for text in sweep_findings(metrics))]
+    return "\n".join(lines)
+
+
+
+# ----------------------------------------------------------------------------- documents
+REPORT = "Loss_Landscape_Report.pdf"
+SWEEP_REPORT = "Sweep_Report.pdf"
+SUMMARY_SECTION = Section("Summary table", figure="summary_table.png")
+
+
+def title_page(metrics: dict) -> TextPage:
+    """The default run's first page: what was run on which data with which versions, and each stage's time."""
+    cfg, d, env = metrics["config"], metrics["data"], metrics["environment"]
+    items = list(metrics.get("timings", {}).items())
+    return TextPage(
+        "Where does SGD land? Loss landscape report",
+        [f"created {metrics.get('created', '')}",
+         f"data: {d['source']} ({d['n_train']} train / {d['n_test']} test, sha256 {d['sha256'][:16]}...)",
+         f"model: {cfg['model']} {tuple(cfg['hidden'])}, seeds {', '.join(map(str, cfg['seeds']))}; SGD lr "
+         f"{cfg['lr']}, momentum {cfg['momentum']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs",
+         f"versions: python {env['python']}, torch {env['torch']}, numpy {env['numpy']}, scipy {env['scipy']}, "
+         f"matplotlib {env['matplotlib']}; {env['device']}, {env['threads']} threads"],
+        "time per stage (s):",
+        ["    ".join(f"{k} {v:.2f}" for k, v in items[i : i + 4]) for i in range(0, len(items), 4)])
+
+
+def sweep_title_page(metrics: dict) -> TextPage:
+    """The sweep's first page: the grid, the stopping rule, and every model left out with the reason."""
+    sweep, cfg = metrics["sweep"], metrics["config"]
+    return TextPage(
+        "Which geometry predicts generalisation? Sweep report",
+        [f"{len(sweep['rows'])} models measured of {len(sweep['grid']) * len(sweep['seeds'])}: batch sizes "
+         f"{cfg['sweep_batch_sizes']}, learning rates {cfg['sweep_lrs']}, widths {cfg['sweep_widths']}, seeds "
+         f"{sweep['seeds']}; each trained to training loss {cfg['sweep_target_loss']:g} within "
+         f"{cfg['sweep_max_epochs']} epochs"],
+        "left out:" if sweep["excluded"] else "",
+        [f"batch {e['batch_size']}, lr {e['lr']}, width {e['width']}, seed {e['seed']} "
+         f"({e.get('reason', 'missed the target')})" for e in sweep["excluded"]])
+
+
+SWEEP_PAGES = (("sweep_correlation.png", "Rank correlations"), ("sweep_measures.png", "Each measure against the gap"),
+               ("batch_sharpness.png", "Batch sharpness across batch sizes"))
+
+
+def document(metrics: dict) -> Document:
+    """The report of a run's metrics: the default run's (a title page, one section per measure, the summary
+    table) or the sweep's (the grid and what was left out, the findings, a page per figure)."""
+    if metrics.get("kind", "run") == "sweep":
+        return Document(SWEEP_REPORT, "Sweep report",
+                        [sweep_title_page(metrics), TextPage("Findings", sweep_findings(metrics)),
+                         *[Section(title, figure=name) for name, title in SWEEP_PAGES]])
+    return Document(REPORT, "Loss landscape report", [title_page(metrics), *report_sections(metrics), SUMMARY_SECTION])
+
+
+def summary_text(metrics: dict) -> str:
+    """What the terminal prints after a run: the summary tables of the default run, or the sweep's."""
+    return sweep_summary(metrics) if metrics.get("kind", "run") == "sweep" else format_summary(metrics)
