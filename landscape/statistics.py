@@ -408,7 +408,14 @@ def _entropy(columns: list[np.ndarray]) -> float:
     """Shannon entropy (nats) of the joint empirical distribution of the rows of `columns` (0 for no columns)."""
     if not columns:
         return 0.0
-    _, counts = np.unique(np.stack(columns, axis=1), axis=0, return_counts=True)
+    base = max(int(c.max()) for c in columns) + 2  # columns hold integers ≥ −1: one number per row, in base `base`
+    if base ** len(columns) < 2**62:
+        key = np.zeros(len(columns[0]), dtype=np.int64)
+        for column in columns:
+            key = key * base + (column.astype(np.int64) + 1)
+        counts = np.unique(key, return_counts=True)[1]
+    else:
+        counts = np.unique(np.stack(columns, axis=1), axis=0, return_counts=True)[1]
     p = counts / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -516,7 +523,13 @@ class Findings:
 def measure_statistics(measure: Sequence[float], gap: Sequence[float], configs: Sequence[dict],
                        axes: Sequence[str], *, seed_key: str = "seed", resamples: int = 999,
                        confidence: float = 0.95, seed: int = 0) -> MeasureStatistics:
-    """τ, Ψ, their cluster-bootstrap intervals, Ψ's permutation p-value and the CMI of one measure."""
+    """τ, Ψ, their cluster-bootstrap intervals, Ψ's permutation p-value and the CMI of one measure; all NaN (no
+    groups) with fewer than two models."""
+    if len(configs) < 2:
+        nan2 = (math.nan, math.nan)
+        return MeasureStatistics(math.nan, nan2, math.nan, nan2, {a: math.nan for a in axes}, {a: 0 for a in axes},
+                                 math.nan, {a: math.nan for a in axes}, math.nan, {}, len(configs),
+                                 len(set(configuration_clusters(configs, seed_key=seed_key).tolist())))
     test = psi_permutation_test(measure, gap, configs, axes, permutations=resamples, seed=seed)
     boot = cluster_bootstrap(measure, gap, configs, axes, seed_key=seed_key, resamples=resamples,
                              confidence=confidence, seed=seed)
@@ -582,7 +595,8 @@ def _half_verdicts(rows: Sequence[dict], configs: Sequence[dict], directions: di
         tests = {}
         for name in directions:
             measure, gap, used = _usable(half_rows, half_configs, name, outcome)
-            test = psi_permutation_test(measure, gap, used, axes, permutations=resamples, seed=seed)
-            tests[name] = (test.psi, test.p_value)
+            test = psi_permutation_test(measure, gap, used, axes, permutations=resamples, seed=seed) if len(used) > 1 \
+                else None
+            tests[name] = (test.psi, test.p_value) if test else (math.nan, math.nan)
         per_half.append(_verdicts(tests, directions, alpha))
     return {n: (per_half[0][n], per_half[1][n]) for n in directions}

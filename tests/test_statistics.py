@@ -307,3 +307,14 @@ def test_seed_halves_are_disjoint_and_need_two_seeds():
     assert {c["seed"] for c, k in zip(configs, first) if k} == {3, 11} and {c["seed"] for c, k in zip(configs, second) if k} == {7}
     with pytest.raises(ValueError, match="two seeds or more"):
         statistics.seed_halves(study_configs(seeds=(0,)))
+
+
+def test_a_measure_never_finite_is_no_evidence_and_left_out_of_holms_count():
+    rows = replication_rows(True)
+    for r in rows:
+        r["missing"] = math.nan
+    f = statistics.findings(rows, outcome="gap_error", measures={"sharp": 1, "missing": 1}, baselines={},
+                            axes=STUDY_AXES, resamples=199)
+    by = {r.measure: r for r in f.records}
+    assert math.isnan(by["missing"].p_holm) and by["missing"].verdict == "no evidence" and not by["missing"].replicated
+    assert by["sharp"].p_holm == by["sharp"].p_value  # a family of one
