@@ -170,12 +170,22 @@ def null_study(rng, configs):
     return rng.normal(size=clusters.max() + 1)[clusters] + rng.normal(size=len(configs)), gap
 
 
+def structured_null_study(rng, configs):
+    """A null where the measure follows the width and the batch size, the gap the learning rate, each with its own
+    configuration effect: within no group does the measure say anything about the gap."""
+    clusters = statistics.configuration_clusters(configs)
+    width, lr, batch = (np.array([c[k] for c in configs], dtype=float) for k in ("width", "lr", "batch_size"))
+    measure = 2 * (width == 256) + 0.3 * np.log(batch) + rng.normal(size=clusters.max() + 1)[clusters]
+    gap = np.log(lr) + rng.normal(size=clusters.max() + 1)[clusters]
+    return measure + 0.5 * rng.normal(size=len(configs)), gap + 0.5 * rng.normal(size=len(configs))
+
+
 def test_permutation_p_value_is_uniform_under_the_null():
-    """Over 300 null studies the p-values are uniform: Kolmogorov–Smirnov against U(0, 1) does not reject at 1%
-    (the p-values' grid of 1/200 moves the KS statistic by at most 0.005, against a critical 0.094), and the
+    """Over 300 null studies the p-values of Ψ are uniform: Kolmogorov–Smirnov against U(0, 1) does not reject at
+    1% (the p-values' grid of 1/200 moves the KS statistic by at most 0.005, against a critical 0.094), and the
     share below 0.05 is within 3 standard errors (0.038) of 0.05. Each axis's own p-value is valid: at most
-    0.05 + 0.038 below 0.05 (not uniform: ψ_width over groups of two models takes few values, so ties make it
-    conservative). The same test rejects under an effect."""
+    0.05 + 0.038 below 0.05 (not uniform: a width group holds two configurations, so ψ_width's permutations take
+    few values and ties make it conservative). The same test rejects under an effect."""
     configs = study_configs()
     rng = np.random.default_rng(0)
     tests = [statistics.psi_permutation_test(*null_study(rng, configs), configs, STUDY_AXES, permutations=199, seed=k)
@@ -187,6 +197,19 @@ def test_permutation_p_value_is_uniform_under_the_null():
         assert np.mean([t.axis_p_values[axis] <= 0.05 for t in tests]) <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 300)
     m, g = null_study(rng, configs)
     assert statistics.psi_permutation_test(g + 0.5 * m, g, configs, STUDY_AXES, permutations=199).p_value == 0.005
+
+
+def test_permutation_tests_stay_valid_when_measure_and_gap_follow_different_hyper_parameters():
+    """A configuration's seeds share its effects, so the permutations move configurations with all their seeds:
+    under this structured null no p-value falls below 0.05 more than 0.05 + 3 standard errors of the time (moving
+    models one by one rejected 11.7% on the learning-rate axis)."""
+    configs = study_configs()
+    rng = np.random.default_rng(1)
+    tests = [statistics.psi_permutation_test(*structured_null_study(rng, configs), configs, STUDY_AXES,
+                                             permutations=199, seed=k) for k in range(300)]
+    bound = 0.05 + 3 * math.sqrt(0.05 * 0.95 / 300)
+    assert np.mean([t.p_value <= 0.05 for t in tests]) <= bound
+    assert all(np.mean([t.axis_p_values[a] <= 0.05 for t in tests]) <= bound for a in STUDY_AXES)
 
 
 def clustered_sample(rng, clusters, seeds, rho):
@@ -318,3 +341,16 @@ def test_a_measure_never_finite_is_no_evidence_and_left_out_of_holms_count():
     by = {r.measure: r for r in f.records}
     assert math.isnan(by["missing"].p_holm) and by["missing"].verdict == "no evidence" and not by["missing"].replicated
     assert by["sharp"].p_holm == by["sharp"].p_value  # a family of one
+
+
+def test_configuration_permutations_move_all_seeds_together_and_keep_a_left_out_model_out():
+    """Model (c, s) takes the value of model (π(c), s): each row keeps the seed's values within the seed, pairs a
+    configuration's seeds with one other configuration, and the one configuration missing seed 1 stays put."""
+    configs = [{"a": a, "seed": s} for a in range(5) for s in (0, 1) if (a, s) != (4, 1)]
+    values = np.array([10 * c["a"] + c["seed"] for c in configs], dtype=float)
+    permute = statistics._ConfigurationPermutation.of(configs, seed_key="seed")
+    draws = permute(values, [()] * len(configs), 50, np.random.default_rng(0))
+    seeds = np.array([c["seed"] for c in configs])
+    assert np.all(draws % 10 == seeds) and np.all(draws[:, -1] == 40)
+    assert np.all(draws[:, 0:8:2] // 10 == draws[:, 1:8:2] // 10)  # seeds 0 and 1 of a configuration move together
+    assert len({tuple(row) for row in draws}) > 5
