@@ -458,7 +458,10 @@ def conditional_mutual_information(measure: Sequence[float], gap: Sequence[float
     hyper-parameters in S; I(V_μ; V_g | U_S) = H(U,V_μ) + H(U,V_g) − H(U,V_μ,V_g) − H(U) from the empirical joint
     distribution over the pairs, normalised by H(V_g | U_S) = H(U,V_g) − H(U), for every S ⊆ axes with
     |S| ≤ max_conditioned (S = ∅ is the plain mutual information); the CMI is the minimum over the S where
-    H(V_g | U_S) > 0. A measure that is a function of a hyper-parameter in S has V_μ fixed by U_S: 0 there."""
+    H(V_g | U_S) > 0. A measure that is a function of a hyper-parameter in S has V_μ fixed by U_S: 0 there. This is
+    the paper's definition (I and H weighted by p(U_S)); the PGDL competition's scoring code by the same author
+    averages over the values of U_S unweighted, counts ties as "−", includes each model paired with itself and
+    takes |S| = 2 only, so its numbers differ."""
     measure, gap = _checked(measure, gap, configs, axes)
     i, j = np.nonzero(~np.eye(len(gap), dtype=bool))
     v_mu, v_g = np.sign(measure[i] - measure[j]), np.sign(gap[i] - gap[j])
