@@ -39,8 +39,11 @@ class Config:
     dataset: str = field(default="mnist", metadata={"help": "data set", "choices": tuple(data_module.DATASETS)})
     model: str = field(default="mlp", metadata={"help": "architecture", "choices": ("mlp", "cnn")})
     hidden: tuple[int, ...] = field(default=(128, 128), metadata={"help": "MLP hidden widths"})
-    epochs: int = field(default=5, metadata={"help": "training epochs (with --train-to-loss: the most epochs)"})
-    train_to_loss: float = field(default=0.0, metadata={"help": "stop training at the first epoch whose training cross-entropy is at most this (0: train all --epochs)"})
+    epochs: int = field(default=5, metadata={"help": "training epochs (with --train-to-loss: the most epochs; ignored when --max-steps is given)"})
+    max_steps: int = field(default=0, metadata={"help": "training budget in optimiser steps instead of --epochs (0: use --epochs)"})
+    train_to_loss: float = field(default=0.0, metadata={"help": "stop training once the training cross-entropy is at most this (0: train the whole budget)"})
+    check_every: int = field(default=0, metadata={"help": "steps between checks of --train-to-loss (0: at epoch ends)"})
+    collapse_steps: int = field(default=0, metadata={"help": "stop a run whose mini-batch loss stays at chance this many steps, as collapsed (0: never)"})
     lr: float = field(default=0.1, metadata={"help": "SGD learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD heavy-ball momentum"})
     batch_size: int = field(default=128, metadata={"help": "SGD mini-batch size"})
@@ -96,11 +99,19 @@ class Config:
     plot_only: bool = field(default=False, metadata={"help": "redraw the figures and the report from --out/metrics.json, computing nothing"})
     skip_figures: bool = field(default=False, metadata={"help": "write the numbers only (metrics.json/.csv, results.npz); draw later with --plot-only"})
     sweep: bool = field(default=False, metadata={"help": "train and measure the grid --sweep-batch-sizes x --sweep-lrs x --sweep-widths x --seeds, each to --sweep-target-loss, and rank the measures by how well they predict the generalisation gap"})
-    sweep_batch_sizes: tuple[int, ...] = field(default=(16, 64, 256, 1024), metadata={"help": "the sweep's batch sizes"})
-    sweep_lrs: tuple[float, ...] = field(default=(0.01, 0.05, 0.2), metadata={"help": "the sweep's learning rates"})
+    # The sweep's lrs and batch sizes are powers of 4 apart, so the grid's diagonals hold configurations at equal
+    # noise temperature lr*N/(B(1-m)) (Smith & Le 2018) and it spans 2.4 decades of temperature (0.05 to 12.5 at
+    # N = 1000); momentum 0, since with 0.9 the large steps at small batches collapsed to chance (8 of 48 models
+    # of the earlier grid), and at temperature 25 (lr 0.4, batch 16) even momentum 0 collapsed or stalled.
+    sweep_batch_sizes: tuple[int, ...] = field(default=(16, 64, 256), metadata={"help": "the sweep's batch sizes"})
+    sweep_lrs: tuple[float, ...] = field(default=(0.0125, 0.05, 0.2), metadata={"help": "the sweep's learning rates"})
     sweep_widths: tuple[int, ...] = field(default=(64, 256), metadata={"help": "the sweep's hidden widths (two hidden layers each)"})
+    sweep_momentum: float = field(default=0.0, metadata={"help": "the sweep's heavy-ball momentum"})
     sweep_target_loss: float = field(default=0.1, metadata={"help": "training cross-entropy every sweep model is trained to (models compared at equal fit)"})
-    sweep_max_epochs: int = field(default=40, metadata={"help": "epoch budget of a sweep model; one that does not reach the target is reported and left out of the statistics"})
+    sweep_max_steps: int = field(default=4000, metadata={"help": "optimiser-step budget of a sweep model; one that does not reach the target is reported and left out of the statistics"})
+    sweep_check_every: int = field(default=10, metadata={"help": "steps between the sweep's checks of the target loss (and of a collapse)"})
+    sweep_collapse_steps: int = field(default=300, metadata={"help": "a sweep model whose mini-batch loss stays at chance this many steps is stopped as collapsed"})
+    sweep_train_examples: int = field(default=1000, metadata={"help": "training examples of each sweep model (the first N); the rest of the training split joins the test split as held-out data, so the error gap is measured on more examples (0: all, no extra held-out data)"})
     shard_data: bool = field(default=False, metadata={"help": "under torchrun: each process holds a slice of the examples, and the Hessian products, gradients and losses of the sharpness, spectrum, trace, per-layer, flatness and surface stages are all-reduced over the processes"})
     shard_points: bool = field(default=False, metadata={"help": "under torchrun: every process holds all the data and evaluates its share of the flatness directions and surface grid points (the very numbers of one process)"})
     quick: bool = field(default=False, metadata={"help": "whole pipeline on a small slice of the real data with tiny budgets, in seconds"})
@@ -113,7 +124,8 @@ QUICK = dict(  # what --quick changes; flags given explicitly still win
     flatness_samples=3, interpolation_points=11, surface_steps=5, eigen_k=3, density_runs=1, density_steps=20,
     trace_rel_stderr=0.1, layer_rel_stderr=0.3, noise_rel_stderr=0.2, two_batch=(16, 128), worst_case_steps=3,
     pac_bayes_samples=2, rescale_alphas=(2.0,), bezier_epochs=1, plane_steps=5,
-    sweep_batch_sizes=(64, 256), sweep_lrs=(0.05, 0.2), sweep_widths=(32,), sweep_target_loss=0.5, sweep_max_epochs=10,
+    sweep_batch_sizes=(16, 64), sweep_lrs=(0.05, 0.2), sweep_widths=(32,), sweep_target_loss=0.5, sweep_max_steps=400,
+    sweep_train_examples=500,
 )
 
 
@@ -140,18 +152,18 @@ def default_run(cfg: Config, ranks: Ranks | None = None) -> dict | None:
 # ----------------------------------------------------------------------------- the sweep
 def sweep_run(cfg: Config, ranks: Ranks | None = None) -> dict | None:
     """Train every recipe of the grid (batch size x learning rate x width x seed) to a common training loss,
-    measure each model and the barriers between each configuration's first two seeds, and rank every measure
-    by how well it predicts the generalisation gap. Every model is a cached stage: a killed sweep resumes and a
+    measure each model and the barriers within each pair of seeds, and test which measure predicts the error gap
+    beyond the hyper-parameters. Every model is a cached stage: a killed sweep resumes and a
     grown grid computes only the new models."""
     points = sweep.grid(cfg)
     run = pipeline.start(cfg, ranks, stages=sweep.stage_count(cfg, points))
-    rows, excluded = [], []
+    rows, pairs, excluded = [], [], []
     if pipeline.spread(run, *sweep.phases(run, points)):  # under torchrun: each rank its models, then its pairs
-        rows, excluded = sweep.measure_grid(run, points)  # (under torchrun: reading back what the ranks computed)
+        rows, pairs, excluded = sweep.measure_grid(run, points)  # (under torchrun: reading back what they computed)
     if not pipeline.close(run):
         return None
-    statistics = sweep.statistics(rows, seed=cfg.probe_seed)
-    return outputs.write_outputs(run, outputs.sweep_metrics(run, points, rows, excluded, statistics))
+    study = sweep.summary(cfg, points, rows, pairs, excluded)  # the statistics: which measure predicts the gap
+    return outputs.write_outputs(run, outputs.sweep_metrics(run, study))
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -20,12 +20,12 @@ import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402  (matplotlib's own image library)
 
 from experiment.report import (SWEEP_LABELS, Document, Section, TextPage, barrier_of, document, fmt, layer_rows,  # noqa: E402
-                               seeds_of, sorted_correlations, summary_rows)
+                               seeds_of, sorted_findings, summary_rows)
 from landscape.files import write_atomic  # noqa: E402
 
 __all__ = ["FIGURES", "SWEEP_FIGURES", "plot_all", "plot_batch_sharpness", "plot_connectivity_plane",
            "plot_flatness_stem", "plot_hessian_spectrum", "plot_loss_surface_3d", "plot_mode_connectivity",
-           "plot_reparametrisation", "plot_report", "plot_sharpness_during_training", "plot_summary_table",
+           "plot_gap_temperature", "plot_reparametrisation", "plot_report", "plot_sharpness_during_training", "plot_summary_table",
            "plot_sweep_correlation", "plot_sweep_measures"]
 
 # Okabe & Ito's colour-blind-safe palette
@@ -313,64 +313,98 @@ def plot_summary_table(metrics: dict, path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- the sweep
+def _findings_by_name(metrics: dict) -> dict[str, dict]:
+    return {f["measure"]: f for f in metrics["sweep"]["findings"]}
+
+
 def plot_sweep_measures(metrics: dict, path: Path) -> Path:
-    """Each measure against the generalisation gap, one panel per measure: colour the SGD temperature εN/B,
-    marker the width; Kendall's τ and Ψ in each panel's title."""
-    rows = metrics["sweep"]["rows"]
-    measures = [m for m in SWEEP_LABELS if any(np.isfinite(r.get(m, math.nan)) for r in rows)]
-    widths = sorted({r["width"] for r in rows})
-    markers = dict(zip(widths, "osD^v<>"))
+    """Each measure and baseline against the error gap, one panel each: colour the learning rate, marker the
+    batch size (so equal-temperature configurations, on the grid's diagonals, can be told apart); Ψ and the
+    verdict in each panel's title."""
+    rows, found = metrics["sweep"]["rows"], _findings_by_name(metrics)
+    names = [m for m in found if any(np.isfinite(np.asarray(r.get(m, math.nan), dtype=float)) for r in rows)]
+    lrs, batches = sorted({r["lr"] for r in rows}), sorted({r["batch_size"] for r in rows})
+    markers = dict(zip(batches, "osD^v<>"))
+    colours = {lr: PALETTE[i % len(PALETTE)] for i, lr in enumerate(lrs)}
     columns = 4
-    lines = max(1, math.ceil(len(measures) / columns))
+    lines = max(1, math.ceil(len(names) / columns))
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(lines, columns, figsize=(3.6 * columns, 2.9 * lines), squeeze=False,
                                  layout="constrained")
-        temperature = np.asarray([r["temperature"] for r in rows])
-        norm = matplotlib.colors.LogNorm(vmin=temperature.min(), vmax=max(temperature.max(), temperature.min() * 1.01))
-        for ax, measure in zip(axes.flat, measures):
-            corr = metrics["sweep"]["correlations"][measure].get("gap_loss")
-            for w in widths:
-                mine = [r for r in rows if r["width"] == w]
-                ax.scatter([r[measure] for r in mine], [r["gap_loss"] for r in mine], c=[r["temperature"] for r in mine],
-                           cmap="viridis", norm=norm, marker=markers[w], s=28, edgecolors="0.2", linewidths=0.4,
-                           label=f"width {w}")
-            ax.set_xlabel(SWEEP_LABELS[measure], fontsize=9)
-            ax.set_ylabel("test − train loss", fontsize=9)
-            if corr:
-                ax.set_title(f"τ = {corr['tau']:.2f}, Ψ = {corr['psi']:.2f}", fontsize=9)
-            values = np.asarray([r[measure] for r in rows], dtype=float)
-            if np.all(values[np.isfinite(values)] > 0) and np.nanmax(values) > 20 * np.nanmin(values):
+        for ax, name in zip(axes.flat, names):
+            for r in rows:
+                ax.scatter(r[name], 100 * r["gap_error"], color=colours[r["lr"]], marker=markers[r["batch_size"]],
+                           s=26, edgecolors="0.2", linewidths=0.4)
+            ax.set_xlabel(SWEEP_LABELS.get(name, name) + (" (baseline)" if found[name]["kind"] == "baseline" else ""),
+                          fontsize=9)
+            ax.set_ylabel("error gap (points)", fontsize=9)
+            f = found[name]
+            if f["psi"] is not None and math.isfinite(f["psi"]):
+                ax.set_title(f"Ψ = {f['psi']:+.2f}, {f['verdict']}", fontsize=9)
+            values = np.asarray([r.get(name, math.nan) for r in rows], dtype=float)
+            values = values[np.isfinite(values)]
+            if len(values) and np.all(values > 0) and values.max() > 20 * values.min():
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
-        for ax in list(axes.flat)[len(measures):]:
+        for ax in list(axes.flat)[len(names):]:
             ax.set_visible(False)
-        axes.flat[0].legend(fontsize=7, loc="best")
-        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes, shrink=0.6,
-                     label="SGD temperature εN/(B(1−m))")
+        handles = [matplotlib.lines.Line2D([], [], color=colours[lr], marker="o", ls="", label=f"η = {lr:g}")
+                   for lr in lrs] + [matplotlib.lines.Line2D([], [], color="0.4", marker=markers[b], ls="",
+                                                             label=f"B = {b}") for b in batches]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
         fig.suptitle(f"{len(rows)} models trained to training loss {metrics['config']['sweep_target_loss']:g}: "
-                     "each measure against the generalisation gap", fontsize=11)
+                     "each measure against the error gap", fontsize=11)
         return _save(fig, path)
 
 
 def plot_sweep_correlation(metrics: dict, path: Path) -> Path:
-    """Kendall's τ and the granulated Ψ of each measure with the loss gap, with bootstrap intervals, sorted."""
-    found = sorted_correlations(metrics, "gap_loss")[::-1]
+    """Ψ of each measure and baseline with the error gap, with its cluster-bootstrap interval, sorted; filled
+    where the verdict is significant after Holm's correction."""
+    found = [f for f in sorted_findings(metrics["sweep"]["findings"]) if f["psi"] is not None][::-1]
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(8, 0.38 * len(found) + 1.6))
-        y = np.arange(len(found))
-        for offset, key, interval, colour, name in ((0.17, "tau", "tau_interval", PALETTE[0], "Kendall τ"),
-                                                    (-0.17, "psi", "psi_interval", PALETTE[1], "granulated Ψ")):
-            values = np.asarray([c[key] for _, c in found], dtype=float)
-            low = np.asarray([c[interval][0] for _, c in found], dtype=float)
-            high = np.asarray([c[interval][1] for _, c in found], dtype=float)
-            ax.errorbar(values, y + offset, xerr=np.nan_to_num([values - low, high - values]), fmt="o", ms=4,
-                        capsize=2, color=colour, label=f"{name} (95% bootstrap interval)")
+        fig, ax = plt.subplots(figsize=(8, 0.36 * len(found) + 1.6))
+        for y, f in enumerate(found):
+            colour = PALETTE[0] if f["kind"] == "measure" else PALETTE[1]
+            low, high = (np.nan if v is None else v for v in f["psi_interval"])
+            ax.errorbar(f["psi"], y, xerr=np.nan_to_num([[f["psi"] - low], [high - f["psi"]]]), fmt="o", ms=5,
+                        capsize=2, color=colour, mfc=colour if f["verdict"] != "no evidence" else "white")
         ax.axvline(0, color="0.3", lw=1)
-        ax.set_yticks(y, [SWEEP_LABELS.get(k, k) for k, _ in found])
+        ax.set_yticks(range(len(found)), [SWEEP_LABELS.get(f["measure"], f["measure"]) for f in found])
         ax.set_xlim(-1.05, 1.05)
-        ax.set_xlabel("rank correlation with the generalisation gap (test − train loss); > 0: larger means worse")
-        ax.legend(fontsize=8, loc="lower right")
-        ax.set_title(f"Which measure ranks the {len(metrics['sweep']['rows'])} models' generalisation", fontsize=10)
+        ax.set_xlabel("granulated Kendall Ψ with the error gap (95% interval over configurations); filled: Holm p < "
+                      f"{metrics['sweep']['alpha']:g}")
+        ax.legend(handles=[matplotlib.lines.Line2D([], [], color=PALETTE[0], marker="o", ls="", label="measure"),
+                           matplotlib.lines.Line2D([], [], color=PALETTE[1], marker="o", ls="", label="baseline")],
+                  fontsize=8, loc="lower right")
+        ax.set_title(f"Which measure ranks the {len(metrics['sweep']['rows'])} models' error gap", fontsize=10)
+        return _save(fig, path)
+
+
+def plot_gap_temperature(metrics: dict, path: Path) -> Path:
+    """The error gap against the noise temperature εN/(B(1−m)), each configuration's seeds joined; configurations
+    at equal temperature (Smith & Le 2018) share an x position and are ringed."""
+    rows = metrics["sweep"]["rows"]
+    widths = sorted({r["width"] for r in rows})
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 4.6))
+        for i, w in enumerate(widths):
+            mine = [r for r in rows if r["width"] == w]
+            temperatures = [round(r["temperature"], 9) for r in mine]
+            shared = {t for t in temperatures if len({(r["lr"], r["batch_size"]) for r, u in zip(mine, temperatures)
+                                                     if u == t}) > 1}
+            ax.scatter([r["temperature"] for r in mine], [100 * r["gap_error"] for r in mine], color=PALETTE[i],
+                       s=22, label=f"width {w}")
+            ring = [r for r, t in zip(mine, temperatures) if t in shared]
+            ax.scatter([r["temperature"] for r in ring], [100 * r["gap_error"] for r in ring], facecolors="none",
+                       edgecolors=PALETTE[i], s=90, lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("noise temperature εN/(B(1−m)) (ringed: configurations sharing a temperature)")
+        ax.set_ylabel("error gap (points)")
+        test = metrics["sweep"].get("temperature_test") or {}
+        p = test.get("p_value")
+        ax.set_title("Error gap against temperature" + (f": equal-temperature test p = {p:.3g}" if p is not None and
+                                                        math.isfinite(p) else ""), fontsize=10)
+        ax.legend(fontsize=8)
         return _save(fig, path)
 
 
@@ -378,7 +412,7 @@ def plot_batch_sharpness(metrics: dict, path: Path) -> Path:
     """Batch sharpness and full-batch λ_max at the end of training, in units of the stability threshold 2/η
     (so 1 is 2/η for every learning rate; 1 + β is heavy-ball's 2(1+β)/η), against the batch size."""
     rows = metrics["sweep"]["rows"]
-    beta = metrics["config"]["momentum"]
+    beta = metrics["config"].get("sweep_momentum", metrics["config"]["momentum"])
     lrs = sorted({r["lr"] for r in rows})
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 4.6))
@@ -484,7 +518,7 @@ FIGURES = {
     "summary_table.png": plot_summary_table,
 }
 SWEEP_FIGURES = {"sweep_measures.png": plot_sweep_measures, "sweep_correlation.png": plot_sweep_correlation,
-                 "batch_sharpness.png": plot_batch_sharpness}
+                 "gap_temperature.png": plot_gap_temperature, "batch_sharpness.png": plot_batch_sharpness}
 
 
 def figures_of(metrics: dict) -> dict:

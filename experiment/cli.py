@@ -60,8 +60,9 @@ def parse_args(config: type, argv: list[str] | None = None, *, quick: dict, desc
 
 POSITIVE_INTS = ("epochs", "batch_size", "sharpness_max_iter", "flatness_samples", "memory_budget_mb", "eigen_k",
                  "density_runs", "density_steps", "track_examples", "worst_case_steps", "pac_bayes_samples",
-                 "bezier_epochs", "sweep_max_epochs", "layer_max_probes", "two_batch_batches")
-COUNTS = ("train_subset", "test_subset", "threads", "analysis_examples", "exact_max_parameters")
+                 "bezier_epochs", "sweep_max_steps", "sweep_check_every", "layer_max_probes", "two_batch_batches")
+COUNTS = ("train_subset", "test_subset", "threads", "analysis_examples", "exact_max_parameters", "max_steps",
+          "check_every", "collapse_steps", "sweep_collapse_steps", "sweep_train_examples")
 
 
 def validate(cfg) -> None:
@@ -105,6 +106,9 @@ def _checks(cfg) -> list[tuple[bool, str, object]]:
         (all(h >= 1 for h in cfg.hidden), "--hidden widths must be positive integers", cfg.hidden),
         (math.isfinite(cfg.lr) and cfg.lr > 0, "--lr must be a positive number", cfg.lr),
         (0 <= cfg.momentum < 1, "--momentum must be in [0, 1)", cfg.momentum),
+        (0 <= cfg.sweep_momentum < 1, "--sweep-momentum must be in [0, 1)", cfg.sweep_momentum),
+        (cfg.sweep_train_examples != 1, "--sweep-train-examples must be 0 (all) or at least 2",
+         cfg.sweep_train_examples),
         (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "--weight-decay must be >= 0", cfg.weight_decay),
         (0 < cfg.sharpness_tol < 1, "--sharpness-tol must be in (0, 1)", cfg.sharpness_tol),
         (0 < cfg.eigen_tol < 1, "--eigen-tol must be in (0, 1)", cfg.eigen_tol),

@@ -81,12 +81,10 @@ def run_metrics(run: Run, measured: dict[int, Measured], pair: dict[str, Keyed],
     }
 
 
-def sweep_metrics(run: Run, points: list[dict], rows: list[dict], excluded: list[dict], statistics: dict) -> dict:
-    """The sweep's metrics.json: the grid, one row per measured model, the models left out and why, and the
-    statistics (`experiment.sweep.statistics`)."""
-    return {**run_header(run, "sweep"),
-            "sweep": {"grid": points, "seeds": list(run.cfg.seeds), "rows": rows, "excluded": excluded, **statistics},
-            "warnings": run.store.warnings, "timings": run.store.timings}
+def sweep_metrics(run: Run, sweep: dict) -> dict:
+    """The sweep's metrics.json: `sweep` is experiment.sweep.summary's record (the grid, one row per measured
+    model, one per pair of seeds, the models left out and why, and the study's findings)."""
+    return {**run_header(run, "sweep"), "sweep": sweep, "warnings": run.store.warnings, "timings": run.store.timings}
 
 
 def model_warnings(m: dict) -> list[str]:
@@ -167,9 +165,10 @@ def run_arrays(metrics: dict) -> dict[str, list]:
 
 
 def sweep_arrays(metrics: dict) -> dict[str, list]:
-    """results.npz of the sweep: each sweep.csv column as an array (NaN where a row lacks it)."""
+    """results.npz of the sweep: each numeric sweep.csv column as an array (NaN where a row lacks it)."""
     rows = metrics["sweep"]["rows"]
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    columns = [k for k in dict.fromkeys(k for row in rows for k in row)
+               if all(isinstance(row.get(k, math.nan), (int, float)) for row in rows)]
     return {c: [row.get(c, math.nan) for row in rows] for c in columns}
 
 

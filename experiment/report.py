@@ -505,121 +505,176 @@ SWEEP_LABELS = {
 }
 
 
-def sorted_correlations(metrics: dict, gap: str) -> list[tuple[str, dict]]:
-    """(measure, its correlation with `gap`) for the measures that have one, sorted by τ, largest first."""
-    found = [(k, v[gap]) for k, v in metrics["sweep"]["correlations"].items() if v.get(gap)]
-    return sorted(found, key=lambda kv: -np.nan_to_num(kv[1]["tau"], nan=-2.0))
+SWEEP_LABELS.update({"lr": "learning rate η", "inv_batch_size": "1/B", "steps": "steps to the target",
+                     "inv_margin_sq": "1/γ² (10th-percentile output margin)"})
+VERDICT_WORDS = {"predicts": "predicts", "reverse": "reverse", "no evidence": "no evidence"}
 
 
-def interval_side(c: dict | None, key: str = "tau") -> int:
-    """+1 when the 95% interval of c's statistic lies above 0, −1 below, 0 when it contains 0 or is unknown."""
-    if not c:
-        return 0
-    low, high = c[f"{key}_interval"]
-    return 1 if low is not None and low > 0 else -1 if high is not None and high < 0 else 0
+def label(name: str) -> str:
+    """A sweep column's name as the report writes it."""
+    return SWEEP_LABELS.get(name, name)
 
 
-def ranking_sentences(correlations: dict, gap: str = "gap_loss") -> list[str]:
-    """Which measures ranked the models' generalisation gap on this sweep: τ's 95% interval above 0 (a larger
-    value went with a larger gap), below 0 (the wrong way round), or containing 0 (no evidence either way)."""
-    by_side = {1: [], -1: [], 0: []}
-    for measure, c in correlations.items():
-        if c.get(gap):
-            by_side[interval_side(c[gap])].append(f"{SWEEP_LABELS.get(measure, measure)} (τ {c[gap]['tau']:+.2f})")
-    sentences = []
-    if by_side[1]:
-        sentences.append(f"Ranked generalisation (τ's 95% interval above 0): {joined(by_side[1])}.")
-    else:
-        sentences.append("No measure ranked generalisation with a 95% interval above 0 on this sweep.")
-    if by_side[-1]:
-        sentences.append(f"Ranked it the wrong way round (interval below 0: larger went with a smaller gap): "
-                         f"{joined(by_side[-1])}.")
-    if by_side[0]:
-        sentences.append(f"No evidence either way (interval contains 0): {joined(by_side[0])}.")
-    return sentences
+def sorted_findings(findings: list[dict]) -> list[dict]:
+    """The findings by Ψ, largest first (undefined Ψ last)."""
+    return sorted(findings, key=lambda f: -np.nan_to_num(f["psi"] if f["psi"] is not None else math.nan, nan=-9.0))
 
 
-def literature_sentences(correlations: dict, batch_vs_sharpness: dict | None, gap: str = "gap_loss") -> list[str]:
-    """This sweep against published findings, each verdict chosen by the intervals: Jiang et al. 2020 (sharpness
-    and magnitude-aware PAC-Bayes among the best predictors), Keskar et al. 2017 (larger batches, sharper
-    minima), Dinh et al. 2017 / Andriushchenko et al. 2023 (raw sharpness depends on the parametrisation and
-    can mislead)."""
-    ranked = sorted((c[gap]["psi"] if c.get(gap) and c[gap]["psi"] is not None else -2.0, m)
-                    for m, c in correlations.items())[::-1]
-    top_third = {m for _, m in ranked[: max(1, math.ceil(len(ranked) / 3))]}
-    jiang = [m for m in ("worst_case_absolute", "worst_case_adaptive", "pac_bayes_magnitude_aware_inv_sigma_sq")
-             if m in correlations]
-    among = [SWEEP_LABELS[m] for m in jiang if m in top_third]
+def _finding_text(f: dict) -> str:
+    replicated = "replicated in both halves of the seeds" if f["replicated"] else "not replicated"
+    return f"{label(f['measure'])} (Ψ {f['psi']:+.2f}, Holm p {f['p_holm']:.3g}, {replicated})"
+
+
+def verdict_sentences(findings: list[dict], alpha: float) -> list[str]:
+    """Which measures predict the outcome: each verdict is Ψ's within-group permutation test with Holm's
+    correction across every measure and baseline (p below `alpha`), and says whether both halves of the seeds
+    reach it too."""
+    measures = [f for f in sorted_findings(findings) if f["kind"] == "measure"]
+    by = {v: [f for f in measures if f["verdict"] == v] for v in VERDICT_WORDS}
     out = []
-    verb = "is" if len(among) == 1 else "are"
-    if len(among) == len(jiang):
-        out.append(f"Jiang et al. 2020: sharpness and magnitude-aware PAC-Bayes among the best predictors. Here "
-                   f"too: {joined(among)} {verb} in the top third by Ψ. Our data agree.")
-    elif among:
-        out.append(f"Jiang et al. 2020: sharpness and magnitude-aware PAC-Bayes among the best predictors. Here only "
-                   f"{joined(among)} {verb} in the top third by Ψ: our data partly disagree.")
+    if by["predicts"]:
+        out.append(f"Predict the error gap (Ψ's permutation test, Holm-adjusted p < {alpha:g}): "
+                   f"{joined([_finding_text(f) for f in by['predicts']])}.")
     else:
-        out.append("Jiang et al. 2020: sharpness and magnitude-aware PAC-Bayes among the best predictors. Here none "
-                   "of them is in the top third by Ψ: our data disagree.")
-    side = interval_side(batch_vs_sharpness)
-    tau = batch_vs_sharpness["tau"] if batch_vs_sharpness else math.nan
-    out.append("Keskar et al. 2017: larger batches find sharper minima. " + (
-        f"Here τ(batch size, λ_max) = {tau:+.2f} with its interval above 0: our data agree." if side > 0 else
-        f"Here τ(batch size, λ_max) = {tau:+.2f} with its interval below 0: larger batches found flatter minima, "
-        "our data disagree." if side < 0 else
-        f"Here τ(batch size, λ_max) = {tau:+.2f} with an interval that contains 0: our data neither confirm nor "
-        "refute it."))
-    raw = correlations.get("lambda_max", {}).get(gap)
-    adaptive = correlations.get("worst_case_adaptive", {}).get(gap)
-    if raw and adaptive:
-        better = "better" if adaptive["tau"] > raw["tau"] else "no better"
-        out.append(f"Dinh et al. 2017, Andriushchenko et al. 2023: raw sharpness depends on the parametrisation and "
-                   f"can mislead. Here λ_max has τ {raw['tau']:+.2f} and the rescaling-invariant adaptive worst-case "
-                   f"sharpness {adaptive['tau']:+.2f}: the invariant measure ranks {better}"
-                   + (" and λ_max ranks the wrong way round." if interval_side(raw) < 0 else "."))
+        out.append(f"No measure predicts the error gap at Holm-adjusted p < {alpha:g}.")
+    if by["reverse"]:
+        out.append(f"Significant against the direction the measure claims (larger went with a smaller gap): "
+                   f"{joined([_finding_text(f) for f in by['reverse']])}.")
+    if by["no evidence"]:
+        out.append(f"No evidence either way: {joined([label(f['measure']) for f in by['no evidence']])}.")
     return out
 
 
+def baseline_sentence(findings: list[dict]) -> str:
+    """Jiang et al. 2020's test: does a predicting measure carry information about the gap beyond the
+    hyper-parameters? Its CMI (the minimum over conditioning sets of up to two hyper-parameters) against the best
+    baseline's."""
+    baselines = [f for f in findings if f["kind"] == "baseline" and f["cmi"] is not None and math.isfinite(f["cmi"])]
+    if not baselines:
+        return "Beyond the hyper-parameters: not tested here (no baseline has a defined CMI)."
+    best = max(baselines, key=lambda f: f["cmi"])
+    beats = [f for f in findings if f["kind"] == "measure" and f["verdict"] == "predicts" and f["cmi"] is not None
+             and math.isfinite(f["cmi"]) and f["cmi"] > best["cmi"]]
+    head = (f"Beyond the hyper-parameters (Jiang et al. 2020's conditional mutual information, against the best "
+            f"baseline, {label(best['measure'])} with CMI {best['cmi']:.3f}): ")
+    if beats:
+        return head + joined([label(f["measure"]) + f" (CMI {f['cmi']:.3f})" for f in beats]) + " beat it."
+    return head + "no predicting measure beats it, so none predicts beyond the hyper-parameters here."
+
+
+def keskar_sentence(keskar: dict | None, alpha: float) -> str:
+    """Keskar et al. 2017, tested as they state it: within groups that fix the learning rate, width and seed,
+    does λ_max rise with the batch size (the batch-size axis of Ψ and its permutation p-value)?"""
+    claim = "Keskar et al. 2017: at a fixed recipe, larger batches find sharper minima. "
+    if not keskar or keskar["p_value"] is None or not math.isfinite(keskar["p_value"]):
+        return claim + "Not tested here (no group of models that differ in the batch size only)."
+    numbers = f"within-group τ(batch size, λ_max) = {keskar['psi']:+.2f} over {keskar['groups']} groups, p = {keskar['p_value']:.3g}"
+    if keskar["p_value"] < alpha:
+        return claim + (f"Here {numbers}: our data agree." if keskar["psi"] > 0 else
+                        f"Here {numbers}: larger batches found flatter minima, our data disagree.")
+    return claim + f"Here {numbers}: no evidence either way."
+
+
+def invariance_sentence(findings: list[dict]) -> str:
+    """Dinh et al. 2017 and Andriushchenko et al. 2023, stated as they claim: sharpness changes under
+    reparametrisation, and even adaptive sharpness correlates poorly with generalisation and mostly tracks the
+    learning rate. Here: adaptive worst-case sharpness's verdict and its CMI against the best baseline's."""
+    by = {f["measure"]: f for f in findings}
+    adaptive = by.get("worst_case_adaptive")
+    claim = ("Dinh et al. 2017: sharpness can be changed by reparametrising a network without changing its function "
+             "(the default run's rescaling experiment shows it). Andriushchenko et al. 2023: even adaptive "
+             "(rescaling-invariant) sharpness correlates poorly with generalisation and mostly tracks the "
+             "learning rate. ")
+    if not adaptive or adaptive["psi"] is None:
+        return claim + "Not tested here (adaptive worst-case sharpness was not measured)."
+    baselines = [f["cmi"] for f in findings if f["kind"] == "baseline" and f["cmi"] is not None and math.isfinite(f["cmi"])]
+    best = max(baselines) if baselines else math.nan
+    numbers = f"adaptive worst-case sharpness has Ψ {adaptive['psi']:+.2f} (Holm p {adaptive['p_holm']:.3g})"
+    if adaptive["verdict"] != "predicts":
+        return claim + f"Here {numbers}: no evidence that it predicts the error gap, as they found."
+    if adaptive["cmi"] is not None and math.isfinite(best) and adaptive["cmi"] > best:
+        return claim + (f"Here {numbers} and CMI {adaptive['cmi']:.3f} above every baseline's: it predicts beyond "
+                        "the hyper-parameters, unlike their finding.")
+    return claim + f"Here {numbers}, but its CMI is no higher than a baseline's: no better than the hyper-parameters, as they found."
+
+
+def temperature_sentence(test: dict | None, alpha: float) -> str:
+    """Smith & Le 2018: configurations at equal noise temperature εN/(B(1−m)) should generalise alike; the
+    variance ratio within/between equal-temperature groups with its permutation p-value."""
+    claim = "Smith & Le 2018: the noise temperature εN/(B(1−m)) sets generalisation, so equal temperature means equal gaps. "
+    if not test or test["p_value"] is None or not math.isfinite(test["p_value"]):
+        return claim + "Not tested here (fewer than two groups of configurations at equal temperature)."
+    numbers = (f"the error gaps' variance within equal-temperature groups is {test['variance_ratio']:.2g} of that "
+               f"between them (F = {test['f_statistic']:.3g}, {test['groups']} groups of {test['configurations']} "
+               f"configurations, permutation p = {test['p_value']:.3g})")
+    if test["p_value"] < alpha:
+        return claim + f"Here {numbers}: configurations at equal temperature generalise alike, our data agree."
+    return claim + f"Here {numbers}: no evidence that equal temperature means equal gaps."
+
+
 def edge_of_stability_sentence(rows: list[dict], momentum: float) -> str:
-    """Andreyev & Beneventano 2024 across the sweep: how many models end with batch sharpness within EDGE_BAND
-    of 2/η or 2(1+β)/η, and in how many full-batch λ_max is below batch sharpness."""
+    """Andreyev & Beneventano 2024 across the sweep: batch sharpness, not λ_max, settles at 2/η. Tested only when
+    some model ends with batch sharpness within EDGE_BAND of 2/η or 2(1+β)/η; else "not tested here"."""
     usable = [r for r in rows if r.get("batch_sharpness") is not None and np.isfinite(r["batch_sharpness"])]
+    claim = "Andreyev & Beneventano 2024: under mini-batch SGD batch sharpness, not λ_max, settles at 2/η. "
     if not usable:
-        return "Batch sharpness was not tracked in this sweep."
-    thresholds = [2 / r["lr"] for r in usable], [2 * (1 + momentum) / r["lr"] for r in usable]
-    at = [sum(abs(r["batch_sharpness"] / t - 1) <= EDGE_BAND for r, t in zip(usable, ts)) for ts in thresholds]
+        return claim + "Not tested here (batch sharpness was not tracked)."
+    ratios = [[r["batch_sharpness"] * r["lr"] / (2 * (1 + beta)) for r in usable] for beta in (0.0, momentum)]
+    at = [sum(abs(q - 1) <= EDGE_BAND for q in qs) for qs in ratios]
+    if not any(at):
+        closest = max(ratios[0], key=lambda q: -abs(q - 1))
+        return claim + (f"Not tested here: no model ended with batch sharpness within {EDGE_BAND:.0%} of 2/η "
+                        f"(the closest at {closest:.2f}× of it; {len(usable)} models).")
     below = sum(r["lambda_max"] < r["batch_sharpness"] for r in usable)
-    return (f"Andreyev & Beneventano 2024: under mini-batch SGD batch sharpness, not λ_max, settles at 2/η. Here "
-            f"{at[0]} of {len(usable)} models end with batch sharpness within {EDGE_BAND:.0%} of 2/η and {at[1]} within "
-            f"{EDGE_BAND:.0%} of 2(1+β)/η; full-batch λ_max is below batch sharpness in {below} of {len(usable)}"
-            + (": our data agree on the order." if below > len(usable) / 2 else
-               ": our data disagree on the order."))
+    return claim + (f"Here {at[0]} of {len(usable)} models end with batch sharpness within {EDGE_BAND:.0%} of 2/η"
+                    + (f" and {at[1]} within {EDGE_BAND:.0%} of 2(1+β)/η" if momentum else "")
+                    + f"; full-batch λ_max is below batch sharpness in {below} of {len(usable)}"
+                    + (": our data agree on the order." if below > len(usable) / 2 else ": our data disagree on the order."))
+
+
+def noise_sentence_of_sweep(noise: dict) -> str:
+    """Whether the outcome's measurement noise is small against its spread (ratio at most the stated threshold)."""
+    numbers = (f"one model's test error on {noise['test_examples']} held-out examples has a median binomial "
+               f"standard error of {100 * noise['median_test_error_se']:.2f} points; the error gap varies by "
+               f"{100 * noise['gap_sd']:.2f} points (SD) across models: a ratio of {noise['ratio']:.2f}")
+    if noise["ratio"] is not None and math.isfinite(noise["ratio"]) and noise["ratio"] <= noise["threshold"]:
+        return f"Outcome noise: {numbers}, within the {noise['threshold']:.2g} this study needs."
+    return (f"Outcome noise: {numbers}, above the {noise['threshold']:.2g} this study needs: differences between "
+            "models are partly measurement noise, so a real but small effect would read as 'no evidence'.")
 
 
 def sweep_findings(metrics: dict) -> list[str]:
     """The sweep report's sentences, each chosen by the sweep's numbers."""
-    sweep = metrics["sweep"]
-    return [*ranking_sentences(sweep["correlations"]),
-            *literature_sentences(sweep["correlations"], sweep.get("batch_size_vs_sharpness")),
-            edge_of_stability_sentence(sweep["rows"], metrics["config"]["momentum"])]
+    sweep, cfg = metrics["sweep"], metrics["config"]
+    findings, alpha = sweep["findings"], sweep["alpha"]
+    return [noise_sentence_of_sweep(sweep["noise"]), *verdict_sentences(findings, alpha), baseline_sentence(findings),
+            keskar_sentence(sweep.get("keskar"), alpha), invariance_sentence(findings),
+            temperature_sentence(sweep.get("temperature_test"), alpha),
+            edge_of_stability_sentence(sweep["rows"], cfg["sweep_momentum"])]
+
+
+def findings_rows(findings: list[dict], half_verdicts: dict) -> tuple[list[str], list[list[str]]]:
+    """The findings as a text table: Ψ with its interval, Holm p, CMI, the verdict and each half's."""
+    header = ["measure", "kind", "tau", "Psi", "95% interval", "Holm p", "CMI", "verdict", "halves", "replicated"]
+    rows = []
+    for f in sorted_findings(findings):
+        low, high = f["psi_interval"]
+        halves = half_verdicts.get(f["measure"])
+        rows.append([f["measure"], f["kind"], fmt(f["tau"], 2), fmt(f["psi"], 2), f"[{fmt(low, 2)}, {fmt(high, 2)}]",
+                     fmt(f["p_holm"], 2), fmt(f["cmi"], 2), f["verdict"], " / ".join(halves) if halves else "-",
+                     "yes" if f["replicated"] else "no"])
+    return header, rows
 
 
 def sweep_summary(metrics: dict) -> str:
-    """The terminal's table of the sweep: each measure's τ and Ψ with the loss and error gaps, with intervals."""
+    """The terminal's account of the sweep: what was trained, the findings table, the sentences."""
     sweep = metrics["sweep"]
-    header = ["measure", "tau (loss gap)", "95% interval", "Psi (loss gap)", "95% interval", "tau (error gap)"]
-    rows = []
-    for measure, c in sorted_correlations(metrics, "gap_loss"):
-        error = sweep["correlations"][measure].get("gap_error") or {"tau": math.nan}
-        rows.append([measure, f"{c['tau']:+.2f}", f"[{c['tau_interval'][0]:+.2f}, {c['tau_interval'][1]:+.2f}]",
-                     f"{c['psi']:+.2f}", f"[{c['psi_interval'][0]:+.2f}, {c['psi_interval'][1]:+.2f}]",
-                     f"{error['tau']:+.2f}"])
-    lines = [f"sweep: {len(sweep['rows'])} models measured, {len(sweep['excluded'])} left out (missed training loss "
-             f"{metrics['config']['sweep_target_loss']:g}, or diverged)", format_table(header, rows)]
+    lines = [f"sweep: {len(sweep['rows'])} models measured ({sweep['trained_fraction']:.0%} of the grid), "
+             f"{len(sweep['excluded'])} left out; outcome: {sweep['outcome']} (test - train error)",
+             format_table(*findings_rows(sweep["findings"], sweep.get("half_verdicts", {})))]
     if sweep["rows"]:
         lines += ["", *(textwrap.fill(text, 110) for text in sweep_findings(metrics))]
     return "\n".join(lines)
-
 
 
 # ----------------------------------------------------------------------------- documents
@@ -645,20 +700,45 @@ def title_page(metrics: dict) -> TextPage:
 
 
 def sweep_title_page(metrics: dict) -> TextPage:
-    """The sweep's first page: the grid, the stopping rule, and every model left out with the reason."""
-    sweep, cfg = metrics["sweep"], metrics["config"]
+    """The sweep's first page: the outcome, the data and its size, the momentum, the stopping rule, how many
+    models trained, and every model left out with the reason."""
+    sweep, cfg, d = metrics["sweep"], metrics["config"], metrics["data"]
+    rows, total = sweep["rows"], len(sweep["grid"]) * len(sweep["seeds"])
+    n_train = rows[0]["train_examples"] if rows else cfg["sweep_train_examples"]
+    n_test = sweep["noise"]["test_examples"]
     return TextPage(
         "Which geometry predicts generalisation? Sweep report",
-        [f"{len(sweep['rows'])} models measured of {len(sweep['grid']) * len(sweep['seeds'])}: batch sizes "
-         f"{cfg['sweep_batch_sizes']}, learning rates {cfg['sweep_lrs']}, widths {cfg['sweep_widths']}, seeds "
-         f"{sweep['seeds']}; each trained to training loss {cfg['sweep_target_loss']:g} within "
-         f"{cfg['sweep_max_epochs']} epochs"],
+        [f"Outcome: the error gap (test error − training error) of each model, its test error on {n_test} held-out "
+         f"examples; the cross-entropy gap is a secondary table (metrics.json: secondary_findings).",
+         f"Data: {d['source']}; each model trains on {n_train} examples.",
+         f"Grid: batch sizes {tuple(cfg['sweep_batch_sizes'])} × learning rates {tuple(cfg['sweep_lrs'])} × widths "
+         f"{tuple(cfg['sweep_widths'])} × seeds {tuple(sweep['seeds'])}, SGD with momentum {cfg['sweep_momentum']:g}.",
+         f"Stopping rule: each model trained until its training cross-entropy (all its training examples, checked "
+         f"every {cfg['sweep_check_every']} steps) is at most {cfg['sweep_target_loss']:g}, within "
+         f"{cfg['sweep_max_steps']} steps; one whose mini-batch loss stays at chance for "
+         f"{cfg['sweep_collapse_steps']} steps is stopped as collapsed.",
+         f"{len(rows)} of {total} models reached the target ({sweep['trained_fraction']:.0%}) and are studied; "
+         f"verdicts: Ψ's within-group permutation test, Holm's correction over {len(sweep['findings'])} measures "
+         f"and baselines, at {sweep['alpha']:g}; intervals resample configurations."],
         "left out:" if sweep["excluded"] else "",
         [f"batch {e['batch_size']}, lr {e['lr']}, width {e['width']}, seed {e['seed']} "
          f"({e.get('reason', 'missed the target')})" for e in sweep["excluded"]])
 
 
-SWEEP_PAGES = (("sweep_correlation.png", "Rank correlations"), ("sweep_measures.png", "Each measure against the gap"),
+def replication_page(metrics: dict) -> TextPage:
+    """Every measure's and baseline's verdict on all models and on each half of the seeds."""
+    sweep = metrics["sweep"]
+    header, rows = findings_rows(sweep["findings"], sweep.get("half_verdicts", {}))
+    return TextPage("Findings table and replication",
+                    ["A finding counts when both halves of the seeds reach the verdict of all the models "
+                     "(replicated); with one pair of seeds the barriers cannot be replicated."],
+                    ", ".join(header),
+                    [", ".join(r) for r in rows])
+
+
+SWEEP_PAGES = (("sweep_correlation.png", "Ψ of every measure and baseline with the error gap"),
+               ("sweep_measures.png", "Each measure against the error gap"),
+               ("gap_temperature.png", "The error gap against the noise temperature"),
                ("batch_sharpness.png", "Batch sharpness across batch sizes"))
 
 
@@ -668,6 +748,7 @@ def document(metrics: dict) -> Document:
     if metrics.get("kind", "run") == "sweep":
         return Document(SWEEP_REPORT, "Sweep report",
                         [sweep_title_page(metrics), TextPage("Findings", sweep_findings(metrics)),
+                         replication_page(metrics),
                          *[Section(title, figure=name) for name, title in SWEEP_PAGES]])
     return Document(REPORT, "Loss landscape report", [title_page(metrics), *report_sections(metrics), SUMMARY_SECTION])
 

@@ -37,7 +37,10 @@ class TrainingSettings(Settings):
     model: str
     hidden: tuple[int, ...]
     epochs: int
+    max_steps: int
     train_to_loss: float
+    check_every: int
+    collapse_steps: int
     lr: float
     momentum: float
     batch_size: int

@@ -72,17 +72,20 @@ def train_model(s: TrainingSettings, model: torch.nn.Module, *, train: Split, pr
     x, y = train.x, train.y
     tracker = training.SharpnessTracker(x, y, examples=s.track_examples, batch_size=s.batch_size,
                                         seed=s.probe_seed, memory_budget=s.budget, tol=s.track_tol)
-    every = tracker.interval(s.epochs * math.ceil(x.shape[0] / s.batch_size), every=s.track_every)
+    budget = s.max_steps or s.epochs * math.ceil(x.shape[0] / s.batch_size)
+    every = tracker.interval(budget, every=s.track_every)
     if every:
         tracker(model, 0)
-    h = training.train(model, x, y, epochs=s.epochs, lr=s.lr, momentum=s.momentum, batch_size=s.batch_size,
-                       weight_decay=s.weight_decay, seed=s.seed, progress=progress, desc=f"train seed {s.seed}",
-                       callback=tracker if every else None, callback_every=every, target_loss=s.train_to_loss)
+    h = training.train(model, x, y, epochs=0 if s.max_steps else s.epochs, max_steps=s.max_steps, lr=s.lr,
+                       momentum=s.momentum, batch_size=s.batch_size, weight_decay=s.weight_decay, seed=s.seed,
+                       progress=progress, desc=f"train seed {s.seed}", callback=tracker if every else None,
+                       callback_every=every, target_loss=s.train_to_loss, check_every=s.check_every,
+                       collapse_steps=s.collapse_steps)
     if every and tracker.records[-1]["step"] != h.steps:
         tracker(model, h.steps)
     seconds = h.seconds - h.callback_seconds
     return {"steps": h.steps, "epoch_losses": h.epoch_losses, "seconds": round(seconds, 4),
-            "reached_target": h.reached_target,
+            "reached_target": h.reached_target, "outcome": h.outcome,
             "tracking": {"every": every, "examples": tracker.examples, "records": tracker.records,
                          "seconds": round(tracker.seconds, 4), "overhead": tracker.seconds / max(seconds, 1e-9)}}
 
@@ -365,10 +368,16 @@ SHARDED_STAGES = (sharpness, spectrum, trace, layers, flatness, adaptive_flatnes
 POINT_STAGES = (flatness, adaptive_flatness, surface)
 
 
+def seed_pairs(seeds) -> list[tuple[int, int]]:
+    """The disjoint pairs of seeds whose models' connectivity is measured: the first and second, the third and
+    fourth, ... (an odd last seed has no partner)."""
+    return list(zip(seeds[0::2], seeds[1::2]))
+
+
 def pair_and_centre(seeds) -> tuple[tuple[int, int], int]:
-    """The rule every run follows: the first two seeds are the pair whose connectivity is measured, and the first
+    """The rule the default run follows: its pair is the first of `seed_pairs` (the first two seeds), and the first
     seed's model is the centre of the surface and of the rescaling experiment."""
-    return (seeds[0], seeds[1]), seeds[0]
+    return seed_pairs(seeds)[0], seeds[0]
 
 
 def exact_mode(cfg, model: torch.nn.Module) -> bool:

@@ -176,7 +176,7 @@ def test_two_processes_run_the_quick_sweep_exactly_as_one(one_process_sweep, tmp
     assert two["environment"]["processes"] == 2 and one_process_sweep["environment"]["processes"] == 1
     assert min(two["environment"]["stages_per_process"]) > 0  # both ranks did part of the work
     assert two["sweep"]["rows"] == one_process_sweep["sweep"]["rows"] and len(two["sweep"]["rows"]) >= 4
-    for key in ("excluded", "correlations", "batch_size_vs_sharpness"):
+    for key in ("excluded", "pairs", "findings", "keskar", "temperature_test", "noise"):
         assert two["sweep"][key] == one_process_sweep["sweep"][key], key
     assert two["resumed"] == []  # what the other rank computed in this run is not "resumed"
 

@@ -84,50 +84,12 @@ def test_negative_curvature_sentence_needs_lambda_min_below_minus_its_residual()
     assert "no negative curvature is resolved" in report.negative_curvature_sentence({"0": (-0.05, 0.1)})
 
 
-def corr(tau, low, high, psi=None):
-    return {"gap_loss": {"tau": tau, "tau_interval": [low, high], "psi": tau if psi is None else psi,
-                         "psi_interval": [low, high]}}
 
 
-def test_ranking_sentences_split_measures_by_which_side_of_zero_their_interval_lies():
-    text = " ".join(report.ranking_sentences({"lambda_max": corr(0.5, 0.1, 0.8), "trace": corr(-0.4, -0.7, -0.05),
-                                                "b_noise": corr(0.1, -0.2, 0.4)}))
-    assert "Ranked generalisation (τ's 95% interval above 0): λ_max (τ +0.50)" in text
-    assert "wrong way round (interval below 0: larger went with a smaller gap): tr(H) (τ -0.40)" in text
-    assert "No evidence either way (interval contains 0): B_noise (τ +0.10)" in text
-    none = " ".join(report.ranking_sentences({"lambda_max": corr(0.1, -0.2, 0.4)}))
-    assert "No measure ranked generalisation" in none
 
 
-def test_literature_sentences_agree_partly_or_disagree_with_jiang_and_keskar():
-    measures = {"worst_case_absolute": corr(0.6, 0.3, 0.9), "worst_case_adaptive": corr(0.5, 0.2, 0.8),
-                "pac_bayes_magnitude_aware_inv_sigma_sq": corr(0.4, 0.1, 0.7), "lambda_max": corr(-0.3, -0.6, -0.1),
-                **{f"m{i}": corr(-0.5, -0.8, -0.2) for i in range(6)}}
-    agree = report.literature_sentences(measures, {"tau": 0.4, "tau_interval": [0.1, 0.6]})
-    assert "Our data agree." in agree[0] and "our data agree" in agree[1]
-    assert "invariant measure ranks better and λ_max ranks the wrong way round" in agree[2]
-    measures["worst_case_absolute"] = corr(-0.9, -1.0, -0.8)
-    partly = report.literature_sentences(measures, {"tau": -0.4, "tau_interval": [-0.6, -0.1]})
-    assert "are in the top third by Ψ: our data partly disagree" in partly[0]
-    assert "larger batches found flatter minima, our data disagree" in partly[1]
-    for m in ("worst_case_adaptive", "pac_bayes_magnitude_aware_inv_sigma_sq"):
-        measures[m] = corr(-0.9, -1.0, -0.8)
-    none = report.literature_sentences(measures, {"tau": 0.0, "tau_interval": [-0.3, 0.3]})
-    assert "none of them is in the top third by Ψ: our data disagree" in none[0]
-    assert "neither confirm nor refute" in none[1]
 
 
-def test_edge_of_stability_sentence_counts_models_at_each_threshold_and_the_order():
-    """lr 0.1, β 0.9: 2/η = 20, 2(1+β)/η = 38; ±10% counts as at the threshold."""
-    rows = [{"lr": 0.1, "batch_sharpness": 21.0, "lambda_max": 5.0}, {"lr": 0.1, "batch_sharpness": 37.0,
-                                                                      "lambda_max": 40.0},
-            {"lr": 0.1, "batch_sharpness": 10.0, "lambda_max": 2.0}]
-    text = report.edge_of_stability_sentence(rows, 0.9)
-    assert "1 of 3 models end with batch sharpness within 10% of 2/η and 1 within 10% of 2(1+β)/η" in text
-    assert "below batch sharpness in 2 of 3: our data agree on the order" in text
-    rows[0]["lambda_max"] = 30.0
-    assert "our data disagree on the order" in report.edge_of_stability_sentence(rows, 0.9)
-    assert "not tracked" in report.edge_of_stability_sentence([{"lr": 0.1, "batch_sharpness": None}], 0.9)
 
 
 @pytest.mark.slow
@@ -146,3 +108,80 @@ def test_the_default_report_has_a_title_page_a_section_per_measure_and_the_summa
 def test_the_summary_text_of_the_default_run_lists_every_seed(quick_run):
     text = report.summary_text(quick_run[1])
     assert "seed 0" in text and "seed 42" in text and "sharpness" in text
+
+
+# ----------------------------------------------------------------------------- the sweep report's sentences
+def finding(name, verdict="no evidence", psi=0.3, p_holm=0.2, cmi=0.1, kind="measure", replicated=False):
+    return {"measure": name, "kind": kind, "tau": psi, "tau_interval": [psi - 0.2, psi + 0.2], "psi": psi,
+            "psi_interval": [psi - 0.2, psi + 0.2], "p_value": p_holm / 2, "p_holm": p_holm, "cmi": cmi,
+            "verdict": verdict, "replicated": replicated}
+
+
+def test_verdict_sentences_name_each_verdict_and_whether_it_replicated():
+    found = [finding("lambda_max", "predicts", 0.5, 0.01, replicated=True), finding("trace", "predicts", 0.4, 0.02),
+             finding("b_noise", "reverse", -0.4, 0.03), finding("flatness"), finding("lr", "predicts", kind="baseline")]
+    text = " ".join(report.verdict_sentences(found, 0.05))
+    assert "Predict the error gap (Ψ's permutation test, Holm-adjusted p < 0.05): λ_max (Ψ +0.50, Holm p 0.01, " \
+           "replicated in both halves of the seeds) and tr(H) (Ψ +0.40, Holm p 0.02, not replicated)." in text
+    assert "against the direction the measure claims" in text and "B_noise (Ψ -0.40" in text
+    assert "No evidence either way: filter-normalised ΔL(σ_max)." in text and "learning rate" not in text
+    assert "No measure predicts the error gap" in report.verdict_sentences([finding("trace")], 0.05)[0]
+
+
+def test_baseline_sentence_a_predicting_measure_must_beat_the_best_baselines_cmi():
+    base = [finding("steps", kind="baseline", cmi=0.2), finding("lr", kind="baseline", cmi=0.0)]
+    beats = report.baseline_sentence([*base, finding("lambda_max", "predicts", cmi=0.21)])
+    assert "steps to the target with CMI 0.200" in beats and "λ_max (CMI 0.210) beat it" in beats
+    assert "none predicts beyond" in report.baseline_sentence([*base, finding("lambda_max", "predicts", cmi=0.2)])
+    assert "none predicts beyond" in report.baseline_sentence([*base, finding("lambda_max", "no evidence", cmi=0.9)])
+    assert "not tested here" in report.baseline_sentence([finding("lambda_max", "predicts")])
+
+
+def test_keskar_sentence_is_the_batch_size_axis_both_sides_of_alpha_and_untested():
+    assert "our data agree" in report.keskar_sentence({"psi": 0.5, "p_value": 0.049, "groups": 6}, 0.05)
+    assert "flatter minima, our data disagree" in report.keskar_sentence({"psi": -0.5, "p_value": 0.01, "groups": 6}, 0.05)
+    assert "no evidence either way" in report.keskar_sentence({"psi": 0.5, "p_value": 0.051, "groups": 6}, 0.05)
+    assert "Not tested here" in report.keskar_sentence(None, 0.05)
+
+
+def test_invariance_sentence_states_andriushchenko_and_tests_adaptive_sharpness_against_baselines():
+    base = finding("lr", kind="baseline", cmi=0.3)
+    none = report.invariance_sentence([base, finding("worst_case_adaptive")])
+    assert "mostly tracks the learning rate" in none and "no evidence that it predicts the error gap, as they found" in none
+    beyond = report.invariance_sentence([base, finding("worst_case_adaptive", "predicts", cmi=0.31)])
+    assert "predicts beyond the hyper-parameters, unlike their finding" in beyond
+    alike = report.invariance_sentence([base, finding("worst_case_adaptive", "predicts", cmi=0.3)])
+    assert "no better than the hyper-parameters, as they found" in alike
+    assert "Not tested here" in report.invariance_sentence([base])
+
+
+def test_temperature_sentence_both_sides_of_alpha_and_untested():
+    test = {"variance_ratio": 0.1, "f_statistic": 10.0, "groups": 3, "configurations": 7, "p_value": 0.04}
+    assert "generalise alike, our data agree" in report.temperature_sentence(test, 0.05)
+    assert "no evidence that equal temperature" in report.temperature_sentence({**test, "p_value": 0.06}, 0.05)
+    assert "Not tested here" in report.temperature_sentence({**test, "p_value": math.nan}, 0.05)
+    assert "Not tested here" in report.temperature_sentence(None, 0.05)
+
+
+def test_edge_of_stability_sentence_is_not_tested_unless_a_model_comes_within_the_band():
+    """lr 0.1: 2/η = 20; ±EDGE_BAND (10%) around it counts; without momentum only 2/η is named."""
+    far = [{"lr": 0.1, "batch_sharpness": 14.0, "lambda_max": 5.0}, {"lr": 0.1, "batch_sharpness": 17.9,
+                                                                     "lambda_max": 5.0}]
+    text = report.edge_of_stability_sentence(far, 0.0)
+    assert "Not tested here: no model ended with batch sharpness within 10% of 2/η (the closest at 0.90× of it" in text
+    near = [{"lr": 0.1, "batch_sharpness": 18.1, "lambda_max": 5.0}, {"lr": 0.1, "batch_sharpness": 14.0,
+                                                                      "lambda_max": 5.0}]
+    text = report.edge_of_stability_sentence(near, 0.0)
+    assert "1 of 2 models end with batch sharpness within 10% of 2/η; full-batch λ_max is below batch sharpness " \
+           "in 2 of 2: our data agree on the order" in text and "2(1+β)" not in text
+    near[1]["lambda_max"] = 15.0
+    assert "in 1 of 2: our data disagree on the order" in report.edge_of_stability_sentence(near, 0.0)
+    assert "within 10% of 2(1+β)/η" in report.edge_of_stability_sentence(near, 0.9)
+    assert "Not tested here (batch sharpness was not tracked)" in report.edge_of_stability_sentence(
+        [{"lr": 0.1, "batch_sharpness": None}], 0.0)
+
+
+def test_noise_sentence_of_the_sweep_both_sides_of_its_threshold():
+    noise = {"test_examples": 4000, "median_test_error_se": 0.004, "gap_sd": 0.012, "ratio": 1 / 3, "threshold": 1 / 3}
+    assert "within the 0.33 this study needs" in report.noise_sentence_of_sweep(noise)
+    assert "partly measurement noise" in report.noise_sentence_of_sweep({**noise, "ratio": 0.34})

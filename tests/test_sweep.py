@@ -14,7 +14,7 @@ import main
 import plotting
 import utils
 from experiment import report
-from experiment.sweep import AXES, MEASURES
+from experiment.sweep import BASELINES, MODEL_MEASURES, PAIR_MEASURES
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,9 @@ def test_quick_sweep_writes_figures_csv_npz_and_statistics_that_agree(quick_swee
     assert len(s["rows"]) + len(s["excluded"]) == 8
     for name in plotting.SWEEP_FIGURES:
         assert (out / name).stat().st_size > 10_000 and (out / name).with_suffix(".pdf").exists()
-    report = " ".join(pdf_text(out / report.SWEEP_REPORT).split())
-    assert "Findings" in report and "Keskar et al. 2017" in report and "Jiang et al. 2020" in report
+    text = " ".join(pdf_text(out / report.SWEEP_REPORT).split())
+    assert "Findings" in text and "Keskar et al. 2017" in text and "Jiang et al. 2020" in text
+    assert "Outcome: the error gap" in text and "momentum 0" in text and "Stopping rule" in text
     with open(out / "sweep.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(s["rows"])
@@ -60,27 +61,32 @@ def test_quick_sweep_writes_figures_csv_npz_and_statistics_that_agree(quick_swee
         assert row["train_loss"] <= metrics["config"]["sweep_target_loss"]
         assert row["gap_loss"] == row["test_loss"] - row["train_loss"]
     rows = s["rows"]
-    configs = [{k: r[k] for k in (*AXES, "seed")} for r in rows]
-    for measure in MEASURES:
-        c = s["correlations"][measure]["gap_loss"]
-        usable = [i for i, r in enumerate(rows) if r[measure] is not None]  # JSON writes NaN as null
-        assert c["tau"] == pytest.approx(utils.kendall_tau([rows[i][measure] for i in usable],
-                                                           [rows[i]["gap_loss"] for i in usable]), nan_ok=True)
-        psi, _ = utils.granulated_kendall_tau([rows[i][measure] for i in usable], [rows[i]["gap_loss"] for i in usable],
-                                              [configs[i] for i in usable], AXES)
-        assert c["psi"] == pytest.approx(psi, nan_ok=True)
+    assert s["outcome"] == "gap_error" and s["trained_fraction"] == len(rows) / 8
+    for row in rows:
+        assert row["gap_error"] == row["test_error"] - row["train_error"] and row["outcome"] == "reached"
+        assert row["test_examples"] == 1000  # the 500 training examples no model trains on, and the test split
+    names = {f["measure"]: f for f in s["findings"]}
+    assert set(names) == {*MODEL_MEASURES, *BASELINES, *PAIR_MEASURES}
+    for f in s["findings"]:
+        assert set(f) == {"measure", "kind", "tau", "tau_interval", "psi", "psi_interval", "p_value", "p_holm", "cmi",
+                          "verdict", "replicated"}
+        assert f["kind"] == ("baseline" if f["measure"] in BASELINES else "measure")
+        assert f["verdict"] in ("predicts", "reverse", "no evidence")
+    units = {**{m: rows for m in (*MODEL_MEASURES, *BASELINES)}, **{m: s["pairs"] for m in PAIR_MEASURES}}
+    for name, records in units.items():  # τ is Kendall's over the models (pairs, for the barriers) that have it
+        usable = [r for r in records if r.get(name) is not None]  # JSON writes NaN and inf as null
+        assert names[name]["tau"] == pytest.approx(utils.kendall_tau([r[name] for r in usable],
+                                                                     [r["gap_error"] for r in usable]), nan_ok=True)
+    for p in s["pairs"]:  # one barrier per pair of seeds, never copied onto the models
+        assert p["seeds"] == [0, 42] and "barrier" not in rows[0]
 
 
-def test_models_that_miss_the_target_are_reported_and_left_out(quick_sweep):
-    _, metrics = quick_sweep
+def test_models_that_miss_the_target_within_the_budget_are_reported_as_too_slow_and_left_out(tmp_path):
+    metrics = sweep(tmp_path, "out", "runs", "--sweep-max-steps", "3", "--sweep-batch-sizes", "64", "--skip-figures")
     s = metrics["sweep"]
-    kept = {(r["batch_size"], r["lr"], r["width"], r["seed"]) for r in s["rows"]}
-    assert s["excluded"], "the quick grid's lr 0.2 with momentum 0.9 misses the target: the case under test"
-    for e in s["excluded"]:
-        assert (e["batch_size"], e["lr"], e["width"], e["seed"]) not in kept
-        assert e["reason"] == "missed the target"
-        assert e["final_epoch_loss"] > metrics["config"]["sweep_target_loss"]
-        assert e["epochs"] == metrics["config"]["sweep_max_epochs"]
+    assert s["rows"] == [] and s["trained_fraction"] == 0
+    assert [e["reason"] for e in s["excluded"]] == ["too slow"] * 4 and {e["steps"] for e in s["excluded"]} == {3}
+    assert all(e["final_epoch_loss"] > metrics["config"]["sweep_target_loss"] for e in s["excluded"])
 
 
 def test_a_killed_sweep_resumes_to_the_uninterrupted_numbers(quick_sweep, tmp_path, monkeypatch):
