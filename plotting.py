@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402  (matplotlib's own image library)
 
-from experiment.report import (SWEEP_LABELS, Document, Section, TextPage, barrier_of, document, fmt, layer_rows,  # noqa: E402
+from experiment.report import (SWEEP_LABELS, Document, Section, TextPage, document, layer_rows,  # noqa: E402
                                seeds_of, sorted_findings, summary_rows)
 from landscape.files import write_atomic  # noqa: E402
 

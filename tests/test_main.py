@@ -6,6 +6,7 @@ import math
 import re
 
 import pytest
+import torch
 from helpers import ROOT, run_main
 
 import main

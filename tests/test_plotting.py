@@ -2,11 +2,8 @@
 per section with its numbers, redrawing without computing, a failing figure leaves no report behind."""
 
 
-import math
 import re
 import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -30,10 +27,10 @@ def failing_figure(metrics, path):
 
 def test_report_has_a_page_per_section_with_names_and_numbers(run):
     out, metrics = run
-    report = out / report.REPORT
+    pdf = out / report.REPORT
     sections = report.report_sections(metrics)
-    assert pdf_pages(report) == len(sections) + 2  # title page, one per section, the summary table
-    text = pdf_text(report)
+    assert pdf_pages(pdf) == len(sections) + 2  # title page, one per section, the summary table
+    text = pdf_text(pdf)
     for section in sections:
         assert section.title in text
     flattened = re.sub(r"\s+", " ", text)
