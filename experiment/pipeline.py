@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from experiment.ranks import Ranks, ShardedRun, run_in_shares
 from experiment.stages import (CENTRE_STAGES, EXACT_STAGES, MODEL_STAGES, NEEDS_AN_MLP, PAIR_STAGES, Split,
                                build_model, exact_mode, pair_and_centre, settings_of, train_model)
 from experiment.settings import TrainingSettings
+from landscape.files import WriteError, check_writable, make_folder, remove_stale_temporaries
 from landscape.store import CodeIndex, Keyed, Store, digest
 
 log = logging.getLogger("landscape")
@@ -67,14 +67,21 @@ def output_folder(cfg) -> Path:
     return resolve(cfg.out) / "sweep" if cfg.sweep else resolve(cfg.out)
 
 
-def check_output_folder(out: Path) -> None:
-    """--out can be created and written to, before any work."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise UsageError(f"--out must be a writable folder, got {out} ({err.strerror or err})") from None
+def check_folders(cfg, *, redraw: bool = False) -> None:
+    """Before any work: every folder the run will write can be written (--out; unless redrawing, --runs-dir and
+    --data-dir too), and what a killed run left half-written in --out is removed (the writer's own temporaries
+    only). A folder that cannot be written is a UsageError naming the flag, the path and the cause."""
+    folders = {"--out": output_folder(cfg)}
+    if not redraw:
+        folders.update({"--runs-dir": resolve(cfg.runs_dir), "--data-dir": resolve(cfg.data_dir)})
+    for flag, folder in folders.items():
+        try:
+            check_writable(folder)
+        except WriteError as err:
+            raise UsageError(f"{flag} must be a folder this run can write: {err}") from None
+    make_folder(folders["--out"])
+    for path in remove_stale_temporaries(folders["--out"]):
+        log.info("removed %s, left half-written by a run that was killed", path)
 
 
 def load_data(cfg) -> data_module.Dataset:
@@ -108,7 +115,7 @@ def start(cfg, ranks: Ranks | None = None, *, stages: int) -> Run:
     `stages` stages, on rank 0), and under --shard-data/--shard-points spread the measurements."""
     ranks = ranks or Ranks()
     out = output_folder(cfg)
-    check_output_folder(out)
+    check_folders(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device_of(cfg.device) == "cuda":  # full float32 products, and the same result for the same key
@@ -122,6 +129,7 @@ def start(cfg, ranks: Ranks | None = None, *, stages: int) -> Run:
     store = Store(resolve(cfg.runs_dir), code=CodeIndex(REPO_ROOT), environment=environment, fresh=cfg.fresh,
                   total=stages, progress=ranks.main and not cfg.quiet and sys.stdout.isatty() and sys.stderr.isatty())
     store.timings["load_data"] = load_seconds
+    store.warnings += ds.warnings  # a damaged data cache rebuilt: metrics.json and the terminal say so
     run = Run(cfg, ranks, out, ds, data_inputs(cfg, ds), store)
     if cfg.shard_data or cfg.shard_points:
         run.sharded = (ShardedRun.of_data if cfg.shard_data else ShardedRun.of_points)(ranks, run.inputs)

