@@ -1,13 +1,18 @@
 """Loss-landscape measurements: pure functions of a model and in-memory data.
 
 Every function takes a model and tensors `x, y`, measures the mean loss over all examples (cross-entropy
-unless a `loss_fn(outputs, targets)` returning a mean over examples is given), works in the model's dtype and
-device, leaves the model exactly as it found it (parameters, `.grad`, train/eval mode) and returns a small
-dataclass. Randomness comes from a `torch.Generator` built from the `seed` argument.
+unless a `loss_fn(outputs, targets)` returning a mean over examples is given) as a function of the measured
+parameters (those with requires_grad=True, or the ones `params=` names, in `named_parameters()` order, a tied
+weight once), works in the model's dtype and device, leaves the model exactly as it found it (parameters and
+their identity, `.grad`, train/eval mode, buffers) and returns a small dataclass. One input check refuses,
+with one sentence, what no measurement can use (`check_inputs`). Randomness comes from a `torch.Generator`
+built from the `seed` argument. Second-order work runs attention through its twice-differentiable math kernel.
 
 This module is the public interface; the code lives in the package `landscape/`, one module per capability:
-1. Plumbing (`landscape.plumbing`): flat parameter vectors, `check_measurable`, `max_output_change`.
-2. Many parameter points (`landscape.points`): `losses_at_points`, `point_evaluator`.
+1. Plumbing (`landscape.plumbing`): which parameters (`select_parameters`, `Selection`), flat parameter vectors,
+   the input check (`check_measurable`, `check_inputs`), `max_output_change`.
+2. Many parameter points (`landscape.points`): `losses_at_points`, `point_evaluator`; `bn="recompute"` there and
+   in flatness, surfaces and connectivity recomputes BatchNorm statistics at each point (`recompute_batchnorm`).
 3. Curvature (`landscape.hessian`, `landscape.spectrum`): `hessian_operator`, `hessian_vector_product`,
    `exact_hessian`, `hessian_diagonal`; Lanczos with full reorthogonalisation (`top_hessian_eigenvalue`, also
    by power iteration; `hessian_eigenpairs`, `hessian_spectrum_ends`), stochastic traces (`trace_estimate`,
@@ -29,8 +34,8 @@ This module is the public interface; the code lives in the package `landscape/`,
 10. Rank statistics (`landscape.statistics`): `kendall_tau`, `granulated_kendall_tau` (Jiang et al. 2020's Ψ),
    `rank_correlation` (both with bootstrap intervals), for which measure ranks models by generalisation.
 
-Fast paths: three capabilities have one for plain MLPs (an `nn.Sequential` of Linear layers and element-wise
-activations, such as `models.SmallMLP`): Hessian products (`MLPHessian`, the R-operator), many parameter
+Fast paths: three capabilities have one for plain MLPs (an `nn.Sequential` of distinct Linear and element-wise
+modules, nothing reused, no parameter shared, all parameters measured, such as `models.SmallMLP`): Hessian products (`MLPHessian`, the R-operator), many parameter
 points (`MLPPoints`, the first layer's linearity in its weights) and per-example gradients (`MLPPerExample`,
 closed forms from one backward pass). Each implements the same interface as its autograd reference, is chosen
 at one dispatch point (`path="auto"`; "fast" and "general" force one) and is tested equal to it.
@@ -48,9 +53,9 @@ from landscape.hessian import HessianOperator, exact_hessian, hessian_diagonal, 
 from landscape.noise import (BatchSharpnessResult, NoiseScaleResult, PerExampleGradients, TwoBatchNoiseResult,
                              batch_sharpness, gradient_noise_scale, noise_temperature, per_example_gradient_norms_sq,
                              per_example_gradient_rows, per_example_gradients, two_batch_noise_scale)
-from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, check_measurable, flat_parameters, max_output_change,
-                                numpy_blas_single_threaded)
-from landscape.points import PointEvaluator, PointLosses, losses_at_points, point_evaluator
+from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, Selection, check_inputs, check_measurable, flat_parameters,
+                                max_output_change, numpy_blas_single_threaded, select_parameters)
+from landscape.points import PointEvaluator, PointLosses, losses_at_points, point_evaluator, recompute_batchnorm
 from landscape.spectrum import (EigenpairsResult, EigenResult, HessianSpectrum, LayerCurvature, SpectralDensity,
                                 TraceResult, hessian_eigenpairs, hessian_spectral_density, hessian_spectrum,
                                 hessian_spectrum_ends, hessian_trace, layer_curvature, top_hessian_eigenvalue,
@@ -79,6 +84,7 @@ __all__ = [
     "PointLosses",
     "PointShare",
     "RankCorrelation",
+    "Selection",
     "SpectralDensity",
     "SurfaceResult",
     "TraceResult",
@@ -91,6 +97,7 @@ __all__ = [
     "bezier_curve",
     "bezier_losses",
     "bezier_points",
+    "check_inputs",
     "check_measurable",
     "exact_curvature",
     "exact_hessian",
@@ -126,7 +133,9 @@ __all__ = [
     "random_direction",
     "random_directions",
     "rank_correlation",
+    "recompute_batchnorm",
     "rescaled_copy",
+    "select_parameters",
     "shard_rows",
     "symmetric_grid",
     "top_hessian_eigenvalue",

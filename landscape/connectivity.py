@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
-from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, check_measurable, flat_parameters, functional_loss,
-                                mlp_layers, parameter_shapes, prepare, resolve_loss, split_flat)
+from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, ParamSpec, Selection, check_measurable, flat_parameters,
+                                functional_loss, mlp_layers, prepare, resolve_loss, select_parameters, split_flat)
 from landscape.points import PointLosses, losses_at_points, point_evaluator
 
 
@@ -50,9 +50,17 @@ class InterpolationResult:
     refined_accuracies: list[float] = field(default_factory=list)
 
 
-def _same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
-    if parameter_shapes(model_a) != parameter_shapes(model_b):
+def _same_architecture(model_a: nn.Module, model_b: nn.Module, params: ParamSpec = None) -> tuple[Selection, Selection]:
+    """The measured parameters of both models (model_b's chosen by model_a's names); ValueError unless they
+    have the same names and shapes."""
+    selection_a = select_parameters(model_a, params)
+    try:
+        selection_b = select_parameters(model_b, list(selection_a.names))
+    except ValueError:
+        selection_b = None
+    if selection_b is None or selection_a.shapes != selection_b.shapes:
         raise ValueError("the two models must have the same parameter names and shapes to be interpolated")
+    return selection_a, selection_b
 
 
 def linear_interpolation(
@@ -65,18 +73,22 @@ def linear_interpolation(
     refine: int = 2,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    params: ParamSpec = None,
+    bn: str = "keep",
 ) -> InterpolationResult:
     """Linear mode connectivity: L and accuracy at θ(α) = (1−α)·θ_a + α·θ_b for each α, the loss barrier
     `barrier_height` over the given α (Entezari et al. 2022), and `.barriers`, every common definition for loss
     and error (`barrier_definitions`) after `refine` rounds that evaluate 8 more α between the neighbours of
-    the current loss and error peaks. The endpoints are evaluated exactly (α = 0 and 1)."""
-    _same_architecture(model_a, model_b)
+    the current loss and error peaks. The endpoints are evaluated exactly (α = 0 and 1). `bn`: "keep" (default)
+    evaluates every point with model_a's BatchNorm running statistics; "recompute" recomputes them at each point
+    from x (Garipov et al. 2018's update_bn; interpolated statistics give misleading barriers)."""
+    selection_a, selection_b = _same_architecture(model_a, model_b, params)
     check_measurable(model_b)
-    theta_a = flat_parameters(model_a)
-    endpoints = torch.stack([theta_a, flat_parameters(model_b).to(theta_a)])
+    theta_a = flat_parameters(model_a, selection_a)
+    endpoints = torch.stack([theta_a, flat_parameters(model_b, selection_b).to(theta_a)])
 
     mixtures = point_evaluator(model_a, x, y, torch.zeros_like(theta_a), endpoints, loss_fn=loss_fn,
-                               memory_budget=memory_budget)
+                               memory_budget=memory_budget, params=list(selection_a.names), bn=bn)
 
     def evaluate(points: list[float]) -> PointLosses:
         a = torch.tensor(points, dtype=torch.float64)[:, None]
@@ -209,15 +221,19 @@ def bezier_curve(
     points: int = 21,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    params: ParamSpec = None,
+    bn: str = "keep",
 ) -> BezierResult:
     """A low-loss quadratic Bézier curve between two models (Garipov et al. 2018): θ_c starts at the midpoint
     and is trained by SGD on E_{t~U(0,1)} L(θ(t)), one t per mini-batch; the curve's loss and accuracy are
-    then evaluated exactly at `points` values of t (t = 0 and 1 are the two models)."""
-    _same_architecture(model_a, model_b)
+    then evaluated exactly at `points` values of t (t = 0 and 1 are the two models), with `bn` as in
+    `linear_interpolation` (the training steps use model_a's statistics either way)."""
+    selection_a, selection_b = _same_architecture(model_a, model_b, params)
     check_measurable(model_b)
-    x, y = prepare(model_a, x, y)
+    x, y = prepare(model_a, x, y, loss_fn, selection_a)
     loss_fn = resolve_loss(loss_fn)
-    theta_a, theta_b = flat_parameters(model_a), flat_parameters(model_b).to(flat_parameters(model_a))
+    theta_a = flat_parameters(model_a, selection_a)
+    theta_b = flat_parameters(model_b, selection_b).to(theta_a)
     control = ((theta_a + theta_b) / 2).requires_grad_(True)
     momentum_buffer: list[torch.Tensor | None] = [None]
     generator = torch.Generator().manual_seed(seed)
@@ -230,7 +246,7 @@ def bezier_curve(
                 idx = order[start : start + batch_size]
                 t = float(torch.rand((), generator=generator, dtype=torch.float64))
                 theta = (1 - t) ** 2 * theta_a + 2 * t * (1 - t) * control + t**2 * theta_b
-                loss = functional_loss(model_a, split_flat(theta, model_a), x[idx], y[idx], loss_fn)
+                loss = functional_loss(model_a, selection_a, split_flat(theta, selection_a), x[idx], y[idx], loss_fn)
                 grad = torch.autograd.grad(loss, control)[0]  # the curve's own point, never a model's
                 with torch.no_grad():  # torch.optim.SGD's own update (its constructor would import torch._dynamo)
                     sgd([control], [grad], momentum_buffer, weight_decay=0.0, momentum=momentum, lr=lr,
@@ -239,17 +255,20 @@ def bezier_curve(
             epoch_losses.append(total / x.shape[0])
     control = control.detach()
     ts = np.linspace(0.0, 1.0, points).tolist()
-    result = bezier_losses(model_a, x, y, (theta_a, control, theta_b), ts, loss_fn=loss_fn, memory_budget=memory_budget)
+    result = bezier_losses(model_a, x, y, (theta_a, control, theta_b), ts, loss_fn=loss_fn, memory_budget=memory_budget,
+                           params=list(selection_a.names), bn=bn)
     return BezierResult(control, ts, result.losses.tolist(), result.accuracies.tolist(), epoch_losses)
 
 
 def bezier_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   curve: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ts: Sequence[float], *,
-                  loss_fn: LossFn | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> PointLosses:
+                  loss_fn: LossFn | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                  params: ParamSpec = None, bn: str = "keep") -> PointLosses:
     """Loss and accuracy at θ(t) for each t on the quadratic Bézier curve through `curve` = (θ_a, θ_c, θ_b):
     each point is the mixture (1−t)²·θ_a + 2t(1−t)·θ_c + t²·θ_b, all of them in one batched evaluation.
     `model` gives the architecture; its own parameters are not used."""
-    theta_a, control, theta_b = (p.detach().to(flat_parameters(model)) for p in curve)
+    like = flat_parameters(model, params)
+    theta_a, control, theta_b = (p.detach().to(like) for p in curve)
     coefficients = torch.tensor([[(1 - t) ** 2, 2 * t * (1 - t), t**2] for t in ts], dtype=torch.float64)
     return losses_at_points(model, x, y, torch.zeros_like(theta_a), torch.stack([theta_a, control, theta_b]),
-                            coefficients, loss_fn=loss_fn, memory_budget=memory_budget)
+                            coefficients, loss_fn=loss_fn, memory_budget=memory_budget, params=params, bn=bn)

@@ -11,7 +11,7 @@ from torch import nn
 
 from landscape.hessian import exact_hessian, hessian_operator
 from landscape.noise import per_example_gradients
-from landscape.plumbing import LossFn, parameter_shapes
+from landscape.plumbing import LossFn, ParamSpec, flat_parameters, parameter_shapes, select_parameters
 
 
 @dataclass
@@ -28,16 +28,17 @@ class ExactCurvature:
 
 
 def exact_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                    loss_fn: LossFn | None = None) -> ExactCurvature:
+                    loss_fn: LossFn | None = None, params: ParamSpec = None) -> ExactCurvature:
     """Everything the dense Hessian says, computed on a float64 copy of `model` (the model is not changed).
     tr(HΣ) = tr(J_c·H·J_cᵀ)/(N−1) with J_c the centred per-example gradients (N, D)."""
     model64 = copy.deepcopy(model).double().cpu()  # dense answers on the CPU, wherever the model lives
     x64, y = (x.double() if x.is_floating_point() else x).cpu(), y.cpu()
-    dense = exact_hessian(model64, x64, y, loss_fn=loss_fn)
+    names = list(select_parameters(model, params).names)  # the copy's parameters are other tensors: by name
+    dense = exact_hessian(model64, x64, y, loss_fn=loss_fn, params=names)
     eigenvalues, eigenvectors = torch.linalg.eigh(dense)
-    offsets = np.cumsum([0] + [int(np.prod(shape)) for _, shape in parameter_shapes(model)])
+    offsets = np.cumsum([0] + [int(np.prod(shape)) for _, shape in parameter_shapes(model64, names)])
     blocks = [dense[a:b, a:b].numpy() for a, b in zip(offsets[:-1], offsets[1:])]
-    grads = per_example_gradients(model64, x64, y, loss_fn=loss_fn)  # (N, D)
+    grads = per_example_gradients(model64, x64, y, loss_fn=loss_fn, params=names)  # (N, D)
     mean = grads.mean(dim=0)
     centred = grads - mean
     trace_h_cov = float(((centred @ dense) * centred).sum()) / (x.shape[0] - 1)
@@ -47,10 +48,10 @@ def exact_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 
 
 def product_rounding(model: nn.Module, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
-                     exact_products: torch.Tensor, *, loss_fn: LossFn | None = None) -> float:
+                     exact_products: torch.Tensor, *, loss_fn: LossFn | None = None, params: ParamSpec = None) -> float:
     """max ‖H·u − exact_products[i]‖ over the unit rows u of `vectors` (m, D), H·u computed in the model's own
     dtype: the rounding of the products every certificate r = ‖H·v − θ·v‖ is computed with. |θ − λ| ≤ r holds
     up to it: ‖H64·v − θv‖ ≤ r + ‖H32·v − H64·v‖."""
-    like = next(model.parameters())
-    products = hessian_operator(model, x, y, loss_fn=loss_fn).matmat(vectors.to(like)).double()
+    like = flat_parameters(model, params)
+    products = hessian_operator(model, x, y, loss_fn=loss_fn, params=params).matmat(vectors.to(like)).double()
     return float((products - exact_products.to(products)).norm(dim=1).max())

@@ -11,17 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape.distributed import DataShard
-from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, fast_path_layers, flat_parameters, functional_loss,
-                                graph_bytes_per_example, is_integer_labels, linear_parts, prepare, resolve_loss,
-                                row_chunks, split_rows)
+from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, ParamSpec, Selection, fast_path_layers,
+                                flat_parameters, functional_loss, graph_bytes_per_example, is_integer_labels,
+                                linear_parts, prepare, resolve_loss, row_chunks, select_parameters, split_rows,
+                                twice_differentiable)
 
 NO_EXACT_DIAGONAL = ("the exact Hessian diagonal needs a plain MLP (nn.Sequential of Linear layers) whose "
                      "activations are piecewise linear (ReLU, LeakyReLU, Identity)")
 
 
 class HessianOperator(ABC):
-    """H, the Hessian of the mean loss over (x, y) w.r.t. all parameters, as an operator on flat vectors (rows of
-    V in `parameters()` order). `dim` is D; `matvecs` counts the products computed so far."""
+    """H, the Hessian of the mean loss over (x, y) w.r.t. the measured parameters (`select_parameters`), as an
+    operator on flat vectors (rows of V in `named_parameters()` order). `dim` is D; `matvecs` counts the
+    products computed so far."""
 
     dim: int
     matvecs: int
@@ -81,28 +83,29 @@ class AutogradHessian(HessianOperator):
     each product recomputes the graph chunk by chunk, weighting chunk n_c by n_c/N.
     """
 
-    def __init__(self, model, x, y, loss_fn, memory_budget):
-        self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
-        self.params = {k: v.detach().requires_grad_(True) for k, v in model.named_parameters()}
-        self.dim = sum(p.numel() for p in self.params.values())
+    def __init__(self, model, x, y, loss_fn, memory_budget, selection: Selection):
+        self.model, self.x, self.y, self.loss_fn, self.selection = model, x, y, loss_fn, selection
+        self.params = {k: v.detach().requires_grad_(True) for k, v in zip(selection.names, selection.tensors)}
+        self.dim = selection.dim
         self.matvecs = 0
-        per_example = graph_bytes_per_example(model, x, y, loss_fn)
+        per_example = graph_bytes_per_example(model, x, y, loss_fn, selection)
         self.chunks = row_chunks(x.shape[0], memory_budget // per_example)
         self._grads = self._gradient_graph(self.chunks[0]) if len(self.chunks) == 1 else None
 
     def _gradient_graph(self, rows: slice) -> tuple[torch.Tensor, ...]:
-        with torch.enable_grad():
-            loss = functional_loss(self.model, self.params, self.x[rows], self.y[rows], self.loss_fn)
+        with torch.enable_grad(), twice_differentiable():
+            loss = functional_loss(self.model, self.selection, self.params, self.x[rows], self.y[rows], self.loss_fn)
             return torch.autograd.grad(loss, list(self.params.values()), create_graph=True, materialize_grads=True)
 
     def _products(self, grads, vs: torch.Tensor) -> torch.Tensor:
         live = [i for i, g in enumerate(grads) if g.requires_grad]  # a gradient that is constant has no Hessian
-        parts = [split_rows(vs, self.model)[i] for i in live]
+        parts = [split_rows(vs, self.selection)[i] for i in live]
         params = list(self.params.values())
         outputs = [grads[i] for i in live]
         # one backward per vector: vmap (is_grads_batched) falls back to a slower loop for common losses
-        rows = [torch.autograd.grad(outputs, params, [p[b] for p in parts], retain_graph=True, allow_unused=True)
-                for b in range(vs.shape[0])]
+        with twice_differentiable():
+            rows = [torch.autograd.grad(outputs, params, [p[b] for p in parts], retain_graph=True, allow_unused=True)
+                    for b in range(vs.shape[0])]
         hv = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(params))]
         return torch.cat([(h if h is not None else torch.zeros((vs.shape[0], *p.shape), dtype=p.dtype, device=p.device)
                            ).reshape(vs.shape[0], -1) for h, p in zip(hv, params)], dim=1)
@@ -374,35 +377,40 @@ def hessian_operator(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     path: str = "auto",
     shard: DataShard | None = None,
+    params: ParamSpec = None,
 ) -> HessianOperator:
     """The exact Hessian of the mean loss as a matrix-free operator: `op(v)` = H·v, `op.matmat(V)` = rows H·vᵢ.
 
     The one dispatch point: path="auto" uses the closed-form R-operator (`MLPHessian`) for plain MLPs and
     autograd's double backward (`AutogradHessian`, reverse-over-reverse, which every loss supports) for any
     other model; "fast"/"general" force one. With a `shard` (landscape.distributed), (x, y) is this rank's
-    slice of a data set spread over the ranks and the operator is the whole set's (`ShardedHessian`).
+    slice of a data set spread over the ranks and the operator is the whole set's (`ShardedHessian`). `params`
+    chooses the parameters (names or tensors; default: those with requires_grad=True).
     """
-    x, y = prepare(model, x, y)
-    layers = fast_path_layers(model, path)
+    selection = select_parameters(model, params)
+    x, y = prepare(model, x, y, loss_fn, selection)
+    layers = fast_path_layers(model, path, selection)
     if layers is not None:
         op = MLPHessian(model, layers, x, y, resolve_loss(loss_fn), memory_budget)
     else:
-        op = AutogradHessian(model, x, y, resolve_loss(loss_fn), memory_budget)
+        op = AutogradHessian(model, x, y, resolve_loss(loss_fn), memory_budget, selection)
     return op if shard is None else ShardedHessian(op, shard, x.shape[0])
 
 
 def hessian_vector_product(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *, loss_fn: LossFn | None = None
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *, loss_fn: LossFn | None = None,
+    params: ParamSpec = None,
 ) -> torch.Tensor:
-    """Exact H·v, H = ∇²_θ (1/N) Σ_i ℓ(f_θ(x_i), y_i); v and the result are flat over `model.parameters()`."""
-    return hessian_operator(model, x, y, loss_fn=loss_fn)(v.to(next(model.parameters())))
+    """Exact H·v, H = ∇²_θ (1/N) Σ_i ℓ(f_θ(x_i), y_i); v and the result are flat over the measured parameters."""
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, params=params)
+    return op(v.to(flat_parameters(model, params)))
 
 
 def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn | None = None,
-                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET, params: ParamSpec = None) -> torch.Tensor:
     """The dense Hessian (D, D) of the mean loss, column block by column block (for small models)."""
-    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
-    like = flat_parameters(model)
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, params=params)
+    like = flat_parameters(model, params)
     columns = max(1, min(op.dim, memory_budget // max(1, 8 * op.dim * like.element_size())))
     blocks = [op.matmat(torch.eye(op.dim, dtype=like.dtype, device=like.device)[s : s + columns])
               for s in range(0, op.dim, columns)]
@@ -417,11 +425,12 @@ def hessian_diagonal(
     *,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    params: ParamSpec = None,
 ) -> torch.Tensor:
-    """diag(H) of the mean loss, exactly, flat over `model.parameters()`, for a plain MLP with piecewise-linear
+    """diag(H) of the mean loss, exactly, flat over the measured parameters, for a plain MLP with piecewise-linear
     activations: there ∂²f/∂θᵢ² = 0, so H's diagonal equals the Gauss-Newton diagonal, which one backward pass
     of the C output directions gives (`MLPHessian.diagonal`). ValueError for any other model."""
-    diagonal = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget).diagonal()
+    diagonal = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, params=params).diagonal()
     if diagonal is None:
         raise ValueError(f"{NO_EXACT_DIAGONAL}; estimate tr(H) with hessian_trace(method='hutch++') instead")
     return diagonal

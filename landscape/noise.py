@@ -10,11 +10,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from landscape.hessian import hessian_operator
-from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, fast_path_layers, functional_loss,
-                                graph_bytes_per_example, prepare, resolve_loss, row_chunks)
+from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, ParamSpec, Selection, fast_path_layers,
+                                functional_forward, functional_loss, graph_bytes_per_example, prepare, resolve_loss,
+                                row_chunks, select_parameters, twice_differentiable)
 from landscape.spectrum import trace_estimate
 
 
@@ -23,10 +23,11 @@ class PerExampleGradients(ABC):
     memory budget, never all materialised. Subclasses compute one chunk's gradients in their own form
     (`_chunk_part`) and the three reductions every noise scale needs from it; this class runs the chunks."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, memory_budget: int):
-        self.model, self.loss_fn = model, loss_fn
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, memory_budget: int,
+                 selection: Selection):
+        self.model, self.loss_fn, self.selection = model, loss_fn, selection
         self.x, self.y = x, y
-        self.params = [p.detach() for p in model.parameters()]
+        self.params = [p.detach() for p in selection.tensors]
         self.dim = sum(p.numel() for p in self.params)
         self.chunks = row_chunks(x.shape[0], memory_budget // max(1.0, self._bytes_per_row()))
         self._cached = None  # the only chunk's part, kept when everything fits in one chunk
@@ -84,10 +85,11 @@ class AutogradPerExample(PerExampleGradients):
     """The reference: each chunk's gradients as a dense (n, D) matrix, by torch.func.vmap(grad)."""
 
     def _bytes_per_row(self) -> float:
-        return 4 * graph_bytes_per_example(self.model, self.x, self.y, self.loss_fn) + 2 * self.dim * self.x.element_size()
+        return (4 * graph_bytes_per_example(self.model, self.x, self.y, self.loss_fn, self.selection)
+                + 2 * self.dim * self.x.element_size())
 
     def _chunk_part(self, x, y) -> torch.Tensor:
-        return _vmap_gradients(self.model, x, y, self.loss_fn)
+        return _vmap_gradients(self.model, x, y, self.loss_fn, self.selection)
 
     def _norms_and_sum(self, part):
         return part.pow(2).sum(dim=1).double(), part.sum(dim=0).double()
@@ -105,9 +107,9 @@ class MLPPerExample(PerExampleGradients):
         ‖∂ℓ_i/∂W‖² = ‖a_i‖²·‖δ_i‖²,   Σ_i u_i·∂ℓ_i/∂W = (u⊙δ)ᵀ·a,   ⟨∂ℓ_i/∂W, V⟩ = δ_iᵀ·V·a_i.
     Equal to `AutogradPerExample`: tests/test_noise.py::test_fast_and_general_per_example_gradients_agree."""
 
-    def __init__(self, model, layers, x, y, loss_fn, memory_budget):
+    def __init__(self, model, layers, x, y, loss_fn, memory_budget, selection):
         self.layers = layers
-        super().__init__(model, x, y, loss_fn, memory_budget)
+        super().__init__(model, x, y, loss_fn, memory_budget, selection)
 
     def _bytes_per_row(self) -> float:  # inputs, pre-activations and δ of every Linear layer, with room to spare
         widths = self.x.flatten(1).shape[1] + sum(m.out_features for m in self.layers if type(m) is nn.Linear)
@@ -175,34 +177,38 @@ def _mlp_parts(layers, params, x, y, loss_fn) -> list[tuple[torch.Tensor, torch.
     return [(a, d, m.bias is not None) for a, d, m in zip(inputs, deltas, linears)]
 
 
-def _vmap_gradients(model, x, y, loss_fn) -> torch.Tensor:
+def _vmap_gradients(model, x, y, loss_fn, selection: Selection) -> torch.Tensor:
     """Per-example gradients (n, D) of any model, by torch.func.vmap(grad)."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    params = {k: v.detach() for k, v in zip(selection.names, selection.tensors)}
 
     def example_loss(p, xi, yi):
-        return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+        return loss_fn(functional_forward(model, selection, p, xi.unsqueeze(0)), yi.unsqueeze(0))
 
-    grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))(params, x, y)
+    with twice_differentiable():  # the math attention kernel has vmap batching rules; the fused CPU kernel has none
+        grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))(params, x, y)
     return torch.cat([g.reshape(x.shape[0], -1) for g in grads.values()], dim=1)
 
 
 def per_example_gradient_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn | None = None,
-                              memory_budget: int = DEFAULT_MEMORY_BUDGET, path: str = "auto") -> PerExampleGradients:
+                              memory_budget: int = DEFAULT_MEMORY_BUDGET, path: str = "auto",
+                              params: ParamSpec = None) -> PerExampleGradients:
     """The per-example gradients of (x, y) as a `PerExampleGradients`: the one dispatch point, `MLPPerExample`
     for a plain MLP (path "auto" or "fast"), `AutogradPerExample` otherwise."""
-    x, y = prepare(model, x, y)
+    selection = select_parameters(model, params)
+    x, y = prepare(model, x, y, loss_fn, selection)
     loss_fn = resolve_loss(loss_fn)
-    layers = fast_path_layers(model, path)
+    layers = fast_path_layers(model, path, selection)
     if layers is not None:
-        return MLPPerExample(model, layers, x, y, loss_fn, memory_budget)
-    return AutogradPerExample(model, x, y, loss_fn, memory_budget)
+        return MLPPerExample(model, layers, x, y, loss_fn, memory_budget, selection)
+    return AutogradPerExample(model, x, y, loss_fn, memory_budget, selection)
 
 
 def per_example_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                          loss_fn: LossFn | None = None) -> torch.Tensor:
+                          loss_fn: LossFn | None = None, params: ParamSpec = None) -> torch.Tensor:
     """Every per-example gradient ∇ℓ_i as a dense (N, D) matrix (for small models and exact checks)."""
-    x, y = prepare(model, x, y)
-    return _vmap_gradients(model, x, y, resolve_loss(loss_fn))
+    selection = select_parameters(model, params)
+    x, y = prepare(model, x, y, loss_fn, selection)
+    return _vmap_gradients(model, x, y, resolve_loss(loss_fn), selection)
 
 
 def per_example_gradient_norms_sq(
@@ -213,6 +219,7 @@ def per_example_gradient_norms_sq(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     path: str = "auto",
+    params: ParamSpec = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(‖∇ℓ_i‖² for every example i, float64 (N,); the mean gradient G, flat).
 
@@ -220,7 +227,8 @@ def per_example_gradient_norms_sq(
     Plain MLPs: ‖∂ℓ_i/∂W‖² = ‖a_i‖²·‖δ_i‖² per Linear layer (input a_i, output gradient δ_i),
     plus ‖δ_i‖² for the bias, all from one backward pass. Other models: torch.func.vmap(grad).
     """
-    return per_example_gradient_rows(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, path=path).norms_and_mean()
+    return per_example_gradient_rows(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, path=path,
+                                     params=params).norms_and_mean()
 
 
 @dataclass
@@ -252,6 +260,7 @@ def gradient_noise_scale(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     path: str = "auto",
+    params: ParamSpec = None,
 ) -> NoiseScaleResult:
     """McCandlish et al. 2018's noise scales, from the exact per-example gradients g_i of all N examples.
 
@@ -260,7 +269,8 @@ def gradient_noise_scale(
     1/(N−1) Σ (g_i − G)ᵀH(g_i − G), exactly when N ≤ exact_below, else by Hutch++ in example space
     until its standard error reaches rel_stderr·|tr(HΣ)| (b_noise=False skips it).
     """
-    per_example = per_example_gradient_rows(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, path=path)
+    per_example = per_example_gradient_rows(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, path=path,
+                                            params=params)
     norms_sq, mean_grad = per_example.norms_and_mean()
     n = norms_sq.numel()
     if n < 2:
@@ -286,7 +296,8 @@ def _add_b_noise(result, per_example, mean_grad, model, rel_stderr, max_probes, 
     tr(HΣ) = tr(M)/(N−1) for M = J_c·H·J_cᵀ (N, N); M·u costs one weighted gradient sum, one Hessian product
     and one pass of per-example dot products, so tr(M) is estimated by Hutch++ in example space (exact when
     N ≤ exact_below, from the N unit vectors)."""
-    op = hessian_operator(model, per_example.x, per_example.y, loss_fn=per_example.loss_fn, memory_budget=budget)
+    op = hessian_operator(model, per_example.x, per_example.y, loss_fn=per_example.loss_fn, memory_budget=budget,
+                          params=list(per_example.selection.names))
     g = mean_grad.to(per_example.params[0])
     result.g_h_g = float(g @ op(g))
     n = result.n
@@ -332,25 +343,27 @@ def two_batch_noise_scale(
     batches: int = 10,
     seed: int = 0,
     loss_fn: LossFn | None = None,
+    params: ParamSpec = None,
 ) -> TwoBatchNoiseResult:
     """|G|², tr(Σ) and B_simple from mini-batch gradients only, as one computes them at scale (McCandlish et al.
     2018, appendix A): with G_B the mean gradient of a batch of B examples drawn without replacement,
     E|G_B|² = |G|² + tr(Σ)(1/B − 1/N), so per draw tr(Σ) ≈ (|G_s|² − |G_b|²)/(1/b_s − 1/b_b) and
     |G|² ≈ (b_b|G_b|² − b_s|G_s|²)/(b_b − b_s) + tr(Σ)/N (the last term corrects for the finite data set;
     both are then unbiased). Small and big batches are drawn independently; B_simple = mean tr(Σ)/mean |G|²."""
-    x, y = prepare(model, x, y)
+    selection = select_parameters(model, params)
+    x, y = prepare(model, x, y, loss_fn, selection)
     n = x.shape[0]
     if not 1 <= b_small < b_big <= n or batches < 2:
         raise ValueError(f"need 1 <= b_small < b_big <= N = {n} and batches >= 2, got {b_small}, {b_big}, {batches}")
     loss_fn = resolve_loss(loss_fn)
-    params = {k: v.detach().requires_grad_(True) for k, v in model.named_parameters()}
+    values = {k: v.detach().requires_grad_(True) for k, v in zip(selection.names, selection.tensors)}
     generator = torch.Generator().manual_seed(seed)
 
     def batch_grad_norm_sq(size: int) -> float:
         idx = torch.randperm(n, generator=generator)[:size].to(x.device)
         with torch.enable_grad():
-            grads = torch.autograd.grad(functional_loss(model, params, x[idx], y[idx], loss_fn),
-                                        list(params.values()), allow_unused=True, materialize_grads=True)
+            grads = torch.autograd.grad(functional_loss(model, selection, values, x[idx], y[idx], loss_fn),
+                                        list(values.values()), allow_unused=True, materialize_grads=True)
         return float(sum(g.double().pow(2).sum() for g in grads))
 
     traces, norms = [], []
@@ -392,6 +405,7 @@ def batch_sharpness(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     path: str = "auto",
+    params: ParamSpec = None,
 ) -> BatchSharpnessResult:
     """E_B[g_Bᵀ H_B g_B / ‖g_B‖²] over `batches` mini-batches of `batch_size` examples, each drawn without
     replacement as one SGD step draws it; g_B and H_B are the gradient and Hessian of the batch's mean loss.
@@ -401,7 +415,7 @@ def batch_sharpness(
     q the quotient, so it is stable while q < 2/η. Each quotient lies in [λ_min(H_B), λ_max(H_B)]. One gradient
     and one exact Hessian product per batch, through `hessian_operator` (the MLP fast path where it applies).
     """
-    x, y = prepare(model, x, y)
+    x, y = prepare(model, x, y, loss_fn, select_parameters(model, params))
     n = x.shape[0]
     if not 1 <= batch_size <= n or batches < 1:
         raise ValueError(f"need 1 <= batch_size <= N = {n} and batches >= 1, got {batch_size} and {batches}")
@@ -409,7 +423,8 @@ def batch_sharpness(
     indices = torch.stack([torch.randperm(n, generator=generator)[:batch_size] for _ in range(batches)])
     values = []
     for idx in indices.to(x.device):
-        op = hessian_operator(model, x[idx], y[idx], loss_fn=loss_fn, memory_budget=memory_budget, path=path)
+        op = hessian_operator(model, x[idx], y[idx], loss_fn=loss_fn, memory_budget=memory_budget, path=path,
+                              params=params)
         g = op.gradient()
         g64 = g.double()
         norm_sq = float(g64 @ g64)

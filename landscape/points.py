@@ -4,6 +4,7 @@ dispatch point (`point_evaluator`). Surfaces, interpolation, curves and every fl
 
 from __future__ import annotations
 
+import copy as copying
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -12,15 +13,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from landscape.distributed import DataShard, PointShare
-from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, fast_path_layers, graph_bytes_per_example,
-                                is_integer_labels, linear_parts, prepare, resolve_loss, row_chunks, split_flat)
+from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, ParamSpec, Selection, fast_path_layers,
+                                functional_forward, graph_bytes_per_example, is_integer_labels, linear_parts, prepare,
+                                resolve_loss, row_chunks, select_parameters, split_flat)
 
 # Working set of one batch of MLP points (activations of p points × n examples): small enough to stay in
 # cache-friendly sizes, large enough that each batched product is a real GEMM (bench/RESULTS.md).
 POINT_BATCH_BYTES = 16 << 20
+BN_POLICIES = ("keep", "recompute")
 _IN_PLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_}
 
 
@@ -34,15 +36,18 @@ class PointLosses:
 
 class PointEvaluator(ABC):
     """coefficients (P, K) -> `PointLosses` at θ_p = base + Σ_k coefficients[p, k]·directions[k], for one model,
-    data set, base (D,) and directions (K, D), called as often as a search needs. The model's own parameters
-    are not used, only its architecture. Subclasses sum the loss and count correct predictions per point."""
+    data set, base (D,) and directions (K, D) over the selected parameters, called as often as a search needs.
+    The model's own selected parameters are not used, only its architecture (and the unselected ones).
+    Subclasses sum the loss and count correct predictions per point."""
 
     def __init__(self, model, x, y, base, directions, *, loss_fn=None, memory_budget=DEFAULT_MEMORY_BUDGET,
-                 accuracy=True, copy=True):
+                 accuracy=True, copy=True, selection: Selection | None = None):
         self.model = model
-        self.x, self.y = prepare(model, x, y)
+        self.bn_copy = None  # FunctionalPoints with bn="recompute": a private copy whose statistics it recomputes
+        self.selection = selection or select_parameters(model)
+        self.x, self.y = prepare(model, x, y, loss_fn, self.selection)
         self.count_correct = accuracy and is_integer_labels(self.y)
-        p0 = next(model.parameters())
+        p0 = self.selection.tensors[0]
         # private copies: what an evaluator keeps must not go stale if the caller changes its tensors later
         # (copy=False: called once, at once, as by `losses_at_points`)
         self.base = base.detach().to(p0, copy=copy)
@@ -67,20 +72,55 @@ class PointEvaluator(ABC):
 
 
 class FunctionalPoints(PointEvaluator):
-    """The reference: one functional forward per point (and per row chunk), for any model."""
+    """The reference: one functional forward per point (and per row chunk), for any model. With
+    bn="recompute", each point's BatchNorm statistics are first recomputed from (x, y)'s inputs
+    (`recompute_batchnorm`) in a private copy of the model."""
+
+    def __init__(self, model, x, y, base, directions, *, bn: str = "keep", **kwargs):
+        super().__init__(model, x, y, base, directions, **kwargs)
+        if bn == "recompute" and has_batchnorm(model):
+            self.bn_copy = copying.deepcopy(model)
 
     def _sums(self, coefficients):
-        rows = self.budget // max(1.0, graph_bytes_per_example(self.model, self.x, self.y, self.loss_fn))
+        rows = self.budget // max(1.0, graph_bytes_per_example(self.model, self.x, self.y, self.loss_fn, self.selection))
         sums = torch.zeros(coefficients.shape[0], dtype=torch.float64, device=self.x.device)
         correct = torch.zeros_like(sums)
+        model = self.model if self.bn_copy is None else self.bn_copy
         for i, c in enumerate(coefficients):
-            params = split_flat(self.base + c @ self.directions, self.model)
+            params = split_flat(self.base + c @ self.directions, self.selection)
+            if self.bn_copy is not None:
+                recompute_batchnorm(self.bn_copy, self.selection, params, self.x)
             for part in row_chunks(self.x.shape[0], rows):
-                logits = functional_call(self.model, params, (self.x[part],))
+                logits = functional_forward(model, self.selection, params, self.x[part])
                 sums[i] += (self.loss_fn(logits, self.y[part]) * (part.stop - part.start)).double()
                 if self.count_correct:
                     correct[i] += (logits.argmax(dim=-1) == self.y[part]).sum()
         return sums, correct if self.count_correct else torch.full_like(sums, math.nan)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def recompute_batchnorm(model: nn.Module, selection: Selection, params: dict, x: torch.Tensor) -> None:
+    """Garipov et al. 2018's update_bn at the parameter point `params`, into `model` (a private copy): every
+    BatchNorm layer's running mean and unbiased variance reset and recomputed from the inputs it sees on x,
+    layer after layer (each later layer normalised by the earlier layers' batch statistics, as in training), then
+    eval mode. torch.optim.swa_utils.update_bn's rule (momentum None: a cumulative average over batches), in
+    one batch of all of x, so the statistics are exactly those of every example."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            functional_forward(model, selection, params, x)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+            m.eval()
 
 
 class MLPPoints(PointEvaluator):
@@ -223,18 +263,26 @@ class SplitPoints:
 
 def point_evaluator(model: nn.Module, x: torch.Tensor, y: torch.Tensor, base: torch.Tensor, directions: torch.Tensor,
                     *, loss_fn: LossFn | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET, path: str = "auto",
-                    accuracy: bool = True, copy: bool = True, shard: DataShard | PointShare | None = None
-                    ) -> PointEvaluator | ShardedPoints | SplitPoints:
+                    accuracy: bool = True, copy: bool = True, shard: DataShard | PointShare | None = None,
+                    params: ParamSpec = None, bn: str = "keep") -> PointEvaluator | ShardedPoints | SplitPoints:
     """A callable coefficients (P, K) -> `PointLosses`, as `losses_at_points` with everything else fixed: the one
     dispatch point, `MLPPoints` for a plain MLP (path "auto" or "fast"), `FunctionalPoints` otherwise; with a
     `shard` (landscape.distributed) it sees the whole data set spread over the ranks (`DataShard`: (x, y) is
-    this rank's slice) or spreads the points over them (`PointShare`: every rank holds all of (x, y))."""
-    layers = fast_path_layers(model, path)
-    kwargs = dict(loss_fn=loss_fn, memory_budget=memory_budget, accuracy=accuracy, copy=copy)
-    if layers is not None:
+    this rank's slice) or spreads the points over them (`PointShare`: every rank holds all of (x, y)). Points
+    lie in the space of the parameters `params` chooses (default: the trainable ones); the others stay fixed.
+    `bn`: "keep" evaluates every point with the model's own BatchNorm running statistics, "recompute"
+    recomputes them at each point from x (Garipov et al. 2018's update_bn, for the points between two models)."""
+    if bn not in BN_POLICIES:
+        raise ValueError(f"bn must be 'keep' or 'recompute', got {bn!r}")
+    if bn == "recompute" and isinstance(shard, DataShard) and has_batchnorm(model):
+        raise ValueError("bn='recompute' needs every example on each process; use a PointShare, not a DataShard")
+    selection = select_parameters(model, params)
+    layers = fast_path_layers(model, path, selection)
+    kwargs = dict(loss_fn=loss_fn, memory_budget=memory_budget, accuracy=accuracy, copy=copy, selection=selection)
+    if layers is not None:  # a plain MLP has no BatchNorm: both policies are the same
         evaluator = MLPPoints(model, layers, x, y, base, directions, **kwargs)
     else:
-        evaluator = FunctionalPoints(model, x, y, base, directions, **kwargs)
+        evaluator = FunctionalPoints(model, x, y, base, directions, bn=bn, **kwargs)
     if isinstance(shard, DataShard):
         return ShardedPoints(evaluator, shard)
     if isinstance(shard, PointShare):
@@ -255,6 +303,8 @@ def losses_at_points(
     path: str = "auto",
     accuracy: bool = True,
     shard: DataShard | PointShare | None = None,
+    params: ParamSpec = None,
+    bn: str = "keep",
 ) -> PointLosses:
     """Loss and accuracy at θ_p = base + Σ_k coefficients[p, k]·directions[k] for every p, in batched passes.
 
@@ -262,7 +312,9 @@ def losses_at_points(
     the model is a plain MLP), "fast" or "general"; both give the same numbers. With accuracy=False
     (or targets that are not class labels) the accuracies are NaN and cost nothing. `shard`
     (landscape.distributed): a `DataShard` when (x, y) is this rank's slice of a data set spread over
-    processes, a `PointShare` to spread the points instead.
+    processes, a `PointShare` to spread the points instead. `params` chooses the parameters the points move
+    (default: those with requires_grad=True); `bn` keeps the model's BatchNorm statistics ("keep", default) or
+    recomputes them at each point from x ("recompute", `point_evaluator`).
     """
     return point_evaluator(model, x, y, base, directions, loss_fn=loss_fn, memory_budget=memory_budget, path=path,
-                           accuracy=accuracy, copy=False, shard=shard)(coefficients)
+                           accuracy=accuracy, copy=False, shard=shard, params=params, bn=bn)(coefficients)

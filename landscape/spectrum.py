@@ -12,8 +12,9 @@ from torch import nn
 
 from landscape.distributed import DataShard
 from landscape.hessian import NO_EXACT_DIAGONAL, HessianOperator, hessian_operator
-from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, flat_parameters, gaussian, numpy_blas_single_threaded,
-                                parameter_shapes, rademacher, start_vector)
+from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, ParamSpec, flat_parameters, gaussian,
+                                numpy_blas_single_threaded, parameter_shapes, product_progress, rademacher,
+                                start_vector)
 
 
 # ----------------------------------------------------------------------------- Lanczos
@@ -165,6 +166,7 @@ def top_hessian_eigenvalue(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     shard: DataShard | None = None,
     operator: HessianOperator | None = None,
+    params: ParamSpec = None,
 ) -> EigenResult:
     """Largest algebraic eigenvalue λ_max of the Hessian of the mean loss (sharpness; Keskar et al. 2017).
 
@@ -177,12 +179,15 @@ def top_hessian_eigenvalue(
     both start from the gradient plus a seeded random tenth (`_gradient_start`), which saves a few products
     at a trained point. `operator` reuses a `hessian_operator` of the same model and data.
     """
-    op = operator or hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
+    op = operator or hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard,
+                                      params=params)
     spent = op.matvecs
-    like = flat_parameters(model)
+    like = flat_parameters(model, params)
     v0 = _gradient_start(op, seed, like) if start is None else start.detach().to(like)
     if method == "lanczos":
-        run = _lanczos_runs(op.matmat, v0[None], max_steps=max_iter, done=lambda r: r.converged(1, "largest", tol))[0]
+        with product_progress(max_iter, "λ_max by Lanczos") as count:
+            run = _lanczos_runs(count(op.matmat), v0[None], max_steps=max_iter,
+                                done=lambda r: r.converged(1, "largest", tol))[0]
         values, vectors, residuals, _ = run.ritz(1, "largest")
         return EigenResult(float(values[0]), vectors[0], op.matvecs - spent, run.converged(1, "largest", tol)
                            or run.beta_next <= 1e-12 * max(abs(values[0]), 1e-30), float(residuals[0]), "lanczos")
@@ -222,13 +227,15 @@ def hessian_eigenpairs(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     shard: DataShard | None = None,
+    params: ParamSpec = None,
 ) -> EigenpairsResult:
     """The k largest (or most negative) eigenvalues of the Hessian and their eigenvectors, by Lanczos with full
     reorthogonalisation, stopped when every wanted pair has ‖Hv − λv‖ ≤ tol·max(|λ|, 1e-8·‖H‖); the residuals
     are then recomputed with k true products. λ_min < 0 means a saddle, not a minimum (Dauphin et al. 2014)."""
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
-    return _extreme_eigenpairs(model, x, y, {which: k}, tol, seed, max_iter, loss_fn, memory_budget, shard)[which]
+    return _extreme_eigenpairs(model, x, y, {which: k}, tol, seed, max_iter, loss_fn, memory_budget, shard,
+                               params)[which]
 
 
 def hessian_spectrum_ends(
@@ -244,23 +251,26 @@ def hessian_spectrum_ends(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     shard: DataShard | None = None,
+    params: ParamSpec = None,
 ) -> tuple[EigenpairsResult, EigenpairsResult]:
     """The k largest and the k_smallest most negative eigenpairs from one Lanczos run: a Krylov space converges
     at both ends of the spectrum at once, so one run stopped when both ends meet the test of `hessian_eigenpairs`
     costs the longer of the two separate runs, not their sum. Both results count the shared products."""
     pairs = _extreme_eigenpairs(model, x, y, {"largest": k, "smallest": k_smallest}, tol, seed, max_iter, loss_fn,
-                                memory_budget, shard)
+                                memory_budget, shard, params)
     return pairs["largest"], pairs["smallest"]
 
 
-def _extreme_eigenpairs(model, x, y, wanted: dict[str, int], tol, seed, max_iter, loss_fn, memory_budget, shard=None):
+def _extreme_eigenpairs(model, x, y, wanted: dict[str, int], tol, seed, max_iter, loss_fn, memory_budget, shard=None,
+                        params=None):
     """One Lanczos run from a seeded Gaussian start until every end in `wanted` ({which: k}) has converged,
     then the true residuals of all wanted pairs in one batched product."""
-    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard, params=params)
     _check_wanted(wanted, op.dim)
-    v0 = start_vector(op.dim, seed, flat_parameters(model))
-    run = _lanczos_runs(op.matmat, v0[None], max_steps=max(max_iter, *wanted.values()),
-                        done=lambda r: _ends_converged(r, wanted, tol))[0]
+    v0 = start_vector(op.dim, seed, flat_parameters(model, params))
+    steps = max(max_iter, *wanted.values())
+    with product_progress(steps, "eigenpairs by Lanczos") as count:
+        run = _lanczos_runs(count(op.matmat), v0[None], max_steps=steps, done=lambda r: _ends_converged(r, wanted, tol))[0]
     return _certified_ends(op, run, wanted, tol)
 
 
@@ -354,7 +364,7 @@ def hessian_trace(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    method: str = "hutch++",
+    method: str = "auto",
     rel_stderr: float = 0.01,
     max_matvecs: int = 1000,
     seed: int = 0,
@@ -362,24 +372,45 @@ def hessian_trace(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     shard: DataShard | None = None,
     operator: HessianOperator | None = None,
+    params: ParamSpec = None,
 ) -> TraceResult:
-    """tr(H) of the mean loss by Hutch++ (default) or Hutchinson on exact products, stopped when the standard
-    error reaches rel_stderr·|tr(H)| (PyHessian stops when the running mean moves < 1e-3, ~3% error here);
-    "exact" sums the exact diagonal (`hessian_diagonal`: plain MLPs with piecewise-linear activations, stderr 0,
-    no products); "auto" is "exact" where it applies and Hutch++ elsewhere.
+    """tr(H) of the mean loss. "hutch++" or "hutchinson": stochastic, on exact products, stopped when the standard
+    error reaches rel_stderr·|tr(H)| or after max_matvecs products, whichever comes first (PyHessian stops when
+    the running mean moves < 1e-3, ~3% error here); "exact" sums the exact diagonal (`hessian_diagonal`: plain
+    MLPs with piecewise-linear activations, stderr 0, no products); "auto" (default) is "exact" where it applies,
+    else Σ_i e_iᵀHe_i over the D unit vectors when D ≤ max_matvecs (exact, D products), else Hutch++.
     `operator` reuses a `hessian_operator` of the same model and data."""
     if method not in ("hutchinson", "hutch++", "exact", "auto"):
         raise ValueError(f"method must be 'hutchinson', 'hutch++', 'exact' or 'auto', got {method!r}")
-    op = operator or hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
+    op = operator or hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard,
+                                      params=params)
+    like = flat_parameters(model, params)
     if method in ("exact", "auto"):
         diagonal = op.diagonal()
         if diagonal is not None:
             return TraceResult(float(diagonal.double().sum()), 0.0, 0, "exact", True)
         if method == "exact":
             raise ValueError(f"method='exact': {NO_EXACT_DIAGONAL}; use method='hutch++' or 'auto'")
+        if op.dim <= max_matvecs:
+            return TraceResult(_unit_vector_trace(op, like, memory_budget), 0.0, op.dim, "exact", True)
         method = "hutch++"
-    return trace_estimate(op.matmat, op.dim, method=method, rel_stderr=rel_stderr, max_matvecs=max_matvecs,
-                          seed=seed, like=flat_parameters(model))
+    with product_progress(max_matvecs, f"tr(H) by {method}") as count:
+        return trace_estimate(count(op.matmat), op.dim, method=method, rel_stderr=rel_stderr,
+                              max_matvecs=max_matvecs, seed=seed, like=like)
+
+
+def _unit_vector_trace(op, like: torch.Tensor, memory_budget: int) -> float:
+    """Σ_i e_iᵀ·H·e_i, the exact trace from the D unit vectors, as many at a time as the memory budget holds."""
+    rows = max(1, memory_budget // max(1, 4 * op.dim * like.element_size()))
+    total = 0.0
+    with product_progress(op.dim, "tr(H) from unit vectors") as count:
+        matmat = count(op.matmat)
+        for start in range(0, op.dim, rows):
+            stop = min(start + rows, op.dim)
+            units = torch.zeros((stop - start, op.dim), dtype=like.dtype, device=like.device)
+            units[:, start:stop] = torch.eye(stop - start, dtype=like.dtype, device=like.device)
+            total += float(torch.diagonal(matmat(units)[:, start:stop]).double().sum())
+    return total
 
 
 @dataclass
@@ -406,13 +437,14 @@ def hessian_spectral_density(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     shard: DataShard | None = None,
+    params: ParamSpec = None,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature (Ghorbani et al. 2019): for each of `runs` Gaussian vectors v/‖v‖,
     m Lanczos steps give T = U·diag(θ)·Uᵀ, and vᵀf(H)v ≈ Σ_i U_1i²·f(θ_i); the density is the average over
     runs of Σ_i U_1i²·N(t; θ_i, σ²), so it integrates to 1 and its mean is ≈ tr(H)/D. σ defaults to
     1% of the spectral range. All runs advance in lockstep, one batched product per step."""
-    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
-    results = _slq_runs(op, flat_parameters(model), runs, lanczos_steps, seed, memory_budget)
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard, params=params)
+    results = _slq_runs(op, flat_parameters(model, params), runs, lanczos_steps, seed, memory_budget)
     return _slq_density(results, lanczos_steps, sigma, grid_points)
 
 
@@ -442,6 +474,7 @@ def hessian_spectrum(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     shard: DataShard | None = None,
+    params: ParamSpec = None,
 ) -> HessianSpectrum:
     """`hessian_spectral_density` and `hessian_spectrum_ends` from one set of Lanczos runs. The SLQ runs advance
     in lockstep for `lanczos_steps` steps; the first then goes on alone until the k largest and the k_smallest
@@ -449,10 +482,10 @@ def hessian_spectrum(
     their true residuals take one batched product. A run's first m steps do not depend on how long it goes on,
     so the density, from each run's leading m×m block of T, is `hessian_spectral_density`'s for the same seed;
     the ends cost the few steps past m instead of a run of their own (35-47 products per model here)."""
-    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard, params=params)
     wanted = {"largest": k, "smallest": k_smallest}
     _check_wanted(wanted, op.dim)
-    results = _slq_runs(op, flat_parameters(model), runs, lanczos_steps, seed, memory_budget,
+    results = _slq_runs(op, flat_parameters(model, params), runs, lanczos_steps, seed, memory_budget,
                         first_until=lambda r: _ends_converged(r, wanted, tol),
                         first_max_steps=max(max_iter, lanczos_steps, k, k_smallest))
     ends = _certified_ends(op, results[0], wanted, tol)
@@ -476,7 +509,8 @@ def _slq_runs(op, like: torch.Tensor, runs: int, steps: int, seed: int, memory_b
         if s == 0 and first_until is not None:
             limits[0] = first_max_steps  # the others stop at `steps` whatever done says
             done = lambda run: len(run.alphas) >= steps and first_until(run)  # noqa: E731
-        results += _lanczos_runs(op.matmat, block, max_steps=limits, done=done)
+        with product_progress(sum(limits), "spectral density (SLQ)") as count:
+            results += _lanczos_runs(count(op.matmat), block, max_steps=limits, done=done)
     return results
 
 
@@ -525,30 +559,31 @@ def layer_curvature(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     shard: DataShard | None = None,
+    params: ParamSpec = None,
 ) -> list[LayerCurvature]:
-    """Per parameter tensor b: the top eigenvalue of its diagonal Hessian block H_bb (Lanczos restricted to the
-    block, stopped at ‖H_bb v − λv‖ ≤ tol·|λ|) and tr(H_bb): the sum of the exact diagonal where
-    `hessian_diagonal` applies (plain MLPs with piecewise-linear activations), else exact for blocks of at most
-    `exact_below` entries and Hutchinson with block-restricted Rademacher probes until the standard error
-    reaches rel_stderr. All blocks advance together: each Lanczos step and each probe round is one batched
-    product."""
-    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard)
-    like = flat_parameters(model)
-    names, sizes = zip(*[(name, math.prod(shape)) for name, shape in parameter_shapes(model)])
+    """Per parameter tensor b (named as `named_parameters()` names it): the top eigenvalue of its diagonal Hessian
+    block H_bb (Lanczos restricted to the block, stopped at ‖H_bb v − λv‖ ≤ tol·|λ|) and tr(H_bb): the sum of the
+    exact diagonal where `hessian_diagonal` applies (plain MLPs with piecewise-linear activations), else exact
+    for blocks of at most `exact_below` entries and Hutchinson with block-restricted Rademacher probes until the
+    standard error reaches rel_stderr (at most max_probes). Costs at most Σ_b min(max_iter, n_b) products for
+    the eigenvalues and Σ_b min(max_probes, n_b) for the traces. When the blocks' masks, starts and first
+    Lanczos bases fit in the memory budget together (blocks·(min(max_iter, 16) + 3)·D numbers), all blocks
+    advance at once, one batched product per step; otherwise block after block, in the block's own
+    coordinates, in memory (min(max_iter, n_b) + 1)·n_b + a few D-vectors."""
+    op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget, shard=shard, params=params)
+    like = flat_parameters(model, params)
+    names, sizes = zip(*[(name, math.prod(shape)) for name, shape in parameter_shapes(model, params)])
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    masks = torch.zeros((len(sizes), op.dim), dtype=like.dtype, device=like.device)
-    for b in range(len(sizes)):
-        masks[b, offsets[b] : offsets[b + 1]] = 1
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randn((len(sizes), op.dim), generator=generator, dtype=torch.float64).to(like) * masks
-    runs = _lanczos_runs(op.matmat, starts, max_steps=[min(max_iter, n) for n in sizes],
-                         done=lambda r: r.converged(1, "largest", tol),
-                         outputs=masks)
-    diagonal = op.diagonal()
-    if diagonal is not None:
-        traces = [(float(diagonal[offsets[b] : offsets[b + 1]].double().sum()), 0.0) for b in range(len(sizes))]
-    else:
-        traces = _block_traces(op, masks, sizes, offsets, generator, like, rel_stderr, max_probes, exact_below)
+    together = len(sizes) * (min(max_iter, 16) + 3) * op.dim * like.element_size() <= memory_budget
+    budget = sum(min(max_iter, n) for n in sizes) + sum(min(max_probes, n) for n in sizes)
+    with product_progress(budget, "per-layer curvature") as count:
+        matmat = count(op.matmat)
+        if together:
+            runs, traces = _layers_together(op, matmat, like, sizes, offsets, seed, tol, max_iter, rel_stderr,
+                                            max_probes, exact_below)
+        else:
+            runs, traces = _layers_one_by_one(op, matmat, like, sizes, offsets, seed, tol, max_iter, rel_stderr,
+                                              max_probes, exact_below)
     out = []
     for b, run in enumerate(runs):
         values, _, residuals, _ = run.ritz(1, "largest")
@@ -557,7 +592,71 @@ def layer_curvature(
     return out
 
 
-def _block_traces(op, masks, sizes, offsets, generator, like, rel_stderr, max_probes, exact_below):
+def _layers_together(op, matmat, like, sizes, offsets, seed, tol, max_iter, rel_stderr, max_probes, exact_below):
+    """Every block's Lanczos run in lockstep (one batched product per step) over full-length masked vectors."""
+    masks = torch.zeros((len(sizes), op.dim), dtype=like.dtype, device=like.device)
+    for b in range(len(sizes)):
+        masks[b, offsets[b] : offsets[b + 1]] = 1
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randn((len(sizes), op.dim), generator=generator, dtype=torch.float64).to(like) * masks
+    runs = _lanczos_runs(matmat, starts, max_steps=[min(max_iter, n) for n in sizes],
+                         done=lambda r: r.converged(1, "largest", tol), outputs=masks)
+    diagonal = op.diagonal()
+    if diagonal is not None:
+        traces = [(float(diagonal[offsets[b] : offsets[b + 1]].double().sum()), 0.0) for b in range(len(sizes))]
+    else:
+        traces = _block_traces(op, matmat, masks, sizes, offsets, generator, like, rel_stderr, max_probes, exact_below)
+    return runs, traces
+
+
+def _layers_one_by_one(op, matmat, like, sizes, offsets, seed, tol, max_iter, rel_stderr, max_probes, exact_below):
+    """Each block on its own: Lanczos and the probes in the block's n_b coordinates, every product one masked
+    full-length product whose block is read back, so memory is the block's basis and a few D-vectors."""
+    generator = torch.Generator().manual_seed(seed)
+    diagonal = op.diagonal()
+    runs, traces = [], []
+    for b, size in enumerate(sizes):
+        block = slice(int(offsets[b]), int(offsets[b + 1]))
+        block_matmat = _restricted(matmat, block, op.dim, like)
+        start = torch.randn((1, size), generator=generator, dtype=torch.float64).to(like)
+        runs += _lanczos_runs(block_matmat, start, max_steps=min(max_iter, size),
+                              done=lambda r: r.converged(1, "largest", tol))
+        if diagonal is not None:
+            traces.append((float(diagonal[block].double().sum()), 0.0))
+        elif size <= exact_below:
+            eye = torch.eye(size, dtype=like.dtype, device=like.device)
+            traces.append((float(torch.diagonal(block_matmat(eye)).double().sum()), 0.0))
+        else:
+            traces.append(_hutchinson_block(block_matmat, size, generator, like, rel_stderr, max_probes))
+    return runs, traces
+
+
+def _restricted(matmat, block: slice, dim: int, like: torch.Tensor):
+    """vs (k, n_b) in a block's coordinates -> the block of H·v for v the vectors placed in that block."""
+    def block_matmat(vs: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros((vs.shape[0], dim), dtype=like.dtype, device=like.device)
+        full[:, block] = vs
+        wanted = torch.zeros_like(full)
+        wanted[:, block] = 1
+        return matmat(full, wanted)[:, block]
+    return block_matmat
+
+
+def _hutchinson_block(block_matmat, size, generator, like, rel_stderr, max_probes, round_size: int = 8):
+    """(mean, stderr) of zᵀH_bb z over Rademacher z, rounds of `round_size` probes until the standard error
+    reaches rel_stderr·|mean| (after at least 8) or max_probes."""
+    samples: list[float] = []
+    while len(samples) < max_probes:
+        z = rademacher((min(round_size, max_probes - len(samples)), size), generator, like)
+        samples += (z * block_matmat(z)).sum(dim=1).tolist()
+        stderr = float(np.std(samples, ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else math.inf
+        if len(samples) >= 8 and stderr <= rel_stderr * abs(float(np.mean(samples))):
+            break
+    stderr = float(np.std(samples, ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else math.inf
+    return float(np.mean(samples)), stderr
+
+
+def _block_traces(op, matmat, masks, sizes, offsets, generator, like, rel_stderr, max_probes, exact_below):
     """(trace, stderr) of every diagonal block: exact from unit vectors for small blocks, else Hutchinson
     with probes restricted to the block, all blocks of one round in a single batched product."""
     out = [None] * len(sizes)
@@ -566,12 +665,12 @@ def _block_traces(op, masks, sizes, offsets, generator, like, rel_stderr, max_pr
             eye = torch.zeros((size, op.dim), dtype=like.dtype, device=like.device)
             eye[:, offsets[b] : offsets[b + 1]] = torch.eye(size, dtype=like.dtype)
             wanted = masks[b].expand(size, -1)
-            out[b] = (float(torch.diagonal(op.matmat(eye.to(like), wanted)[:, offsets[b] : offsets[b + 1]]).sum()), 0.0)
+            out[b] = (float(torch.diagonal(matmat(eye.to(like), wanted)[:, offsets[b] : offsets[b + 1]]).sum()), 0.0)
     pending = [b for b in range(len(sizes)) if out[b] is None]
     samples = {b: [] for b in pending}
     while pending and min(len(samples[b]) for b in pending) < max_probes:
         z = rademacher((len(pending), op.dim), generator, like) * masks[pending].to(like)
-        for b, value in zip(pending, (z * op.matmat(z, masks[pending])).sum(dim=1).tolist()):
+        for b, value in zip(pending, (z * matmat(z, masks[pending])).sum(dim=1).tolist()):
             samples[b].append(value)
         still = []
         for b in pending:

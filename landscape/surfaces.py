@@ -10,7 +10,7 @@ from torch import nn
 
 from landscape.distributed import DataShard, PointShare
 from landscape.flatness import random_direction
-from landscape.plumbing import DEFAULT_MEMORY_BUDGET, LossFn, flat_parameters
+from landscape.plumbing import DEFAULT_MEMORY_BUDGET, LossFn, ParamSpec, flat_parameters
 from landscape.points import losses_at_points
 
 
@@ -47,20 +47,24 @@ def loss_surface_2d(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     accuracy: bool = True,
     shard: DataShard | PointShare | None = None,
+    params: ParamSpec = None,
+    bn: str = "keep",
 ) -> SurfaceResult:
     """2-D slice of the loss around θ (Li et al. 2018): two random Gaussian filter-normalised directions
     from `seed` (or the given flat `directions`, used unchanged), on a steps×steps grid over [−span, span]².
     With accuracy=False the accuracies are NaN and cost nothing. `shard` spreads the data or the grid points
-    over processes (`losses_at_points`)."""
+    over processes (`losses_at_points`); `bn` keeps the BatchNorm running statistics (default) or recomputes them at
+    each grid point from x ("recompute", Garipov et al. 2018)."""
     grid = symmetric_grid(steps, span)
     if directions is None:
         generator = torch.Generator().manual_seed(seed)
-        directions = (random_direction(model, generator), random_direction(model, generator))
+        directions = (random_direction(model, generator, params=params), random_direction(model, generator, params=params))
     d = torch.stack([directions[0], directions[1]])
     a, b = np.meshgrid(grid, grid, indexing="ij")
     coefficients = torch.from_numpy(np.stack([a.ravel(), b.ravel()], axis=1))
-    result = losses_at_points(model, x, y, flat_parameters(model), d, coefficients,
-                              loss_fn=loss_fn, memory_budget=memory_budget, accuracy=accuracy, shard=shard)
+    result = losses_at_points(model, x, y, flat_parameters(model, params), d, coefficients,
+                              loss_fn=loss_fn, memory_budget=memory_budget, accuracy=accuracy, shard=shard, params=params,
+                              bn=bn)
     return SurfaceResult(grid.copy(), grid.copy(), result.losses.numpy().reshape(steps, steps),
                          result.accuracies.numpy().reshape(steps, steps), (d[0], d[1]))
 
@@ -92,11 +96,15 @@ def loss_plane(
     margin: float = 0.2,
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    params: ParamSpec = None,
+    bn: str = "keep",
 ) -> PlaneResult:
     """Loss on the plane through θ_a, θ_b, θ_c (flat vectors; e.g. two models and a Bézier control point,
     Garipov et al. 2018), on a steps×steps grid covering the three points with `margin` of their extent on
-    each side. `model` gives the architecture; its own parameters are not used."""
-    theta_a, theta_b, theta_c = (p.detach().to(flat_parameters(model)) for p in points)
+    each side. `model` gives the architecture; its own parameters are not used. `bn`: BatchNorm statistics kept
+    (default) or recomputed at each point from x (Garipov et al.'s update_bn)."""
+    like = flat_parameters(model, params)
+    theta_a, theta_b, theta_c = (p.detach().to(like) for p in points)
     u = theta_b - theta_a
     if float(u.norm()) == 0:
         raise ValueError("θ_a and θ_b coincide: the three points span no plane")
@@ -115,5 +123,5 @@ def loss_plane(
     basis = torch.stack([u, v])
     result = losses_at_points(model, x, y, theta_a, basis,
                               torch.from_numpy(np.stack([a.ravel(), b.ravel()], axis=1)),
-                              loss_fn=loss_fn, memory_budget=memory_budget, accuracy=False)
+                              loss_fn=loss_fn, memory_budget=memory_budget, accuracy=False, params=params, bn=bn)
     return PlaneResult(xs, ys, result.losses.numpy().reshape(steps, steps), coords, theta_a, basis)

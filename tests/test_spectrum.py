@@ -647,8 +647,9 @@ def test_hessian_trace_exact_with_custom_loss_and_chunks():
 @pytest.mark.parametrize("kind", ["tanh", "wrapped"])
 def test_hessian_trace_exact_refuses_and_auto_falls_back_to_hutchpp(kind):
     """Where the exact diagonal does not apply (Tanh hidden activation; non-Sequential wrapper), method="exact" raises
-    ValueError, and method="auto" returns a Hutch++ estimate (method "hutch++", stderr > 0, matvecs > 0) within
-    4 standard errors of the dense trace (rel_stderr=0.05, max_matvecs=400, seed 0)."""
+    ValueError, and method="auto" with a budget below D = 83 returns a Hutch++ estimate (method "hutch++",
+    stderr > 0, matvecs > 0) within 4 standard errors of the dense trace (rel_stderr=0.05, max_matvecs=80, seed 0);
+    with a budget of at least D, the exact trace from the D unit vectors."""
     base = make_mlp([4, 6, 5, 3], "relu", seed=14)
     if kind == "tanh":
         base[1], base[3] = nn.Tanh(), nn.Tanh()
@@ -659,10 +660,14 @@ def test_hessian_trace_exact_refuses_and_auto_falls_back_to_hutchpp(kind):
     tr = float(torch.trace(dense_hessian_diag(model, x, y)))
     with pytest.raises(ValueError):
         utils.hessian_trace(model, x, y, method="exact")
-    r = utils.hessian_trace(model, x, y, method="auto", rel_stderr=0.05, max_matvecs=400, seed=0)
+    assert utils.flat_parameters(model).numel() == 83
+    r = utils.hessian_trace(model, x, y, method="auto", rel_stderr=0.05, max_matvecs=80, seed=0)
     assert r.method == "hutch++"
-    assert r.stderr > 0 and r.matvecs > 0
+    assert r.stderr > 0 and 0 < r.matvecs <= 80
     assert abs(r.trace - tr) <= 4 * r.stderr
+    unit = utils.hessian_trace(model, x, y, method="auto", max_matvecs=83)
+    assert unit.method == "exact" and unit.stderr == 0 and unit.matvecs == 83
+    assert unit.trace == pytest.approx(tr, rel=1e-10)
 
 
 @pytest.mark.parametrize("exact_below", [0, 64])
