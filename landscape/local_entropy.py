@@ -245,8 +245,8 @@ def local_entropy(
                                            burn_in=burn_in, samples=samples, lambda_max=float(lambda_max),
                                            generator=generator))
     return LocalEntropyResult(scopes.tolist(), temperature, [r.value for r in runs], [r.stderr for r in runs],
-                              laplace, laplace_stderr, quadrature, gradient_term.tolist(), [r.mean_excess_loss for r in runs], [r.betas for r in runs],
-                              steps, float(lambda_max), chains, burn_in, samples)
+                              laplace, laplace_stderr, quadrature, gradient_term.tolist(),
+                              [r.mean_excess_loss for r in runs], [r.betas for r in runs], steps, float(lambda_max), chains, burn_in, samples)
 
 
 def _laplace(eigenvalues, density, dim, scopes, nodes, lambda_max) -> tuple[list[float], list[float], list[float]]:

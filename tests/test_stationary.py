@@ -82,7 +82,8 @@ def test_minibatch_noise_is_one_over_b_minus_one_over_n_times_c():
     g = np.array([0.3, -1.2, 2.0, 0.7, -0.4])
     c = np.var(g, ddof=1)
     means = [(g[i] + g[j]) / 2 for i in range(5) for j in range(i + 1, 5)]
-    assert minibatch_noise_covariance(np.array([[c]]), batch_size=2, n=5)[0, 0] == pytest.approx(np.var(means), rel=1e-12)
+    predicted = minibatch_noise_covariance(np.array([[c]]), batch_size=2, n=5)[0, 0]
+    assert predicted == pytest.approx(np.var(means), rel=1e-12)
 
 
 def test_batch_means_variance_against_a_hand_computation():
@@ -90,7 +91,8 @@ def test_batch_means_variance_against_a_hand_computation():
     variance, stderr = batch_means_variance(samples, batches=3)
     squares = (samples[:, 0] - 3.0) ** 2  # mean 3: 4, 0, 1, 9, 1, 1
     blocks = np.array([2.0, 5.0, 1.0])
-    assert variance[0] == pytest.approx(squares.mean()) and stderr[0] == pytest.approx(blocks.std(ddof=1) / math.sqrt(3))
+    assert variance[0] == pytest.approx(squares.mean())
+    assert stderr[0] == pytest.approx(blocks.std(ddof=1) / math.sqrt(3))
 
 
 def quadratic_with_noise(h, noise, seed):
