@@ -143,6 +143,7 @@ class StationaryResult:
     steps: int
     burn_in: int
     eigen_residuals: list[float]  # ‖Hu − λu‖ of each eigenvector
+    stable: bool  # whether SGD on H_U has a stationary distribution (else `predicted` is NaN)
 
 
 def _orthonormal_directions(eigenvectors: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -184,8 +185,8 @@ def stationary_distribution(
     lr: float,
     batch_size: int,
     momentum: float = 0.0,
-    steps: int = 2000,
-    burn_in: int = 500,
+    steps: int = 1500,
+    burn_in: int = 300,
     top_k: int = 5,
     random_directions: int = 3,
     batches: int = 20,
@@ -239,7 +240,7 @@ def stationary_distribution(
         (measured / predicted).tolist(), relax.tolist(), shift.tolist(),
         _mean_loss(model, warm.theta, x, y, loss_fn), _mean_loss(model, run.theta, x, y, loss_fn),
         float(warm.theta.double().norm()), float(run.theta.double().norm()), lr, batch_size, momentum,
-        steps, burn_in, pairs.residuals)
+        steps, burn_in, pairs.residuals, bool(np.all(np.isfinite(predicted))))
 
 
 def _projected_hessian(model, x, y, basis, loss_fn, memory_budget) -> np.ndarray:

@@ -147,7 +147,7 @@ def test_stationary_distribution_predicts_from_the_exact_hessian_and_per_example
     np.testing.assert_allclose(r.curvature, lam[-2:].flip(0).numpy(), rtol=1e-8)
     np.testing.assert_allclose(r.predicted, expected, rtol=1e-6)
     np.testing.assert_allclose(r.ratio, np.array(r.measured) / expected, rtol=1e-6)
-    assert r.labels == ["eigen 1", "eigen 2"] and len(r.measured_stderr) == 2
+    assert r.labels == ["eigen 1", "eigen 2"] and len(r.measured_stderr) == 2 and r.stable
 
 
 def test_stationary_distribution_labels_controls_and_reports_the_drift():
