@@ -303,7 +303,7 @@ class SharpnessTracker:
             model.train(was_training)
         self.vector = eig.eigenvector
         self.records.append({"step": step, "lambda_max": eig.eigenvalue, "residual": eig.residual,
-                             "tol": self.tol, "converged": eig.converged, "products": eig.iterations,
+                             "tol": self.tol, "converged": bool(eig.converged), "products": eig.iterations,
                              "trace": trace.trace, "trace_method": trace.method, "b_simple": noise.b_simple,
                              "batch_sharpness": batch.value, "batch_sharpness_stderr": batch.stderr})
         self.seconds += time.perf_counter() - start
