@@ -7,6 +7,7 @@ weights give bit-identical trained weights on the same machine. The budget is in
 epochs or in optimiser steps; `StoppingRule` stops a run at a target training loss
 (models compared at equal fit) or when it is stuck at chance. `SharpnessTracker`
 is a training callback that measures λ_max, tr(H) and B_simple every few steps.
+`EntropySGD` is Chaudhari et al. 2017's Entropy-SGD, which `train(optimizer="entropy-sgd")` runs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from tqdm.auto import tqdm
 
 import utils
 
-__all__ = ["Evaluation", "SharpnessTracker", "StoppingRule", "TrainHistory", "TrainingDiverged", "evaluate", "sgd_step", "train"]
+__all__ = ["EntropySGD", "EntropySGDSettings", "Evaluation", "SharpnessTracker", "StoppingRule", "TrainHistory",
+           "TrainingDiverged", "evaluate", "sgd_step", "train"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -139,6 +141,65 @@ class StoppingRule:
         return None
 
 
+@dataclass(frozen=True)
+class EntropySGDSettings:
+    """Entropy-SGD's hyper-parameters (Chaudhari et al. 2017, Algorithm 1; defaults: their MNIST recipe's L, η′, ε
+    and the paper's α, with a constant scope)."""
+
+    langevin_steps: int = 20  # L, inner Langevin steps per outer step
+    scope: float = 0.03  # γ, the coupling to the current weights
+    scoping: float = 0.0  # γ grows as γ·(1 + scoping)^t over outer steps t (Chaudhari et al.'s γ1)
+    langevin_lr: float = 0.1  # η′
+    noise: float = 1e-4  # ε: the inner step adds √η′·ε·N(0, I)
+    averaging: float = 0.75  # α: μ ← (1 − α)μ + α·x′
+
+
+class EntropySGD:
+    """Entropy-SGD (Chaudhari et al. 2017, Algorithm 1) fed one mini-batch gradient at a time. With x the weights
+    at the start of an outer step and x′ = μ = x, each inner step on a mini-batch gradient g(x′) takes
+    x′ ← x′ − η′(g + γ(x′ − x)) + √η′·ε·N(0, I) and μ ← (1 − α)μ + α·x′; after L inner steps the weights go back
+    to x and take one SGD step (`sgd_step`, so heavy-ball momentum and weight decay apply as for SGD) along
+    γ(x − μ), the gradient of the negative local entropy; with momentum 0 that is Algorithm 1's x ← x − ηγ(x − μ).
+    The noise draws from `generator`, apart from the batches' shuffling."""
+
+    def __init__(self, settings: EntropySGDSettings, generator: torch.Generator) -> None:
+        if settings.langevin_steps < 1 or settings.scope <= 0 or not 0 < settings.averaging <= 1:
+            raise ValueError(f"Entropy-SGD needs langevin_steps >= 1, scope > 0 and 0 < averaging <= 1, got {settings}")
+        self.settings, self.generator = settings, generator
+        self.anchor: list[torch.Tensor] = []
+        self.average: list[torch.Tensor] = []
+        self.inner = 0
+        self.outer = 0
+
+    def step(self, params: list[torch.Tensor], buffers: list[torch.Tensor | None], *, lr: float, momentum: float,
+             weight_decay: float = 0.0, last: bool = False) -> bool:
+        """One inner step from the parameters' `.grad` (at x′); then, after the L-th (or when `last`), the outer
+        step. Returns whether the weights x moved (an outer step was taken)."""
+        s = self.settings
+        gamma = s.scope * (1 + s.scoping) ** self.outer
+        with torch.no_grad():
+            if self.inner == 0:
+                self.anchor = [p.detach().clone() for p in params]
+                self.average = [p.detach().clone() for p in params]
+            for p, x, mu in zip(params, self.anchor, self.average):
+                drift = gamma * (p - x) if p.grad is None else p.grad + gamma * (p - x)
+                p.sub_(drift, alpha=s.langevin_lr)
+                if s.noise:
+                    p.add_(torch.randn(p.shape, generator=self.generator, dtype=p.dtype).to(p.device),
+                           alpha=math.sqrt(s.langevin_lr) * s.noise)
+                mu.mul_(1 - s.averaging).add_(p, alpha=s.averaging)
+        self.inner += 1
+        if self.inner < s.langevin_steps and not last:
+            return False
+        with torch.no_grad():
+            for p, x, mu in zip(params, self.anchor, self.average):
+                p.copy_(x)
+                p.grad = gamma * (x - mu)
+        sgd_step(params, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.inner, self.outer = 0, self.outer + 1
+        return True
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -158,13 +219,24 @@ def train(
     max_steps: int = 0,
     check_every: int = 0,
     collapse_steps: int = 0,
+    optimizer: str = "sgd",
+    entropy_sgd: EntropySGDSettings | None = None,
 ) -> TrainHistory:
     """Train `model` in place with SGD on cross-entropy for `epochs` epochs or `max_steps` optimiser steps (the
     budget; give one); `callback(model, step)` runs every `callback_every` steps. With `target_loss` > 0 it trains
     to that loss (models compared at equal fit, as in Jiang et al. 2020) and with `collapse_steps` > 0 it stops a
     run stuck at chance: `StoppingRule` checks both every `check_every` steps (0: at epoch ends; after every step
-    near the target); `outcome` says
-    how the run ended ("reached", "too slow", "collapsed" or "fixed budget"; a divergence raises TrainingDiverged)."""
+    near the target); `outcome` says how the run ended ("reached", "too slow", "collapsed" or "fixed budget"; a
+    divergence raises TrainingDiverged).
+    optimizer="entropy-sgd" runs `EntropySGD` (settings `entropy_sgd`, default `EntropySGDSettings()`): each
+    mini-batch is one inner Langevin step, an outer step every L batches and at the end of each epoch, so an epoch
+    costs SGD's gradients; `steps`, `step_losses` and the callback then count outer steps, a step's loss being its
+    last inner batch's (at the Langevin iterate), and the epoch losses are over the inner iterates."""
+    if optimizer not in ("sgd", "entropy-sgd"):
+        raise ValueError(f"optimizer must be 'sgd' or 'entropy-sgd', got {optimizer!r}")
+    # its own stream, seed + 1, so that the batches are drawn as SGD draws them
+    entropy = (EntropySGD(entropy_sgd or EntropySGDSettings(), torch.Generator().manual_seed(seed + 1))
+               if optimizer == "entropy-sgd" else None)
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     if (epochs > 0) == (max_steps > 0):
@@ -191,7 +263,13 @@ def train(
                     raise TrainingDiverged(seed, epoch + 1, history.steps + 1, value, lr)
                 model.zero_grad(set_to_none=True)
                 loss.backward()
-                sgd_step(params, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay)
+                if entropy is None:
+                    sgd_step(params, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay)
+                elif not entropy.step(params, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      last=i + 1 == steps_per_epoch):
+                    epoch_sum += value * idx.numel()  # an inner step: the weights x have not moved
+                    bar.update(1)
+                    continue
                 history.steps += 1
                 history.step_losses.append(value)
                 epoch_sum += value * idx.numel()
@@ -249,21 +327,32 @@ class SharpnessTracker:
     HVPS, FIRST_HVPS, PROBES, BATCHES, OVERHEAD, FIXED_STEPS = 2, 8, 2, 8, 0.2, 10
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, *, examples: int, batch_size: int, seed: int,
-                 memory_budget: int, tol: float = 1e-2) -> None:
-        self.x, self.y, self.seed, self.budget, self.tol = x, y, seed, memory_budget, tol
+                 memory_budget: int, tol: float = 1e-2, max_iter: int = HVPS) -> None:
+        """λ_max by Lanczos stopped at ‖Hv − λv‖ ≤ tol·|λ| or after max_iter products (the first check, from the
+        gradient, at least FIRST_HVPS); each later check starts from the last check's eigenvector. The defaults
+        (1e-2, 2 products) are the budget the tracker had before `tol` existed; tol=1e-3, max_iter=50 converge."""
+        if tol <= 0 or max_iter < 1:
+            raise ValueError(f"the tracker needs tol > 0 and max_iter >= 1, got {tol} and {max_iter}")
+        self.x, self.y, self.seed, self.budget = x, y, seed, memory_budget
+        self.tol, self.max_iter = tol, max_iter
         self.examples = min(examples, x.shape[0])
         self.batch_size = min(batch_size, x.shape[0])
         self.vector = None
         self.records: list[dict] = []
         self.seconds = 0.0
 
-    def interval(self, steps: int, *, every: int = 0) -> int:
-        """Steps between checks: `every` when given (-1: never, returned as 0), or (0) as often as the
-        overhead target allows. A check costs about FIXED_STEPS training steps, plus (HVPS + PROBES + 2) passes
-        over the tracked examples, plus a gradient and a Hessian product (about 3 steps) per batch-sharpness
-        batch, a step being one pass over a batch; the count is deterministic, so a rerun tracks the same steps."""
+    def interval(self, steps: int, *, every: int = 0, checks: int = 0) -> int:
+        """Steps between checks: `every` when given (-1: never, returned as 0); else with `checks` > 0 the
+        spacing steps // (checks − 1), which gives at least that many checks (at step 0, every k steps and the
+        last step; all `steps` + 1 when there are fewer steps), whatever training costs, each check costing at most
+        `check_cost()`; else (0) as often as the overhead target allows. A check costs about FIXED_STEPS training
+        steps, plus (HVPS + PROBES + 2) passes over the tracked examples, plus a gradient and a Hessian product
+        (about 3 steps) per batch-sharpness batch, a step being one pass over a batch; the count is
+        deterministic, so a rerun tracks the same steps."""
         if every:
             return max(every, 0)
+        if checks > 0:
+            return max(1, steps // max(1, checks - 1))
         cost = (self.FIXED_STEPS + (self.HVPS + self.PROBES + 2) * self.examples / self.batch_size
                 + 3 * self.BATCHES)
         for candidate in range(1, steps + 1):  # checks at step 0, every `candidate` steps, and at the last step
@@ -272,6 +361,13 @@ class SharpnessTracker:
                 return candidate
         return steps  # the first and the last step only
 
+    def check_cost(self) -> float:
+        """A check's largest cost in training steps (one step: a forward and backward pass over a batch): the fixed
+        cost, up to max(FIRST_HVPS, max_iter) Hessian products plus PROBES products and 2 passes over the tracked
+        examples, and 3 steps per batch-sharpness batch; times the number of checks, it bounds the tracking."""
+        products = max(self.FIRST_HVPS, self.max_iter) + self.PROBES + 2
+        return self.FIXED_STEPS + products * self.examples / self.batch_size + 3 * self.BATCHES
+
     def __call__(self, model: nn.Module, step: int) -> None:
         start = time.perf_counter()
         was_training = model.training
@@ -279,9 +375,9 @@ class SharpnessTracker:
         x, y = self.x[: self.examples], self.y[: self.examples]
         try:
             op = utils.hessian_operator(model, x, y, memory_budget=self.budget)
-            eig = utils.top_hessian_eigenvalue(model, x, y, tol=self.tol, seed=self.seed,
-                                               max_iter=self.HVPS if self.vector is not None else self.FIRST_HVPS,
-                                               start=self.vector, operator=op)
+            eig = utils.top_hessian_eigenvalue(model, x, y, tol=self.tol, seed=self.seed, start=self.vector,
+                                               max_iter=self.max_iter if self.vector is not None
+                                               else max(self.FIRST_HVPS, self.max_iter), operator=op)
             trace = utils.hessian_trace(model, x, y, method="auto", rel_stderr=0.5, max_matvecs=self.PROBES,
                                         seed=self.seed + step, operator=op)
             noise = utils.gradient_noise_scale(model, x, y, b_noise=False, memory_budget=self.budget)
@@ -291,6 +387,7 @@ class SharpnessTracker:
             model.train(was_training)
         self.vector = eig.eigenvector
         self.records.append({"step": step, "lambda_max": eig.eigenvalue, "residual": eig.residual,
+                             "tol": self.tol, "converged": bool(eig.converged), "products": eig.iterations,
                              "trace": trace.trace, "trace_method": trace.method, "b_simple": noise.b_simple,
                              "batch_sharpness": batch.value, "batch_sharpness_stderr": batch.stderr})
         self.seconds += time.perf_counter() - start

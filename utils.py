@@ -33,6 +33,14 @@ This module is the public interface; the code lives in the package `landscape/`,
    torch.distributed), `PointShare` (the points spread instead), `shard_rows`.
 10. Rank statistics (`landscape.statistics`): `kendall_tau`, `granulated_kendall_tau` (Jiang et al. 2020's Ψ),
    `rank_correlation` (both with bootstrap intervals), for which measure ranks models by generalisation.
+11. SGD's stationary distribution (`landscape.stationary`, Mandt et al. 2017): `stationary_distribution` (predicted
+   against measured variance along the top Hessian eigenvectors and random controls), `sgd_stationary_covariance`
+   (the discrete Lyapunov equation, with heavy-ball momentum), `continuous_stationary_covariance` (its small-η
+   limit), `minibatch_noise_covariance`, `projected_sgd`, `batch_means_variance`.
+12. Local entropy (`landscape.local_entropy`, Chaudhari et al. 2017): `local_entropy` (Langevin thermodynamic
+   integration beside the Laplace approximation), `langevin_local_entropy`, `laplace_local_entropy`,
+   `laplace_local_entropy_from_density`, `gradient_local_entropy`.
+13. Dynamics (`landscape.dynamics`): `stability_threshold` (2(1+β)/η), `gradient_descent_is_stable`.
 
 Fast paths: three capabilities have one for plain MLPs (an `nn.Sequential` of distinct Linear and element-wise
 modules, nothing reused, no parameter shared, all parameters measured, such as `models.SmallMLP`): Hessian products (`MLPHessian`, the R-operator), many parameter
@@ -60,10 +68,33 @@ from landscape.spectrum import (EigenpairsResult, EigenResult, HessianSpectrum, 
                                 TraceResult, hessian_eigenpairs, hessian_spectral_density, hessian_spectrum,
                                 hessian_spectrum_ends, hessian_trace, layer_curvature, top_hessian_eigenvalue,
                                 trace_estimate)
+from landscape.dynamics import gradient_descent_is_stable, stability_threshold
+from landscape.local_entropy import (LangevinEntropy, LocalEntropyResult, gradient_local_entropy, laplace_local_entropy,
+                                     laplace_local_entropy_from_density, langevin_local_entropy, local_entropy)
+from landscape.stationary import (SGDTrajectory, StationaryResult, batch_means_variance,
+                                  continuous_stationary_covariance, minibatch_noise_covariance, projected_sgd,
+                                  sgd_stationary_covariance, stationary_distribution)
 from landscape.statistics import RankCorrelation, granulated_kendall_tau, kendall_tau, rank_correlation
 from landscape.surfaces import PlaneResult, SurfaceResult, loss_plane, loss_surface_2d, symmetric_grid
 
 __all__ = [
+    "LangevinEntropy",
+    "LocalEntropyResult",
+    "SGDTrajectory",
+    "StationaryResult",
+    "batch_means_variance",
+    "continuous_stationary_covariance",
+    "gradient_descent_is_stable",
+    "gradient_local_entropy",
+    "laplace_local_entropy",
+    "laplace_local_entropy_from_density",
+    "langevin_local_entropy",
+    "local_entropy",
+    "minibatch_noise_covariance",
+    "projected_sgd",
+    "sgd_stationary_covariance",
+    "stability_threshold",
+    "stationary_distribution",
     "BatchSharpnessResult",
     "BezierResult",
     "DEFAULT_MEMORY_BUDGET",

@@ -3,6 +3,7 @@ and the stopping rule of a run trained to a loss."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_data, tiny_mlp
@@ -226,3 +227,103 @@ def test_collapse_detector_leaves_a_slow_healthy_run_alone(fallback):
                              collapse_steps=100, check_every=10)
     assert history.outcome == "fixed budget" and history.steps == 300
     assert sum(history.step_losses[:20]) / 20 >= 0.99 * math.log(10)
+
+
+def test_warm_started_tracker_agrees_with_a_cold_lanczos_run_at_every_check():
+    """With tol=1e-8 each check's λ_max, warm-started from the last eigenvector, is converged (residual at most
+    tol·|λ|, both recorded) and equals a cold Lanczos run from the gradient on the same weights within 2·tol."""
+    x, y = tiny_data(5, n=240, d=6)
+    model = tiny_mlp(5, widths=(6, 8, 3))
+    tracker = training.SharpnessTracker(x, y, examples=64, batch_size=32, seed=1, memory_budget=1 << 28, tol=1e-8,
+                                        max_iter=60)
+    cold = {}
+
+    def callback(m, step):
+        tracker(m, step)
+        cold[step] = utils.top_hessian_eigenvalue(m, x[:64], y[:64], tol=1e-10, max_iter=200).eigenvalue
+
+    steps = 2 * 8
+    every = tracker.interval(steps, checks=20)
+    callback(model, 0)
+    training.train(model, x, y, epochs=2, lr=0.5, momentum=0.0, batch_size=32, seed=2, callback=callback,
+                   callback_every=every)
+    assert len(tracker.records) == steps + 1 and every == 1
+    for record in tracker.records:
+        assert record["tol"] == 1e-8 and record["converged"] is True  # a JSON-ready bool, not numpy's
+        assert record["residual"] <= 1e-8 * abs(record["lambda_max"])
+        assert abs(record["lambda_max"] - cold[record["step"]]) <= 2e-8 * abs(cold[record["step"]])
+    assert max(r["products"] for r in tracker.records[1:]) < tracker.records[0]["products"] + 10
+
+
+def test_tracker_schedule_gives_at_least_the_asked_checks_at_a_bounded_cost():
+    x, y = torch.zeros(1000, 4), torch.zeros(1000, dtype=torch.long)
+    tracker = training.SharpnessTracker(x, y, examples=128, batch_size=128, seed=0, memory_budget=1 << 20, tol=1e-3,
+                                        max_iter=40)
+    for steps in (5, 19, 157, 5000):
+        k = tracker.interval(steps, checks=20)
+        assert 1 + steps // k + (steps % k != 0) >= min(20, steps + 1)
+    assert tracker.check_cost() == tracker.FIXED_STEPS + (40 + tracker.PROBES + 2) + 3 * tracker.BATCHES
+    assert tracker.interval(400, every=7, checks=20) == 7
+    with pytest.raises(ValueError, match="tol > 0"):
+        training.SharpnessTracker(x, y, examples=8, batch_size=8, seed=0, memory_budget=1 << 20, tol=0.0)
+
+
+def entropy_sgd_closed_form(a, x_star, x, *, gamma, inner_lr, steps, alpha, lr):
+    """Algorithm 1 on f = ½(x′ − x*)ᵀA(x′ − x*) with ε = 0, by matrix powers: x′_l − c = M^l (x − c) with
+    M = I − η′(A + γI), c = (A + γI)⁻¹(A x* + γx); μ_L = (1−α)^L x + Σ_l α(1−α)^(L−l) x′_l; x − ηγ(x − μ_L)."""
+    k = len(x)
+    m = np.eye(k) - inner_lr * (a + gamma * np.eye(k))
+    c = np.linalg.solve(a + gamma * np.eye(k), a @ x_star + gamma * x)
+    mu = (1 - alpha) ** steps * x
+    for ell in range(1, steps + 1):
+        mu = mu + alpha * (1 - alpha) ** (steps - ell) * (c + np.linalg.matrix_power(m, ell) @ (x - c))
+    return x - lr * gamma * (x - mu)
+
+
+def run_entropy_sgd_outer_step(a, x_star, x, settings, *, lr, seed=0):
+    p = torch.tensor(x, dtype=torch.float64)
+    a_t, star = torch.as_tensor(a), torch.as_tensor(x_star)
+    optimizer = training.EntropySGD(settings, torch.Generator().manual_seed(seed))
+    buffers = [None]
+    for inner in range(settings.langevin_steps):
+        p.grad = a_t @ (p.detach() - star)
+        moved = optimizer.step([p], buffers, lr=lr, momentum=0.0)
+        assert moved == (inner + 1 == settings.langevin_steps)
+    return p.detach().numpy()
+
+
+def test_entropy_sgd_step_equals_its_closed_form_when_the_inner_loop_is_deterministic():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+    a = (q * [0.2, 0.5, 1.0, 3.0]) @ q.T
+    x_star, x = rng.standard_normal(4), rng.standard_normal(4)
+    settings = training.EntropySGDSettings(langevin_steps=7, scope=0.4, langevin_lr=0.2, noise=0.0, averaging=0.6)
+    got = run_entropy_sgd_outer_step(a, x_star, x, settings, lr=0.9)
+    expected = entropy_sgd_closed_form(a, x_star, x, gamma=0.4, inner_lr=0.2, steps=7, alpha=0.6, lr=0.9)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+    assert np.linalg.norm(got - x_star) < np.linalg.norm(x - x_star)
+
+
+def test_entropy_sgd_with_langevin_noise_moves_towards_the_minimum():
+    a, x_star = np.diag([0.3, 1.0, 2.0]), np.array([1.0, -1.0, 0.5])
+    x = np.zeros(3)
+    settings = training.EntropySGDSettings(langevin_steps=10, scope=1.0, langevin_lr=0.1, noise=0.05)
+    for t in range(30):
+        x = run_entropy_sgd_outer_step(a, x_star, x, settings, lr=1.0, seed=t)
+    assert np.linalg.norm(x - x_star) < 0.1 * np.linalg.norm(x_star)
+
+
+def test_train_with_entropy_sgd_takes_one_outer_step_per_l_batches_and_is_reproducible():
+    x, y = tiny_data(6, n=200, d=6)
+    settings = training.EntropySGDSettings(langevin_steps=3, scope=1.0, langevin_lr=0.2)
+    runs = []
+    for _ in range(2):
+        model = tiny_mlp(6, widths=(6, 8, 3))
+        before = training.evaluate(model, x, y).loss
+        history = training.train(model, x, y, epochs=4, lr=0.5, momentum=0.0, batch_size=20, seed=3,
+                                 optimizer="entropy-sgd", entropy_sgd=settings)
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert history.steps == 4 * 4 and len(history.step_losses) == 16  # 10 batches an epoch: 3 + 3 + 3 + 1
+    assert torch.equal(runs[0], runs[1]) and training.evaluate(model, x, y).loss < before
+    with pytest.raises(ValueError, match="optimizer"):
+        training.train(model, x, y, epochs=1, lr=0.1, optimizer="adam")
