@@ -48,6 +48,7 @@ class Config:
     momentum: float = field(default=0.9, metadata={"help": "SGD heavy-ball momentum"})
     batch_size: int = field(default=128, metadata={"help": "SGD mini-batch size"})
     weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay"})
+    optimizer: str = field(default="sgd", metadata={"help": "how the default run's models are trained: SGD, or Entropy-SGD (Chaudhari et al. 2017, its MNIST recipe's inner loop)", "choices": ("sgd", "entropy-sgd")})
     sharpness_method: str = field(default="lanczos", metadata={"help": "top-eigenvalue solver", "choices": ("lanczos", "power")})
     sharpness_tol: float = field(default=1e-4, metadata={"help": "stop when ||Hv - lambda v|| <= tol |lambda| (power: relative change)"})
     sharpness_max_iter: int = field(default=100, metadata={"help": "most Hessian-vector products for the top eigenvalue"})
@@ -66,6 +67,7 @@ class Config:
     track_every: int = field(default=0, metadata={"help": "track sharpness every N training steps (0: as often as a 20%% overhead allows, -1: off)"})
     track_examples: int = field(default=128, metadata={"help": "training examples the tracked sharpness is measured on"})
     track_tol: float = field(default=1e-2, metadata={"help": "residual tolerance of each tracked lambda_max (relative to it)"})
+    track_max_iter: int = field(default=2, metadata={"help": "most Hessian products of each tracked lambda_max after the first check (warm-started from the last eigenvector)"})
     exact: bool = field(default=False, metadata={"help": "also compute the dense Hessian and report every estimate's error (automatic up to --exact-max-parameters)"})
     exact_max_parameters: int = field(default=3000, metadata={"help": "models with at most this many parameters get the dense-Hessian stage without --exact"})
     flatness_sigmas: tuple[float, ...] = field(default=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5), metadata={"help": "perturbation sizes (filter-normalised units)"})
@@ -75,6 +77,11 @@ class Config:
     worst_case_steps: int = field(default=20, metadata={"help": "projected gradient-ascent steps for worst-case sharpness"})
     pac_bayes_target: float = field(default=0.1, metadata={"help": "training-error increase that defines the PAC-Bayes sigma"})
     pac_bayes_samples: int = field(default=10, metadata={"help": "noise draws per sigma in the PAC-Bayes bisection"})
+    stationary_steps: int = field(default=1500, metadata={"help": "SGD steps whose iterates measure the stationary covariance (Mandt et al. 2017), after the burn-in"})
+    stationary_burn_in: int = field(default=300, metadata={"help": "SGD steps from the trained model before the stationary covariance is measured"})
+    stationary_directions: tuple[int, ...] = field(default=(5, 3), metadata={"help": "top Hessian eigenvectors and random control directions the stationary covariance is measured along"})
+    entropy_scopes: tuple[float, ...] = field(default=(1.0, 10.0, 100.0), metadata={"help": "scopes gamma of the local entropy (Chaudhari et al. 2017)"})
+    entropy_chains: int = field(default=4, metadata={"help": "Langevin chains of the local-entropy estimate (its standard error is across them)"})
     rescale_alphas: tuple[float, ...] = field(default=(0.5, 2.0), metadata={"help": "alphas of the function-preserving rescaling experiment"})
     bezier_epochs: int = field(default=5, metadata={"help": "epochs of training the Bezier curve's middle point"})
     bezier_lr: float = field(default=0.05, metadata={"help": "learning rate for the Bezier curve's middle point"})
@@ -123,7 +130,8 @@ QUICK = dict(  # what --quick changes; flags given explicitly still win
     epochs=1, train_subset=1000, test_subset=500, sharpness_max_iter=30, flatness_sigmas=(0.1, 0.3, 0.5),
     flatness_samples=3, interpolation_points=11, surface_steps=5, eigen_k=3, density_runs=1, density_steps=20,
     trace_rel_stderr=0.1, layer_rel_stderr=0.3, noise_rel_stderr=0.2, two_batch=(16, 128), worst_case_steps=3,
-    pac_bayes_samples=2, rescale_alphas=(2.0,), bezier_epochs=1, plane_steps=5,
+    pac_bayes_samples=2, rescale_alphas=(2.0,), bezier_epochs=1, plane_steps=5, stationary_steps=200,
+    stationary_burn_in=50, stationary_directions=(2, 1), entropy_scopes=(10.0,), entropy_chains=2,
     sweep_batch_sizes=(16, 64), sweep_lrs=(0.05, 0.2), sweep_widths=(32,), sweep_target_loss=0.5, sweep_max_steps=400,
     sweep_train_examples=500,
 )

@@ -62,9 +62,9 @@ def parse_args(config: type, argv: list[str] | None = None, *, quick: dict, desc
 
 POSITIVE_INTS = ("epochs", "batch_size", "sharpness_max_iter", "flatness_samples", "memory_budget_mb", "eigen_k",
                  "density_runs", "density_steps", "track_examples", "worst_case_steps", "pac_bayes_samples",
-                 "bezier_epochs", "sweep_max_steps", "sweep_check_every", "layer_max_probes", "two_batch_batches")
+                 "bezier_epochs", "track_max_iter", "stationary_steps", "entropy_chains", "sweep_max_steps", "sweep_check_every", "layer_max_probes", "two_batch_batches")
 COUNTS = ("train_subset", "test_subset", "threads", "analysis_examples", "exact_max_parameters", "max_steps",
-          "check_every", "collapse_steps", "sweep_collapse_steps", "sweep_train_examples")
+          "check_every", "collapse_steps", "sweep_collapse_steps", "sweep_train_examples", "stationary_burn_in")
 
 
 def validate(cfg) -> None:
@@ -115,6 +115,11 @@ def _checks(cfg) -> list[tuple[bool, str, object]]:
         (0 < cfg.sharpness_tol < 1, "--sharpness-tol must be in (0, 1)", cfg.sharpness_tol),
         (0 < cfg.eigen_tol < 1, "--eigen-tol must be in (0, 1)", cfg.eigen_tol),
         (0 < cfg.track_tol < 1, "--track-tol must be in (0, 1)", cfg.track_tol),
+        (len(cfg.stationary_directions) == 2 and cfg.stationary_directions[0] >= 1 and cfg.stationary_directions[1] >= 0,
+         "--stationary-directions needs two counts: eigenvectors (at least 1) and random controls (0 or more)",
+         cfg.stationary_directions),
+        (bool(cfg.entropy_scopes) and all(math.isfinite(g) and g > 0 for g in cfg.entropy_scopes),
+         "--entropy-scopes must be positive numbers", cfg.entropy_scopes),
         (0 < cfg.layer_tol < 1, "--layer-tol must be in (0, 1)", cfg.layer_tol),
         (all(0 < v < 1 for v in (cfg.trace_rel_stderr, cfg.layer_rel_stderr, cfg.noise_rel_stderr)),
          "--trace-rel-stderr, --layer-rel-stderr and --noise-rel-stderr must be in (0, 1)",

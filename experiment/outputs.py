@@ -56,7 +56,8 @@ def model_metrics(seed: int, history: dict, model: torch.nn.Module, r: dict[str,
     out = {"seed": seed, "training": history, "parameters": sum(p.numel() for p in model.parameters()),
            **r["evaluate"].value, "sharpness": r["sharpness"].value, **r["spectrum"].value}
     out.update({name: r[name].value for name in ("trace", "layers", "flatness", "adaptive_flatness", "worst_case",
-                                                 "pac_bayes", "gradient_noise", "exact") if name in r})
+                                                 "pac_bayes", "gradient_noise", "stationary", "local_entropy",
+                                                 "exact") if name in r})
     return out
 
 

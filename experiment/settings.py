@@ -48,6 +48,8 @@ class TrainingSettings(Settings):
     track_every: int
     track_examples: int
     track_tol: float
+    track_max_iter: int
+    optimizer: str
     probe_seed: int
     memory_budget_mb: int
     seed: int
@@ -177,5 +179,28 @@ class SurfaceSettings(Settings):
     surface_steps: int
     surface_span: float
     surface_split: str
+    probe_seed: int
+    memory_budget_mb: int
+
+
+@dataclass(frozen=True)
+class StationarySettings(Settings):
+    """For `stationary`: the model's own training recipe, continued."""
+
+    lr: float
+    batch_size: int
+    momentum: float
+    stationary_steps: int
+    stationary_burn_in: int
+    stationary_directions: tuple[int, ...]
+    eigen_tol: float
+    probe_seed: int
+    memory_budget_mb: int
+
+
+@dataclass(frozen=True)
+class LocalEntropySettings(Settings):
+    entropy_scopes: tuple[float, ...]
+    entropy_chains: int
     probe_seed: int
     memory_budget_mb: int

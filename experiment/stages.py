@@ -21,9 +21,10 @@ import models
 import training
 import utils
 from experiment.settings import (BezierSettings, ConnectivitySettings, FlatnessSettings, LayersSettings,
-                                 NoiseSettings, NoSettings, PacBayesSettings, ReparametrisationSettings, Settings,
-                                 SharpnessSettings, SpectrumSettings, SurfaceSettings, TraceSettings,
-                                 TrainingSettings, WorstCaseSettings)
+                                 LocalEntropySettings, NoiseSettings, NoSettings, PacBayesSettings,
+                                 ReparametrisationSettings, Settings, SharpnessSettings, SpectrumSettings,
+                                 StationarySettings, SurfaceSettings, TraceSettings, TrainingSettings,
+                                 WorstCaseSettings)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ def train_model(s: TrainingSettings, model: torch.nn.Module, *, train: Split, pr
     """Train `model` in place with SGD, tracking its curvature; returns the history metrics.json keeps."""
     x, y = train.x, train.y
     tracker = training.SharpnessTracker(x, y, examples=s.track_examples, batch_size=s.batch_size,
-                                        seed=s.probe_seed, memory_budget=s.budget, tol=s.track_tol)
+                                        seed=s.probe_seed, memory_budget=s.budget, tol=s.track_tol,
+                                        max_iter=s.track_max_iter)
     budget = s.max_steps or s.epochs * math.ceil(x.shape[0] / s.batch_size)
     every = tracker.interval(budget, every=s.track_every)
     if every:
@@ -80,7 +82,7 @@ def train_model(s: TrainingSettings, model: torch.nn.Module, *, train: Split, pr
                        momentum=s.momentum, batch_size=s.batch_size, weight_decay=s.weight_decay, seed=s.seed,
                        progress=progress, desc=f"train seed {s.seed}", callback=tracker if every else None,
                        callback_every=every, target_loss=s.train_to_loss, check_every=s.check_every,
-                       collapse_steps=s.collapse_steps)
+                       collapse_steps=s.collapse_steps, optimizer=s.optimizer)
     if every and tracker.records[-1]["step"] != h.steps:
         tracker(model, h.steps)
     seconds = h.seconds - h.callback_seconds
@@ -195,6 +197,30 @@ def gradient_noise(s: NoiseSettings, *, model, train: Split, analysis: Split) ->
                                                                           seed=s.probe_seed))
     out["temperature"] = utils.noise_temperature(s.lr, train.size, s.batch_size, s.momentum)
     return out
+
+
+@stage(StationarySettings)
+def stationary(s: StationarySettings, *, model, train: Split) -> dict:
+    """Mandt et al. 2017: SGD continued from the model at its own η, B and momentum; the iterates' variance along
+    the top Hessian eigenvectors and random controls, measured against the discrete Lyapunov prediction."""
+    top_k, controls = s.stationary_directions
+    return dataclasses.asdict(utils.stationary_distribution(
+        model, train.x, train.y, lr=s.lr, batch_size=min(s.batch_size, train.size), momentum=s.momentum,
+        steps=s.stationary_steps, burn_in=s.stationary_burn_in, top_k=top_k, random_directions=controls,
+        eigen_tol=s.eigen_tol, seed=s.probe_seed, memory_budget=s.budget))
+
+
+@stage(LocalEntropySettings)
+def local_entropy(s: LocalEntropySettings, *, model, analysis: Split, spectrum) -> dict:
+    """Chaudhari et al. 2017's local entropy at each scope by Langevin chains, beside its Laplace approximation
+    from the spectral density the spectrum stage measured on the same examples."""
+    d = spectrum["density"]
+    density = utils.SpectralDensity(np.asarray(d["grid"]), np.asarray(d["density"]), np.asarray(d["nodes"]),
+                                    np.asarray(d["weights"]), d["sigma"])
+    return dataclasses.asdict(utils.local_entropy(model, analysis.x, analysis.y, scopes=s.entropy_scopes,
+                                                  chains=s.entropy_chains, density=density,
+                                                  lambda_max=spectrum["eigenpairs"]["top"][0], seed=s.probe_seed,
+                                                  memory_budget=s.budget))
 
 
 @stage(NoSettings)
@@ -356,7 +382,7 @@ def worst_case_record(w: utils.WorstCaseResult) -> dict:
 
 # ----------------------------------------------------------------------------- which stages a run has
 MODEL_STAGES = (evaluate, sharpness, spectrum, trace, layers, flatness, adaptive_flatness, worst_case, pac_bayes,
-                gradient_noise)
+                gradient_noise, stationary, local_entropy)
 EXACT_STAGES = (exact,)  # in exact mode: --exact, or automatic at most --exact-max-parameters parameters
 PAIR_STAGES = (connectivity, aligned, bezier)  # between the pair of models; aligned needs an MLP
 CENTRE_STAGES = (reparametrisation, surface)  # on the centre model; reparametrisation needs an MLP

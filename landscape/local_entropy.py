@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, flat_parameters, functional_loss, gaussian, prepare,
-                                resolve_loss, split_flat)
+                                resolve_loss, select_parameters, split_flat)
 from landscape.hessian import hessian_operator
 from landscape.spectrum import SpectralDensity, _lanczos_runs, top_hessian_eigenvalue
 
@@ -184,9 +184,10 @@ class LocalEntropyResult:
 def _model_loss_and_gradient(model, x, y, loss_fn):
     """(L, ∇L) of the mean loss over all of (x, y) at each row of θ′s (K, D): torch.func's grad_and_value through
     functional_call, vmapped over the K points (one batched pass, not K)."""
+    selection = select_parameters(model)
 
     def loss_at(theta: torch.Tensor) -> torch.Tensor:
-        return functional_loss(model, split_flat(theta, model), x, y, loss_fn)
+        return functional_loss(model, selection, split_flat(theta, selection), x, y, loss_fn)
 
     batched = torch.func.vmap(torch.func.grad_and_value(loss_at))
 
@@ -235,7 +236,8 @@ def local_entropy(
         lambda_max = top_hessian_eigenvalue(model, x, y, tol=1e-3, seed=seed, loss_fn=loss_fn,
                                             memory_budget=memory_budget).eigenvalue
     generator = generator if generator is not None else torch.Generator().manual_seed(seed)
-    theta, dim = flat_parameters(model), sum(p.numel() for p in model.parameters())
+    theta = flat_parameters(model)
+    dim = theta.numel()
     laplace, laplace_stderr, quadrature = _laplace(eigenvalues, density, dim, scopes, nodes, float(lambda_max))
     op = hessian_operator(model, x, y, loss_fn=loss_fn, memory_budget=memory_budget)
     gradient_term = gradient_local_entropy(op.matmat, op.gradient(), scopes=scopes, temperature=temperature)

@@ -18,7 +18,7 @@ from torch import nn
 from landscape.hessian import hessian_operator
 from landscape.noise import per_example_gradient_rows
 from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, flat_parameters, functional_loss, gaussian, prepare,
-                                resolve_loss, split_flat)
+                                resolve_loss, select_parameters, split_flat)
 from landscape.spectrum import hessian_eigenpairs
 
 
@@ -160,21 +160,22 @@ def _orthonormal_directions(eigenvectors: torch.Tensor, count: int, generator: t
 def _minibatch_gradient(model, x, y, loss_fn, batch_size, generator):
     """g(θ): the gradient of the mean loss over B examples drawn afresh without replacement at each step, at
     the flat point θ, through functional_call (the model itself is never touched)."""
-    n = x.shape[0]
+    n, selection = x.shape[0], select_parameters(model)
 
     def gradient(theta: torch.Tensor) -> torch.Tensor:
         idx = torch.randperm(n, generator=generator)[:batch_size].to(x.device)
         leaf = theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = functional_loss(model, split_flat(leaf, model), x[idx], y[idx], loss_fn)
+            loss = functional_loss(model, selection, split_flat(leaf, selection), x[idx], y[idx], loss_fn)
             return torch.autograd.grad(loss, leaf)[0]
 
     return gradient
 
 
 def _mean_loss(model, theta, x, y, loss_fn) -> float:
+    selection = select_parameters(model)
     with torch.no_grad():
-        return float(functional_loss(model, split_flat(theta, model), x, y, loss_fn))
+        return float(functional_loss(model, selection, split_flat(theta, selection), x, y, loss_fn))
 
 
 def stationary_distribution(
