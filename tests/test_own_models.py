@@ -170,7 +170,7 @@ def assert_layers_match_blocks(layers, names, blocks) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_exact_hessian_equals_torch_func_hessian_over_the_measured_parameters(case):
+def test_exact_hessian_equals_the_autograd_dense_hessian_over_the_measured_parameters(case):
     model, x, y, loss_fn, params = CASES[case]()
     dense = dense_reference(model, x, y, loss_fn, params)
     ours = utils.exact_hessian(model, x, y, loss_fn=loss_fn, params=params).numpy()
