@@ -337,14 +337,13 @@ def _read_fallback_cache(cache: Path) -> tuple[tuple[np.ndarray, ...], bool]:
     checked by its content alone); _DamagedCache when anything is off."""
     if cache.is_dir():
         raise _DamagedCache("it is a folder, not a file")
-    try:
+    try:  # (a bit flip fails zip's CRC-32: BadZipFile; a lone .npy array is no archive: TypeError at `with`)
         with np.load(cache, allow_pickle=False) as z:
-            missing = [name for name in (*CACHE_ARRAYS, "sha256") if name not in z.files]
             arrays = {name: z[name] for name in CACHE_ARRAYS if name in z.files}
             saved = str(z["sha256"]) if "sha256" in z.files else None
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:  # a bit flip: BadZipFile (CRC)
+    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as err:
         raise _DamagedCache(f"it cannot be read: {type(err).__name__}") from None
-    if [name for name in missing if name != "sha256"]:
+    if missing := [name for name in CACHE_ARRAYS if name not in arrays]:
         raise _DamagedCache(f"it has no {missing[0]}")
     for name, (shape, dtype) in CACHE_ARRAYS.items():
         if arrays[name].shape != shape or arrays[name].dtype != dtype:

@@ -170,6 +170,12 @@ def save_cache(path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def flip_a_pixel_bit(path) -> None:
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 3] ^= 0x10  # in x_train's pixels, the first and largest array
@@ -201,6 +207,7 @@ CACHE_DAMAGE = {
     "float labels": (with_arrays(lambda a: a.update(y_train=a["y_train"].astype(np.float32))),
                      "its y_train is float32 (4000,), expected int64 (4000,)"),
     "no y_test": (with_arrays(lambda a: a.pop("y_test")), "it has no y_test"),
+    "a lone .npy array": (lambda p: p.write_bytes(npy_bytes(np.zeros(3))), "it cannot be read: TypeError"),
     "a label outside the classes": (relabel("y_train", 10),
                                     "its y_train holds label 10, outside the classes 0..9"),
     "a folder at its path": (lambda p: (p.unlink(), p.mkdir(), (p / "inside").write_text("keep")), "it is a folder"),
