@@ -245,6 +245,10 @@ def close(run: Run) -> bool:
     run.store.loaded = [label for label in run.store.loaded if label not in computed]
     if run.store.loaded:
         log.info("resumed %d finished stages from %s (--fresh recomputes them)", len(run.store.loaded), run.store.root)
+    if run.store.outdated:
+        log.info("recomputed %d stage files saved before stage files held checksums", len(run.store.outdated))
+    for path in run.store.removed_temporaries:
+        log.info("removed %s, left half-written by a run that was killed", path)
     tidy_store(run.store, prune=run.cfg.prune)
     return True
 
