@@ -25,7 +25,7 @@ from landscape.files import write_atomic  # noqa: E402
 
 __all__ = ["FIGURES", "SWEEP_FIGURES", "plot_all", "plot_batch_sharpness", "plot_connectivity_plane",
            "plot_flatness_stem", "plot_hessian_spectrum", "plot_loss_surface_3d", "plot_mode_connectivity",
-           "plot_gap_temperature", "plot_reparametrisation", "plot_report", "plot_sharpness_during_training", "plot_summary_table",
+           "plot_gap_temperature", "plot_reparametrisation", "plot_report", "plot_sharpness_during_training", "plot_stationary_covariance", "plot_summary_table",
            "plot_sweep_correlation", "plot_sweep_measures"]
 
 # Okabe & Ito's colour-blind-safe palette
@@ -284,6 +284,40 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
         return _save(fig, path)
 
 
+def plot_stationary_covariance(metrics: dict, path: Path) -> Path:
+    """Mandt et al.: the measured variance of SGD's iterates along each direction against the discrete Lyapunov
+    prediction, log-log, with the line y = x; filled: top Hessian eigenvectors, open: random controls."""
+    seeds = [s for s in seeds_of(metrics) if "stationary" in metrics["models"][s]]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.2, 5.2))
+        values = []
+        for i, seed in enumerate(seeds):
+            st = metrics["models"][seed]["stationary"]
+            for label, pred, meas, err in zip(st["labels"], st["predicted"], st["measured"], st["measured_stderr"]):
+                if pred is None or meas is None or not (pred > 0 and meas > 0):
+                    continue
+                eigen = label.startswith("eigen")
+                ax.errorbar(pred, meas, yerr=min(err, 0.99 * meas), fmt="o", ms=6, color=PALETTE[i],
+                            mfc=PALETTE[i] if eigen else "white", capsize=2)
+                values += [pred, meas]
+        if values:
+            low, high = min(values) / 2, max(values) * 2
+            ax.plot([low, high], [low, high], color="0.3", lw=1, ls="--", label="measured = predicted")
+            ax.set_xlim(low, high)
+            ax.set_ylim(low, high)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("predicted variance (discrete Lyapunov equation)")
+        ax.set_ylabel("measured variance of the SGD iterates")
+        handles = [matplotlib.lines.Line2D([], [], color=PALETTE[i], marker="o", ls="", label=f"seed {s}")
+                   for i, s in enumerate(seeds)]
+        handles += [matplotlib.lines.Line2D([], [], color="0.3", marker="o", ls="", label="top eigenvector"),
+                    matplotlib.lines.Line2D([], [], color="0.3", marker="o", mfc="white", ls="", label="random control")]
+        ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=8, loc="upper left")
+        ax.set_title("SGD's stationary variance along each direction (Mandt et al. 2017)", fontsize=10)
+        return _save(fig, path)
+
+
 def plot_summary_table(metrics: dict, path: Path) -> Path:
     """The summary table as a figure, the per-layer table under it, the data and configuration above."""
     header, rows = summary_rows(metrics)
@@ -515,6 +549,7 @@ FIGURES = {
     "reparametrisation.png": plot_reparametrisation,
     "hessian_spectrum.png": plot_hessian_spectrum,
     "sharpness_during_training.png": plot_sharpness_during_training,
+    "stationary_covariance.png": plot_stationary_covariance,
     "summary_table.png": plot_summary_table,
 }
 SWEEP_FIGURES = {"sweep_measures.png": plot_sweep_measures, "sweep_correlation.png": plot_sweep_correlation,

@@ -24,6 +24,7 @@ import torch
 import data as data_module
 import plotting
 from experiment.environment import device_of, environment
+from experiment.report import median_eigen_ratio
 from experiment.pipeline import Measured, Run, check_folders, output_folder
 from experiment.stages import pair_and_centre
 from landscape.files import write_atomic, write_bytes_atomic
@@ -133,6 +134,11 @@ def model_rows(metrics: dict) -> list[dict]:
         noise = m["gradient_noise"]
         row.update({k: noise[k] for k in ("b_simple", "trace_cov", "grad_norm_sq", "b_noise", "trace_h_cov",
                                           "g_h_g", "temperature")})
+        if "stationary" in m:
+            row["stationary_median_ratio"] = median_eigen_ratio(m["stationary"])
+        if "local_entropy" in m:
+            row.update({f"local_entropy_gamma_{g:g}": v for g, v in zip(m["local_entropy"]["scopes"],
+                                                                      m["local_entropy"]["langevin"])})
         rows.append(row)
     return rows
 

@@ -107,6 +107,12 @@ def summary_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
         ["noise scale B_noise", *[fmt(x["gradient_noise"]["b_noise"]) for x in m]],
         ["noise temperature εN/(B(1−m))", *[fmt(x["gradient_noise"]["temperature"]) for x in m]],
     ]
+    if all("stationary" in x for x in m):
+        rows.append(["stationary variance, measured/predicted", *[fmt(median_eigen_ratio(x["stationary"]), 3) for x in m]])
+    if all("local_entropy" in x for x in m):
+        rows += [[f"local entropy ΔF(γ={g:g})", *[f"{fmt(x['local_entropy']['langevin'][i], 3)} ± "
+                                                 f"{fmt(x['local_entropy']['langevin_stderr'][i], 2)}" for x in m]]
+                 for i, g in enumerate(m[0]["local_entropy"]["scopes"])]
     c = metrics["connectivity"]
     pair = f"{c['seeds'][0]}↔{c['seeds'][1]}"
     rows += [[f"loss barrier {pair} ({split})", fmt(barrier_of(c[split])), *[""] * (len(seeds) - 1)]
@@ -160,6 +166,8 @@ REFERENCES = {
     "connectivity": "Entezari et al. 2022; Frankle et al. 2020; Ainsworth et al. 2022 (weight matching); "
                     "Garipov et al. 2018 (Bezier curves)",
     "surface": "Li et al. 2018, Visualizing the loss landscape of neural nets",
+    "stationary": "Mandt, Hoffman & Blei 2017, Stochastic gradient descent as approximate Bayesian inference",
+    "local_entropy": "Chaudhari et al. 2017, Entropy-SGD: biasing gradient descent into wide valleys",
 }
 
 
@@ -168,6 +176,9 @@ EDGE_BAND = 0.10  # batch sharpness within 10% of the stability threshold: at th
 CONNECTED = 0.05  # a barrier below 5% of the mean endpoint loss: the path connects the two models
 INVARIANT = 0.01  # a measure that moves by under 1% across function-preserving rescalings: invariant
 MOVES = 0.10  # ... and by over 10%: it describes the parametrisation, not the function
+MATCH_FACTOR = 2.0  # a measured stationary variance within a factor 2 of its prediction matches it
+DRIFT = 0.10  # the loss moving by over 10% during the stationary phase: not stationary
+AGREES_IN_STDERR = 3.0  # a Laplace value within 3 standard errors of the Langevin estimate agrees with it
 
 
 def compare_sentence(values: dict[str, float], noun: str, higher: str) -> str:
@@ -487,8 +498,97 @@ def surface_section(metrics: dict) -> Section | None:
     })
 
 
+def median_eigen_ratio(stationary: dict) -> float:
+    """The median measured/predicted variance over the top-eigenvector directions (the sweep's column too)."""
+    ratios = [r for label, r in zip(stationary["labels"], stationary["ratio"]) if label.startswith("eigen")
+              and r is not None and math.isfinite(r)]
+    return float(np.median(ratios)) if ratios else math.nan
+
+
+def stationary_sentence(seed: str, stationary: dict) -> str:
+    """How many top-eigenvector directions' measured variance lies within MATCH_FACTOR of the discrete Lyapunov
+    prediction, and whether the loss drifted by over DRIFT during the phase (then it was not stationary)."""
+    pairs = [(label, r) for label, r in zip(stationary["labels"], stationary["ratio"]) if label.startswith("eigen")]
+    if not stationary.get("stable", True) or not pairs:
+        return f"seed {seed}: SGD at this step size has no stationary distribution along these directions."
+    matched = sum(r is not None and 1 / MATCH_FACTOR <= r <= MATCH_FACTOR for _, r in pairs)
+    start, end = stationary["loss_start"], stationary["loss_end"]
+    drift = abs(end - start) / max(abs(start), 1e-12)
+    text = (f"seed {seed}: along {matched} of the {len(pairs)} top eigenvectors the measured variance is within a "
+            f"factor {MATCH_FACTOR:g} of the prediction (median ratio {median_eigen_ratio(stationary):.2g}); ")
+    if drift > DRIFT:
+        return text + (f"the loss moved from {fmt(start)} to {fmt(end)} during the phase ({drift:.0%}): cross-entropy "
+                       "has no minimum, so SGD was not stationary and the prediction is only indicative.")
+    return text + f"the loss moved by {drift:.1%} during the phase: close to stationary."
+
+
+def local_entropy_sentence(seed: str, entropy: dict) -> str:
+    """Whether the Laplace approximation (plus the gradient term, since θ is not a minimum) agrees with the
+    Langevin estimate within AGREES_IN_STDERR standard errors, at each scope."""
+    agree = []
+    for gamma, value, stderr, laplace, gradient in zip(entropy["scopes"], entropy["langevin"], entropy["langevin_stderr"],
+                                                       entropy["laplace"], entropy["gradient_term"]):
+        quadratic = laplace + gradient
+        if all(v is not None and math.isfinite(v) for v in (value, stderr, quadratic)):
+            agree.append((gamma, abs(value - quadratic) <= AGREES_IN_STDERR * max(stderr, 1e-12)))
+    if not agree:
+        return f"seed {seed}: no scope has both estimates."
+    yes = [f"{g:g}" for g, ok in agree if ok]
+    no = [f"{g:g}" for g, ok in agree if not ok]
+    if not no:
+        return (f"seed {seed}: the quadratic (Laplace) model agrees with the Langevin estimate within "
+                f"{AGREES_IN_STDERR:g} standard errors at every scope: the loss is close to quadratic at these scales.")
+    return (f"seed {seed}: the quadratic (Laplace) model departs from the Langevin estimate by more than "
+            f"{AGREES_IN_STDERR:g} standard errors at scope(s) {joined(no)}" + (f" (agrees at {joined(yes)})" if yes else "")
+            + ": the loss is not quadratic over the region those scopes reach.")
+
+
+def stationary_section(metrics: dict) -> Section | None:
+    """Mandt et al.'s stationary covariance, predicted against measured."""
+    seeds = [s for s in seeds_of(metrics) if "stationary" in metrics["models"][s]]
+    if not seeds:
+        return None
+    m = {s: metrics["models"][s]["stationary"] for s in seeds}
+    return Section(**{
+        "title": "SGD's stationary distribution", "reference": REFERENCES["stationary"],
+        "formula": r"$\Sigma = (I - \eta H)\Sigma(I - \eta H)^\top + \eta^2 (\frac{1}{B} - \frac{1}{N}) C,\quad "
+                   r"H\Sigma + \Sigma H \approx \frac{\eta}{B} C$",
+        "numbers": [f"seed {s}: SGD continued at lr {m[s]['lr']:g}, batch {m[s]['batch_size']}, momentum "
+                    f"{m[s]['momentum']:g} for {m[s]['burn_in']} + {m[s]['steps']} steps; measured/predicted variance "
+                    + ", ".join(f"{label} {fmt(r, 2)}" for label, r in zip(m[s]["labels"], m[s]["ratio"]))
+                    + f"; loss {fmt(m[s]['loss_start'])} -> {fmt(m[s]['loss_end'])}, |theta| "
+                    f"{fmt(m[s]['norm_start'])} -> {fmt(m[s]['norm_end'])}" for s in seeds],
+        "interpretation": " ".join(stationary_sentence(s, m[s]) for s in seeds),
+        "figure": "stationary_covariance.png",
+    })
+
+
+def local_entropy_section(metrics: dict) -> Section | None:
+    """Chaudhari et al.'s local entropy: Langevin beside Laplace."""
+    seeds = [s for s in seeds_of(metrics) if "local_entropy" in metrics["models"][s]]
+    if not seeds:
+        return None
+    m = {s: metrics["models"][s]["local_entropy"] for s in seeds}
+    middle = len(m[seeds[0]]["scopes"]) // 2
+    gamma = m[seeds[0]]["scopes"][middle]
+    return Section(**{
+        "title": "Local entropy", "reference": REFERENCES["local_entropy"],
+        "formula": r"$\Delta F(\theta;\gamma) = \log E_{\theta' \sim N(\theta, T/\gamma)} "
+                   r"e^{-[L(\theta') - L(\theta)]/T} \approx -\frac{1}{2}\sum_i \log(1 + \lambda_i/\gamma),\ T = 1/N$",
+        "numbers": [f"seed {s}: " + "; ".join(
+            f"gamma {g:g}: Langevin {fmt(v, 3)} +- {fmt(e, 2)}, Laplace {fmt(lp, 3)} (+ gradient term {fmt(gt, 3)})"
+            for g, v, e, lp, gt in zip(m[s]["scopes"], m[s]["langevin"], m[s]["langevin_stderr"], m[s]["laplace"],
+                                      m[s]["gradient_term"])) for s in seeds],
+        "interpretation": compare_sentence({s: -m[s]["langevin"][middle] for s in seeds},
+                                           f"minus the local entropy at gamma {gamma:g}", "sharper") + " "
+                          + " ".join(local_entropy_sentence(s, m[s]) for s in seeds),
+        "figure": None,
+    })
+
+
 SECTIONS = (training_section, sharpness_section, tracking_section, flatness_section, robust_flatness_section,
-            noise_section, connectivity_section, plane_section, surface_section)  # the report's order
+            noise_section, stationary_section, local_entropy_section, connectivity_section, plane_section,
+            surface_section)  # the report's order
 
 
 
@@ -505,7 +605,7 @@ SWEEP_LABELS = {
 }
 
 
-SWEEP_LABELS.update({"lr": "learning rate η", "inv_batch_size": "1/B", "steps": "steps to the target",
+SWEEP_LABELS.update({"neg_local_entropy": "−local entropy ΔF (middle scope)", "lr": "learning rate η", "inv_batch_size": "1/B", "steps": "steps to the target",
                      "inv_margin_sq": "1/γ² (10th-percentile output margin)"})
 VERDICT_WORDS = {"predicts": "predicts", "reverse": "reverse", "no evidence": "no evidence"}
 

@@ -22,6 +22,7 @@ import training
 import utils
 from experiment.outputs import model_metrics
 from experiment.pipeline import Run, run_stages
+from experiment.report import median_eigen_ratio
 from experiment.settings import TrainingSettings
 from experiment.stages import MODEL_STAGES, Split, aligned, build_model, connectivity, seed_pairs, train_model
 from landscape import statistics
@@ -40,7 +41,7 @@ SECONDARY = "gap_loss"  # test − train cross-entropy: mostly overconfidence, k
 MODEL_MEASURES = {"lambda_max": 1, "lambda_k": 1, "lambda_min": 0, "trace": 1, "layer_lambda_max": 1, "flatness": 1,
                   "adaptive_flatness": 1, "worst_case_absolute": 1, "worst_case_adaptive": 1,
                   "pac_bayes_inv_sigma_sq": 1, "pac_bayes_magnitude_aware_inv_sigma_sq": 1, "b_simple": 0,
-                  "b_noise": 0, "batch_sharpness": 1}
+                  "b_noise": 0, "batch_sharpness": 1, "neg_local_entropy": 1}
 PAIR_MEASURES = {"barrier": 0, "aligned_barrier": 0}  # one number per pair of seeds of a configuration
 # What a measure must beat: the hyper-parameters (Smith & Le 2018: more noise, a smaller gap) and Jiang et al.'s
 # simple quantities (steps to the target, the squared weight norm, 1/γ² of the 10th-percentile output margin).
@@ -119,6 +120,10 @@ def row(point: dict, seed: int, history: dict, model: torch.nn.Module, m: dict, 
         "inv_batch_size": 1 / point["batch_size"], "temperature": m["gradient_noise"]["temperature"],
         "weight_norm_sq": float(utils.flat_parameters(model).double().pow(2).sum()),
         "margin": margin, "inv_margin_sq": margin**-2 if margin > 0 else math.inf,
+        # Chaudhari et al.'s local entropy at the middle scope, negated so that larger means sharper; Mandt et al.'s
+        # median measured/predicted stationary variance (a column, not a measure: 1 where their theory holds)
+        "neg_local_entropy": -m["local_entropy"]["langevin"][len(m["local_entropy"]["scopes"]) // 2],
+        "stationary_ratio": median_eigen_ratio(m["stationary"]),
     })
     return out
 

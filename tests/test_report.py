@@ -185,3 +185,33 @@ def test_noise_sentence_of_the_sweep_both_sides_of_its_threshold():
     noise = {"test_examples": 4000, "median_test_error_se": 0.004, "gap_sd": 0.012, "ratio": 1 / 3, "threshold": 1 / 3}
     assert "within the 0.33 this study needs" in report.noise_sentence_of_sweep(noise)
     assert "partly measurement noise" in report.noise_sentence_of_sweep({**noise, "ratio": 0.34})
+
+
+# ----------------------------------------------------------------------------- the theories' sentences
+def stationary_record(ratios, loss_start=0.1, loss_end=0.095, stable=True):
+    labels = [f"eigen {i + 1}" for i in range(len(ratios))] + ["random 1"]
+    return {"labels": labels, "ratio": [*ratios, 0.001], "loss_start": loss_start, "loss_end": loss_end,
+            "stable": stable}
+
+
+def test_stationary_sentence_counts_directions_within_the_match_factor_and_names_the_drift():
+    """Within a factor MATCH_FACTOR (2) either way matches; a loss moving by over DRIFT (10%) is not stationary;
+    the random controls never count."""
+    f = report.MATCH_FACTOR
+    text = report.stationary_sentence("0", stationary_record([1 / f, f, f * 1.01, 1 / (f * 1.01)]))
+    assert "along 2 of the 4 top eigenvectors" in text and "close to stationary" in text
+    moved = report.stationary_sentence("0", stationary_record([1.0], loss_start=0.1, loss_end=0.0899))
+    assert "was not stationary" in moved and "(10%)" in moved
+    assert "close to stationary" in report.stationary_sentence("0", stationary_record([1.0], loss_end=0.0901))
+    assert "no stationary distribution" in report.stationary_sentence("0", stationary_record([1.0], stable=False))
+    assert report.median_eigen_ratio(stationary_record([0.5, 1.0, 4.0])) == 1.0
+
+
+def test_local_entropy_sentence_laplace_agrees_within_three_stderr_or_departs():
+    record = {"scopes": [1.0, 10.0], "langevin": [2.0, 1.0], "langevin_stderr": [0.1, 0.1],
+              "laplace": [-1.0, 0.5], "gradient_term": [2.7, 0.2]}  # quadratic model 1.7 and 0.7: 3 stderr off
+    assert "agrees with the Langevin estimate within 3 standard errors at every scope" in \
+        report.local_entropy_sentence("0", record)
+    record["gradient_term"] = [2.69, 0.2]  # 1.69: 3.1 stderr off at γ = 1
+    text = report.local_entropy_sentence("0", record)
+    assert "departs from the Langevin estimate by more than 3 standard errors at scope(s) 1 (agrees at 10)" in text
