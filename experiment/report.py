@@ -605,7 +605,7 @@ SWEEP_LABELS = {
 }
 
 
-SWEEP_LABELS.update({"neg_local_entropy": "−local entropy ΔF (middle scope)", "lr": "learning rate η", "inv_batch_size": "1/B", "steps": "steps to the target",
+SWEEP_LABELS.update({"lr": "learning rate η", "inv_batch_size": "1/B", "steps": "steps to the target",
                      "inv_margin_sq": "1/γ² (10th-percentile output margin)"})
 VERDICT_WORDS = {"predicts": "predicts", "reverse": "reverse", "no evidence": "no evidence"}
 
@@ -816,7 +816,9 @@ def sweep_title_page(metrics: dict) -> TextPage:
          f"Stopping rule: each model trained until its training cross-entropy (all its training examples, checked "
          f"every {cfg['sweep_check_every']} steps) is at most {cfg['sweep_target_loss']:g}, within "
          f"{cfg['sweep_max_steps']} steps; one whose mini-batch loss stays at chance for "
-         f"{cfg['sweep_collapse_steps']} steps is stopped as collapsed.",
+         f"{cfg['sweep_collapse_steps']} steps is stopped as collapsed"
+         + (f"; the studied models ended at training losses {min(r['train_loss'] for r in rows):.4f} to "
+            f"{max(r['train_loss'] for r in rows):.4f}." if rows else "."),
          f"{len(rows)} of {total} models reached the target ({sweep['trained_fraction']:.0%}) and are studied; "
          f"verdicts: Ψ's within-group permutation test, Holm's correction over {len(sweep['findings'])} measures "
          f"and baselines, at {sweep['alpha']:g}; intervals resample configurations."],
