@@ -480,18 +480,18 @@ def _wrapped(text: str, fontsize: float) -> str:
 
 def _text_page(pdf, page: TextPage) -> None:
     """A heading, its paragraphs, and the details in smaller type under their subheading."""
-    lines = [(page.heading, {"fontsize": 18, "weight": "bold", "step": 0.06}),
-             *[(text, {"fontsize": 10, "step": 0.04}) for text in page.paragraphs]]
+    # (text, style, height of one line, space after the block) in figure fractions of an A4 landscape page
+    lines = [(page.heading, {"fontsize": 18, "weight": "bold"}, 0.04, 0.02),
+             *[(text, {"fontsize": 10}, 0.024, 0.014) for text in page.paragraphs]]
     if page.details:
-        lines += [(page.details_heading, {"fontsize": 10, "weight": "bold"}),
-                  *[(text, {"fontsize": 8, "step": 0.026}) for text in page.details]]
+        lines += [(page.details_heading, {"fontsize": 10, "weight": "bold"}, 0.024, 0.006),
+                  *[(text, {"fontsize": 8}, 0.02, 0.004) for text in page.details]]
     fig = plt.figure(figsize=(11.69, 8.27))
     y = 0.95
-    for text, style in lines:
-        step = style.pop("step", 0.035)
-        wrapped = _wrapped(text, style.get("fontsize", 10))
+    for text, style, line, gap in lines:
+        wrapped = _wrapped(text, style["fontsize"])
         fig.text(0.06, y, wrapped, va="top", **style)
-        y -= step * (1 + wrapped.count("\n"))
+        y -= line * (1 + wrapped.count("\n")) + gap
     pdf.savefig(fig)
     plt.close(fig)
 

@@ -813,8 +813,9 @@ def sweep_title_page(metrics: dict) -> TextPage:
          f"Data: {d['source']}; each model trains on {n_train} examples.",
          f"Grid: batch sizes {tuple(cfg['sweep_batch_sizes'])} × learning rates {tuple(cfg['sweep_lrs'])} × widths "
          f"{tuple(cfg['sweep_widths'])} × seeds {tuple(sweep['seeds'])}, SGD with momentum {cfg['sweep_momentum']:g}.",
-         f"Stopping rule: each model trained until its training cross-entropy (all its training examples, checked "
-         f"every {cfg['sweep_check_every']} steps) is at most {cfg['sweep_target_loss']:g}, within "
+         f"Stopping rule: each model trained until its training cross-entropy on all its training examples, "
+         + ("checked after every step" if cfg["sweep_check_every"] == 1 else f"checked every {cfg['sweep_check_every']} steps")
+         + f" once its recent mini-batch losses are within 2x of the target, is at most {cfg['sweep_target_loss']:g}, within "
          f"{cfg['sweep_max_steps']} steps; one whose mini-batch loss stays at chance for "
          f"{cfg['sweep_collapse_steps']} steps is stopped as collapsed"
          + (f"; the studied models ended at training losses {min(r['train_loss'] for r in rows):.4f} to "
