@@ -182,18 +182,19 @@ class LocalEntropyResult:
 
 
 def _model_loss_and_gradient(model, x, y, loss_fn):
-    """(L, ∇L) of the mean loss over all of (x, y) at each row of θ′s (K, D): torch.func's grad_and_value through
-    functional_call, vmapped over the K points (one batched pass, not K)."""
+    """(L, ∇L) of the mean loss over all of (x, y) at each row of θ′s (K, D), one autograd pass per row through
+    functional_call (torch.func's vmap over grad would import torch._dynamo, 2 s, for K = 4 rows)."""
     selection = select_parameters(model)
 
-    def loss_at(theta: torch.Tensor) -> torch.Tensor:
-        return functional_loss(model, selection, split_flat(theta, selection), x, y, loss_fn)
-
-    batched = torch.func.vmap(torch.func.grad_and_value(loss_at))
-
     def loss_and_gradient(thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grads, losses = batched(thetas.detach())
-        return losses, grads
+        losses, grads = [], []
+        for theta in thetas.detach():
+            leaf = theta.clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss = functional_loss(model, selection, split_flat(leaf, selection), x, y, loss_fn)
+                grads.append(torch.autograd.grad(loss, leaf)[0])
+            losses.append(loss.detach())
+        return torch.stack(losses), torch.stack(grads)
 
     return loss_and_gradient
 

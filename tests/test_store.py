@@ -258,14 +258,15 @@ def test_an_unchanged_rerun_and_a_docstring_or_comment_edit_recompute_nothing(pr
 
 @pytest.mark.slow
 def test_editing_a_helper_recomputes_exactly_the_stages_that_call_it(project_copy):
-    """_slq_density is run by the spectrum stage alone; build_model by the training of every seed, on which
-    every other stage depends."""
+    """_slq_density is run by the spectrum stage alone, whose result the local-entropy stage reads (so it is
+    recomputed too); build_model by the training of every seed, on which every other stage depends."""
     root = project_copy
     run_copy(root, "before")
     everything = labels(root, "before")
     edit(root / "landscape" / "spectrum.py", "    runs = len(results)\n", "    runs = len(results)\n    assert runs\n")
     run_copy(root, "helper")
-    assert everything - set(resumed(root / "helper")) == {"spectrum[seed=0]", "spectrum[seed=42]"}
+    assert everything - set(resumed(root / "helper")) == {"spectrum[seed=0]", "spectrum[seed=42]",
+                                                          "local_entropy[seed=0]", "local_entropy[seed=42]"}
     edit(root / "experiment" / "stages.py", "    generator = torch.Generator().manual_seed(s.seed)\n",
          "    generator = torch.Generator().manual_seed(s.seed)\n    assert generator\n")
     run_copy(root, "model")
