@@ -244,13 +244,13 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
     lr, beta = cfg["lr"], cfg["momentum"]
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-        examples, checks = None, 0
+        examples, tol, batches = None, None, None
         for i, seed in enumerate(seeds_of(metrics)):
             track = metrics["models"][seed]["training"].get("tracking", {})
             records = track.get("records", [])
             if not records:
                 continue
-            examples, checks = track["examples"], max(checks, len(records))
+            examples, tol, batches = track["examples"], records[-1]["tol"], track["batches"]
             steps = [r["step"] for r in records]
             for ax, key in zip(axes, ("lambda_max", "trace", "b_simple")):
                 ax.plot(steps, [r[key] if r[key] is not None else np.nan for r in records], marker="o", ms=3,
@@ -268,8 +268,12 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
         axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         methods = {r.get("trace_method", "hutchinson") for m in metrics["models"].values()
                    for r in m["training"].get("tracking", {}).get("records", [])}
-        titles = ("λ_max (—) and batch sharpness (- -)", "trace tr(H) (exact)" if methods == {"exact"} else
-                  "trace tr(H) (2 Hutchinson probes)", "noise scale B_simple")
+        titles = (f"λ_max (—, on the first {examples}; Lanczos to {tol:g}) and\nbatch sharpness (- -, "
+                  f"{batches} mini-batches of {cfg['batch_size']} from all {metrics['data']['n_train']:,})"
+                  if examples else "λ_max and batch sharpness",
+                  f"trace tr(H) on the first {examples} (" + ("exact diagonal)" if methods == {"exact"} else
+                                                              "2 Hutchinson probes)"),
+                  f"noise scale B_simple on the first {examples}")
         for ax, title in zip(axes, titles):
             ax.set_xlabel("training step")
             ax.set_title(title)
@@ -277,9 +281,7 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
                 ax.legend(fontsize=8)
         if axes[0].get_legend_handles_labels()[0]:  # six entries: below the panel, clear of the threshold lines
             axes[0].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(0.0, -0.16))
-        few = (f" (at most {checks} checks per seed within the default 20% overhead target; --track-every N for more)"
-               if 0 < checks <= 3 and cfg.get("track_every", 0) == 0 else "")  # few points: straight lines
-        fig.suptitle(f"During training, on the first {examples} training examples{few}" if examples else
+        fig.suptitle("During training: the training loss's curvature at each check" if examples else
                      "No tracking in this run (--track-every -1)", fontsize=10)
         return _save(fig, path)
 

@@ -44,8 +44,8 @@ import training  # noqa: E402
 import utils  # noqa: E402
 from landscape.plumbing import start_vector  # noqa: E402
 
-GOALS = {"top eigenvalue": 0.5, "41x41 surface": 0.2, "noise scale": 0.02, "interpolation": 0.33, "flatness": 0.33,
-         "tracking overhead": 0.25}
+# the tracker's goal is a share of the whole run (issue 28), given below the table, not a ratio to training
+GOALS = {"top eigenvalue": 0.5, "41x41 surface": 0.2, "noise scale": 0.02, "interpolation": 0.33, "flatness": 0.33}
 
 
 def alternate(functions: dict, reps: int) -> dict:
@@ -355,8 +355,8 @@ def stage_tracking(ds, reps):
     ratio = statistics.median(timings["tracked"]) / statistics.median(timings["untracked"]) - 1
     return {"stage": "tracking overhead", "baseline_time": describe(timings["untracked"]),
             "ours_time": describe(timings["tracked"]), "ratio": ratio, "baseline_error": 0.0, "ours_error": 0.0,
-            "note": f"training seed 0 with and without tracking ({checks} checks on {cfg.track_examples} examples); "
-                    "ratio = extra time / training time"}
+            "note": f"training seed 0 with and without tracking ({checks} checks, λ_max on {cfg.track_examples} "
+                    "examples); ratio = extra time / training time; the whole run's share is below the table"}
 
 
 class GeneralPath(torch.nn.Module):
@@ -442,8 +442,9 @@ def whole_run() -> dict:
         subprocess.run([sys.executable, str(ROOT / "main.py"), "--quiet", "--offline", "--out", out, "--runs-dir",
                         str(Path(out) / "runs")], check=True, cwd=ROOT)  # a fresh run folder: nothing resumed
         wall = time.perf_counter() - start
-        timings = json.loads((Path(out) / "metrics.json").read_text())["timings"]
-    return {"wall": wall, "timings": timings}
+        metrics = json.loads((Path(out) / "metrics.json").read_text())
+    tracker = sum(m["training"]["tracking"]["seconds"] for m in metrics["models"].values())
+    return {"wall": wall, "timings": metrics["timings"], "tracker": tracker}
 
 
 def whole_runs(count: int) -> dict:
@@ -486,7 +487,9 @@ def render(rows, run, meta) -> str:
         lines += ["", f"Whole `python main.py` (defaults, offline data cached): {run['wall']:.1f} s wall, the median "
                       f"of {len(walls)} runs ({min(walls):.1f}-{max(walls):.1f} s; goal ≤ 20 s). This host ran a "
                       f"2000×2000×2000 float32 GEMM at {run['gemm']:.0f} G multiply-adds/s in the same minutes "
-                      f"(it has read 97-150 here). Stages of the median run: {shares}."]
+                      f"(it has read 97-150 here). The training-time tracker took {run['tracker']:.1f} s of it "
+                      f"({100 * run['tracker'] / run['wall']:.1f}% of the wall time; goal ≤ 10%). "
+                      f"Stages of the median run: {shares}."]
     return "\n".join(lines) + "\n"
 
 

@@ -62,7 +62,7 @@ def parse_args(config: type, argv: list[str] | None = None, *, quick: dict, desc
 
 POSITIVE_INTS = ("epochs", "batch_size", "sharpness_max_iter", "flatness_samples", "memory_budget_mb", "eigen_k",
                  "density_runs", "density_steps", "track_examples", "worst_case_steps", "pac_bayes_samples",
-                 "bezier_epochs", "track_max_iter", "stationary_steps", "entropy_chains", "sweep_max_steps", "sweep_check_every", "layer_max_probes", "two_batch_batches")
+                 "bezier_epochs", "track_max_iter", "track_checks", "stationary_steps", "entropy_chains", "sweep_max_steps", "sweep_check_every", "layer_max_probes", "two_batch_batches")
 COUNTS = ("train_subset", "test_subset", "threads", "analysis_examples", "exact_max_parameters", "max_steps",
           "check_every", "collapse_steps", "sweep_collapse_steps", "sweep_train_examples", "stationary_burn_in")
 
@@ -126,7 +126,8 @@ def _checks(cfg) -> list[tuple[bool, str, object]]:
          (cfg.trace_rel_stderr, cfg.layer_rel_stderr, cfg.noise_rel_stderr)),
         (len(cfg.two_batch) == 2 and 1 <= cfg.two_batch[0] < cfg.two_batch[1],
          "--two-batch needs two batch sizes, small < big", cfg.two_batch),
-        (cfg.track_every >= -1, "--track-every must be -1 (off), 0 (auto) or a positive integer", cfg.track_every),
+        (cfg.track_every >= -1, "--track-every must be -1 (off), 0 (--track-checks evenly spaced) or a positive integer", cfg.track_every),
+        (cfg.track_checks >= 2, "--track-checks must be at least 2 (the first and the last step)", cfg.track_checks),
         (math.isfinite(cfg.sharpness_rho) and cfg.sharpness_rho > 0, "--sharpness-rho must be positive", cfg.sharpness_rho),
         (math.isfinite(cfg.adaptive_rho) and cfg.adaptive_rho > 0, "--adaptive-rho must be positive", cfg.adaptive_rho),
         (0 < cfg.pac_bayes_target < 1, "--pac-bayes-target must be in (0, 1)", cfg.pac_bayes_target),

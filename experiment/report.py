@@ -366,6 +366,21 @@ def sharpness_section(metrics: dict) -> Section | None:
     })
 
 
+def tracking_numbers(seed: str, tracking: dict, batch_size: int, n_train: int) -> str:
+    """One seed's tracked curvature at the last check, each number with what it is measured on, and how many
+    of the λ_max checks met their tolerance."""
+    records = tracking.get("records") or []
+    if not records:
+        return f"seed {seed}: not tracked"
+    last = records[-1]
+    converged = sum(bool(r["converged"]) for r in records)
+    return (f"seed {seed}: {len(records)} checks, every {tracking['every']} steps; at the last, lambda_max "
+            f"{fmt(last['lambda_max'])} on the first {tracking['examples']:,} training examples (Lanczos residual "
+            f"{fmt(last['residual'], 2)}; {converged} of {len(records)} checks within tol {last['tol']:g} x lambda), "
+            f"batch sharpness {fmt(last['batch_sharpness'])} +- {fmt(last['batch_sharpness_stderr'], 2)} over "
+            f"{tracking['batches']} mini-batches of {batch_size} from all {n_train:,} training examples")
+
+
 def tracking_section(metrics: dict) -> Section | None:
     """λ_max during training against the stability threshold."""
     seeds = seeds_of(metrics)
@@ -376,12 +391,8 @@ def tracking_section(metrics: dict) -> Section | None:
         "title": "Curvature during training", "reference": REFERENCES["tracking"],
         "formula": r"$\lambda_{\max}(\theta_t),\ E_B\left[\frac{g_B^\top H_B g_B}{\|g_B\|^2}\right]\ "
                    r"\mathrm{vs}\ 2/\eta\ \mathrm{and}\ 2(1+\beta)/\eta$",
-        "numbers": [f"seed {s}: at the end, tracked lambda_max {fmt(final[s].get('lambda_max', math.nan))} on "
-                    f"{m[s]['training'].get('tracking', {}).get('examples', 0)} examples, batch sharpness "
-                    f"{fmt(final[s].get('batch_sharpness', math.nan))} +- "
-                    f"{fmt(final[s].get('batch_sharpness_stderr', math.nan), 2)} over batches of "
-                    f"{cfg['batch_size']}; checked every {m[s]['training'].get('tracking', {}).get('every', 0)} steps"
-                    for s in seeds],
+        "numbers": [tracking_numbers(s, m[s]["training"].get("tracking", {}), cfg["batch_size"],
+                                     metrics["data"]["n_train"]) for s in seeds],
         "interpretation": " ".join(stability_sentence(s, final[s].get("batch_sharpness", math.nan),
                                                       final[s]["lambda_max"], cfg["lr"], cfg["momentum"])
                                    for s in seeds) if all(final.values()) else
@@ -601,7 +612,8 @@ SWEEP_LABELS = {
     "pac_bayes_magnitude_aware_inv_sigma_sq": "PAC-Bayes 1/σ² (magnitude-aware)", "b_simple": "B_simple",
     "b_noise": "B_noise", "temperature": "temperature εN/(B(1−m))", "weight_norm_sq": "‖θ‖²",
     "batch_sharpness": "batch sharpness", "barrier": "barrier (straight line)",
-    "aligned_barrier": "barrier after weight matching",
+    "aligned_barrier": "barrier after weight matching", "local_entropy": "local entropy ΔF (middle scope γ)",
+    "stationary_ratio": "stationary variance, measured / predicted (median)",
 }
 
 
@@ -668,7 +680,9 @@ def keskar_sentence(keskar: dict | None, alpha: float) -> str:
     claim = "Keskar et al. 2017: at a fixed recipe, larger batches find sharper minima. "
     if not keskar or keskar["p_value"] is None or not math.isfinite(keskar["p_value"]):
         return claim + "Not tested here (no group of models that differ in the batch size only)."
-    numbers = f"within-group τ(batch size, λ_max) = {keskar['psi']:+.2f} over {keskar['groups']} groups, p = {keskar['p_value']:.3g}"
+    numbers = (f"the mean τ(batch size, λ_max) within the {keskar['groups']} groups of models that share a learning "
+               f"rate, width and seed is {keskar['psi']:+.2f} (permutation p = {keskar['p_value']:.3g}, batch sizes "
+               "shuffled within each group)")
     if keskar["p_value"] < alpha:
         return claim + (f"Here {numbers}: our data agree." if keskar["psi"] > 0 else
                         f"Here {numbers}: larger batches found flatter minima, our data disagree.")

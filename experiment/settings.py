@@ -46,6 +46,7 @@ class TrainingSettings(Settings):
     batch_size: int
     weight_decay: float
     track_every: int
+    track_checks: int
     track_examples: int
     track_tol: float
     track_max_iter: int

@@ -75,7 +75,7 @@ def train_model(s: TrainingSettings, model: torch.nn.Module, *, train: Split, pr
                                         seed=s.probe_seed, memory_budget=s.budget, tol=s.track_tol,
                                         max_iter=s.track_max_iter)
     budget = s.max_steps or s.epochs * math.ceil(x.shape[0] / s.batch_size)
-    every = tracker.interval(budget, every=s.track_every)
+    every = tracker.interval(budget, every=s.track_every, checks=s.track_checks)
     if every:
         tracker(model, 0)
     h = training.train(model, x, y, epochs=0 if s.max_steps else s.epochs, max_steps=s.max_steps, lr=s.lr,
@@ -83,12 +83,12 @@ def train_model(s: TrainingSettings, model: torch.nn.Module, *, train: Split, pr
                        progress=progress, desc=f"train seed {s.seed}", callback=tracker if every else None,
                        callback_every=every, target_loss=s.train_to_loss, check_every=s.check_every,
                        collapse_steps=s.collapse_steps, optimizer=s.optimizer)
-    if every and tracker.records[-1]["step"] != h.steps:
+    if every and (not tracker.records or tracker.records[-1]["step"] != h.steps):
         tracker(model, h.steps)
     seconds = h.seconds - h.callback_seconds
     return {"steps": h.steps, "epoch_losses": h.epoch_losses, "seconds": round(seconds, 4),
             "reached_target": h.reached_target, "outcome": h.outcome,
-            "tracking": {"every": every, "examples": tracker.examples, "records": tracker.records,
+            "tracking": {"every": every, "examples": tracker.examples, "batches": tracker.BATCHES, "records": tracker.records,
                          "seconds": round(tracker.seconds, 4), "overhead": tracker.seconds / max(seconds, 1e-9)}}
 
 

@@ -23,8 +23,7 @@ import utils
 from experiment.outputs import model_metrics
 from experiment.pipeline import Run, run_stages
 from experiment.settings import TrainingSettings
-from experiment.stages import (MODEL_STAGES, Split, aligned, build_model, connectivity, local_entropy, seed_pairs,
-                               stationary, train_model)
+from experiment.stages import MODEL_STAGES, Split, aligned, build_model, connectivity, seed_pairs, train_model
 from landscape import statistics
 from landscape.margins import output_margin
 from landscape.store import Keyed, digest
@@ -33,18 +32,17 @@ log = logging.getLogger("landscape")
 
 AXES = ("batch_size", "lr", "width")  # the hyper-parameters Ψ averages over; the seed only groups
 PAIR_STAGES = (connectivity, aligned)  # within each pair of seeds of a configuration
-# Each model's stages: not the stationary distribution and the local entropy, which at their defaults cost 6 s
-# and 3.5 s per sweep model (61% of the sweep's 574 s, measured), more than all the others together
-STAGES = tuple(s for s in MODEL_STAGES if s not in (stationary, local_entropy))
+STAGES = MODEL_STAGES  # each model's stages, the stationary distribution and the local entropy included
 OUTCOME = "gap_error"  # the primary outcome: test − train error (Jiang et al. 2020)
 SECONDARY = "gap_loss"  # test − train cross-entropy: mostly overconfidence, kept as a secondary table
 # Each measure's claimed direction (+1: larger is sharper and should go with a larger gap; 0: no claimed
-# direction, tested two-sided). Flatness measures are oriented so that larger means sharper (Jiang et al. use
-# 1/σ² for the PAC-Bayes σ).
+# direction, tested two-sided; -1: larger is flatter). Flatness measures are oriented so that larger means sharper
+# (Jiang et al. use 1/σ² for the PAC-Bayes σ); Chaudhari et al.'s local entropy is larger in wider valleys, which
+# they argue generalise better; the stationary ratio (measured / predicted variance, Mandt et al.) claims nothing.
 MODEL_MEASURES = {"lambda_max": 1, "lambda_k": 1, "lambda_min": 0, "trace": 1, "layer_lambda_max": 1, "flatness": 1,
                   "adaptive_flatness": 1, "worst_case_absolute": 1, "worst_case_adaptive": 1,
                   "pac_bayes_inv_sigma_sq": 1, "pac_bayes_magnitude_aware_inv_sigma_sq": 1, "b_simple": 0,
-                  "b_noise": 0, "batch_sharpness": 1}
+                  "b_noise": 0, "batch_sharpness": 1, "local_entropy": -1, "stationary_ratio": 0}
 PAIR_MEASURES = {"barrier": 0, "aligned_barrier": 0}  # one number per pair of seeds of a configuration
 # What a measure must beat: the hyper-parameters (Smith & Le 2018: more noise, a smaller gap) and Jiang et al.'s
 # simple quantities (steps to the target, the squared weight norm, 1/γ² of the 10th-percentile output margin).
@@ -66,11 +64,12 @@ def stage_count(cfg, points: list[dict]) -> int:
 def model_config(cfg, point: dict):
     """The configuration one sweep model is trained and measured with: the grid point's batch size, learning
     rate and width (two hidden layers), the sweep's momentum, trained to its target loss within its step budget,
-    checked every --sweep-check-every steps."""
+    checked every --sweep-check-every steps; its curvature tracked at the first and the last step only, since the
+    study reads the last check (batch sharpness and the tracked λ_max where the model stopped)."""
     return dataclasses.replace(cfg, batch_size=point["batch_size"], lr=point["lr"], hidden=(point["width"],) * 2,
                                momentum=cfg.sweep_momentum, max_steps=cfg.sweep_max_steps,
                                train_to_loss=cfg.sweep_target_loss, check_every=cfg.sweep_check_every,
-                               collapse_steps=cfg.sweep_collapse_steps)
+                               collapse_steps=cfg.sweep_collapse_steps, track_checks=2)
 
 
 def inputs(run: Run) -> dict[str, Keyed]:
@@ -123,8 +122,25 @@ def row(point: dict, seed: int, history: dict, model: torch.nn.Module, m: dict, 
         "inv_batch_size": 1 / point["batch_size"], "temperature": m["gradient_noise"]["temperature"],
         "weight_norm_sq": float(utils.flat_parameters(model).double().pow(2).sum()),
         "margin": margin, "inv_margin_sq": margin**-2 if margin > 0 else math.inf,
+        "local_entropy": middle_scope_entropy(m["local_entropy"]),
+        "stationary_ratio": median_eigen_ratio(m["stationary"]),
     })
     return out
+
+
+def middle_scope_entropy(result: dict) -> float:
+    """The Langevin local entropy ΔF at the middle scope γ of the sorted scopes (the lower middle of an even
+    count): one number per model for the study."""
+    order = np.argsort(result["scopes"])
+    return float(result["langevin"][order[(len(order) - 1) // 2]])
+
+
+def median_eigen_ratio(result: dict) -> float:
+    """The median over the top Hessian eigenvectors (not the random controls) of measured / predicted stationary
+    variance; NaN where no direction has a prediction (SGD on them unstable)."""
+    ratios = [r for label, r in zip(result["labels"], result["ratio"])
+              if label.startswith("eigen") and r is not None and math.isfinite(r)]
+    return float(np.median(ratios)) if ratios else math.nan
 
 
 def train_and_measure(run: Run, point: dict, seed: int, *, say: bool = True

@@ -141,6 +141,8 @@ def test_keskar_sentence_is_the_batch_size_axis_both_sides_of_alpha_and_untested
     assert "our data agree" in report.keskar_sentence({"psi": 0.5, "p_value": 0.049, "groups": 6}, 0.05)
     assert "flatter minima, our data disagree" in report.keskar_sentence({"psi": -0.5, "p_value": 0.01, "groups": 6}, 0.05)
     assert "no evidence either way" in report.keskar_sentence({"psi": 0.5, "p_value": 0.051, "groups": 6}, 0.05)
+    assert "within the 6 groups of models that share a learning rate, width and seed is +0.50" in report.keskar_sentence(
+        {"psi": 0.5, "p_value": 0.051, "groups": 6}, 0.05)
     assert "Not tested here" in report.keskar_sentence(None, 0.05)
 
 
@@ -215,3 +217,15 @@ def test_local_entropy_sentence_laplace_agrees_within_three_stderr_or_departs():
     record["gradient_term"] = [2.69, 0.2]  # 1.69: 3.1 stderr off at γ = 1
     text = report.local_entropy_sentence("0", record)
     assert "departs from the Langevin estimate by more than 3 standard errors at scope(s) 1 (agrees at 10)" in text
+
+
+def test_tracking_numbers_say_what_each_curve_is_measured_on_and_how_many_checks_converged():
+    records = [{"step": 0, "lambda_max": 2.0, "residual": 0.001, "tol": 0.01, "converged": True,
+                "batch_sharpness": 1.0, "batch_sharpness_stderr": 0.1},
+               {"step": 8, "lambda_max": 3.0, "residual": 0.05, "tol": 0.01, "converged": False,
+                "batch_sharpness": 1.5, "batch_sharpness_stderr": 0.2}]
+    line = report.tracking_numbers("0", {"every": 8, "examples": 128, "batches": 8, "records": records}, 128, 4000)
+    assert "2 checks, every 8 steps" in line and "on the first 128 training examples" in line
+    assert "1 of 2 checks within tol 0.01" in line
+    assert "over 8 mini-batches of 128 from all 4,000 training examples" in line
+    assert report.tracking_numbers("0", {"records": []}, 128, 4000) == "seed 0: not tracked"
