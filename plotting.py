@@ -268,21 +268,21 @@ def plot_sharpness_during_training(metrics: dict, path: Path) -> Path:
         axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         methods = {r.get("trace_method", "hutchinson") for m in metrics["models"].values()
                    for r in m["training"].get("tracking", {}).get("records", [])}
-        titles = (f"λ_max (—, on the first {examples}; Lanczos to {tol:g}) and\nbatch sharpness (- -, "
-                  f"{batches} mini-batches of {cfg['batch_size']} from all {metrics['data']['n_train']:,})"
+        titles = (f"λ_max (—): first {examples} examples, Lanczos tol {tol:g}\nbatch sharpness (- -): {batches} "
+                  f"batches of {cfg['batch_size']} from all {metrics['data']['n_train']:,}"
                   if examples else "λ_max and batch sharpness",
-                  f"trace tr(H) on the first {examples} (" + ("exact diagonal)" if methods == {"exact"} else
-                                                              "2 Hutchinson probes)"),
-                  f"noise scale B_simple on the first {examples}")
+                  f"trace tr(H): first {examples} examples\n(" + ("exact diagonal)" if methods == {"exact"} else
+                                                                 "2 Hutchinson probes)"),
+                  f"noise scale B_simple:\nfirst {examples} examples")
         for ax, title in zip(axes, titles):
             ax.set_xlabel("training step")
-            ax.set_title(title)
+            ax.set_title(title, fontsize=9)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
         if axes[0].get_legend_handles_labels()[0]:  # six entries: below the panel, clear of the threshold lines
             axes[0].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(0.0, -0.16))
         fig.suptitle("During training: the training loss's curvature at each check" if examples else
-                     "No tracking in this run (--track-every -1)", fontsize=10)
+                     "No tracking in this run (--track-every -1)", fontsize=10, y=1.03)
         return _save(fig, path)
 
 
