@@ -163,9 +163,10 @@ PROGRESS_AFTER_SECONDS = 5.0  # a measurement shows its progress bar only once i
 @contextmanager
 def product_progress(total: int, what: str):
     """A tqdm bar of Hessian products done out of `total` (the budget), shown on stderr only once the
-    measurement has run PROGRESS_AFTER_SECONDS: a short one prints nothing. Yields `count(matmat)`, which wraps a
-    product function so that every row it multiplies advances the bar."""
-    bar = tqdm(total=total, desc=what, unit="product", delay=PROGRESS_AFTER_SECONDS, leave=False)
+    measurement has run PROGRESS_AFTER_SECONDS: a short one prints nothing, and neither does one whose stderr is not
+    a terminal (a log file, a batch job: tqdm's disable=None), where redrawn bars would pile up as lines. Yields
+    `count(matmat)`, which wraps a product function so that every row it multiplies advances the bar."""
+    bar = tqdm(total=total, desc=what, unit="product", delay=PROGRESS_AFTER_SECONDS, leave=False, disable=None)
 
     def count(matmat):
         def counted(vs, *args):
