@@ -41,7 +41,7 @@ class Config:
     hidden: tuple[int, ...] = field(default=(128, 128), metadata={"help": "MLP hidden widths"})
     epochs: int = field(default=5, metadata={"help": "training epochs (with --train-to-loss: the most epochs; ignored when --max-steps is given)"})
     max_steps: int = field(default=0, metadata={"help": "training budget in optimiser steps instead of --epochs (0: use --epochs)"})
-    train_to_loss: float = field(default=0.0, metadata={"help": "stop training once the training cross-entropy is at most this (0: train the whole budget)"})
+    train_to_loss: float = field(default=0.0, metadata={"help": "stop training once the training cross-entropy reaches this: the first checked step at most it, or the step before when that one was closer (0: train the whole budget)"})
     check_every: int = field(default=0, metadata={"help": "steps between checks of --train-to-loss (0: at epoch ends)"})
     collapse_steps: int = field(default=0, metadata={"help": "stop a run whose mini-batch loss stays at chance this many steps, as collapsed (0: never)"})
     lr: float = field(default=0.1, metadata={"help": "SGD learning rate"})

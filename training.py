@@ -52,6 +52,7 @@ class TrainHistory:
     reached_target: bool | None = None  # with a target loss: whether the training loss reached it
     outcome: str | None = None  # how the run ended: one of StoppingRule.OUTCOMES
     checks: list[tuple[int, float]] = field(default_factory=list)  # (step, cross-entropy over all of x) at each target check
+    stepped_back: bool = False  # the step that crossed the target overshot it more than the step before fell short: undone
 
 
 @dataclass
@@ -87,7 +88,9 @@ class StoppingRule:
     computed at each check and decides, and once that exact loss is within CLOSE× of the target it is computed
     after every step (near the target the full-data loss of a large step oscillates by ±10% from one step to the
     next: checked every 5 steps, lr 0.2 at batch 256 stopped at 0.085 for a target of 0.1). So a run stops at the
-    first check whose exact loss is at most the target, within `every` steps of the crossing. Collapse: a run whose
+    first check whose exact loss is at most the target, within `every` steps of the crossing; there `train` keeps
+    whichever of that step and the one before (checked too, when near) has the exact loss closer to the target,
+    since one large step can jump from 5% above the target to 20% below it. Collapse: a run whose
     mean mini-batch loss over its last `collapse_steps` steps is still within CHANCE_MARGIN of chance (the loss of
     predicting the label frequencies, the labels' entropy: ln C for balanced classes), or above it, is stuck there:
     training from the usual initialisation leaves chance within a few dozen steps."""
@@ -224,7 +227,8 @@ def train(
 ) -> TrainHistory:
     """Train `model` in place with SGD on cross-entropy for `epochs` epochs or `max_steps` optimiser steps (the
     budget; give one); `callback(model, step)` runs every `callback_every` steps. With `target_loss` > 0 it trains
-    to that loss (models compared at equal fit, as in Jiang et al. 2020) and with `collapse_steps` > 0 it stops a
+    to that loss (models compared at equal fit, as in Jiang et al. 2020: the first checked step at most the target,
+    or the step before it when that one's exact loss was closer, `stepped_back`) and with `collapse_steps` > 0 it stops a
     run stuck at chance: `StoppingRule` checks both every `check_every` steps (0: at epoch ends; after every step
     near the target); `outcome` says how the run ended ("reached", "too slow", "collapsed" or "fixed budget"; a
     divergence raises TrainingDiverged).
@@ -249,6 +253,7 @@ def train(
     params = list(model.parameters())
     buffers: list[torch.Tensor | None] = [None] * len(params)
     history = TrainHistory()
+    before: tuple[float, list[torch.Tensor]] | None = None  # the last step's exact loss and weights, when checked
     model.train()
     start = time.perf_counter()
     with tqdm(total=budget, desc=desc, disable=not progress, leave=False) as bar:
@@ -280,12 +285,25 @@ def train(
                     history.callback_seconds += time.perf_counter() - t0
                 bar.update(1)
                 if rule.due(history.steps) or history.steps == budget:
+                    checked = len(rule.checks)
                     history.outcome = rule.decide(history.step_losses, lambda: evaluate(model, x, y).loss,
                                                   last=history.steps == budget)
+                    if history.outcome == "reached" and before is not None and \
+                            abs(before[0] - target_loss) < abs(rule.checks[-1][1] - target_loss):
+                        with torch.no_grad():  # the step before was closer to the target: undo this one
+                            for p, kept in zip(params, before[1]):
+                                p.copy_(kept)
+                        history.steps, history.stepped_back = history.steps - 1, True
+                        history.step_losses.pop()
+                        epoch_sum, seen = epoch_sum - value * idx.numel(), seen - idx.numel()
                     if history.outcome is not None:
                         break
-            history.epoch_losses.append(epoch_sum / seen)
-            bar.set_postfix(loss=f"{history.epoch_losses[-1]:.4f}")
+                    # near the target every step is checked: keep this step's weights, in case the next overshoots
+                    before = ((rule.checks[-1][1], [p.detach().clone() for p in params])
+                              if rule.near and len(rule.checks) > checked else None)
+            if seen:  # none when the epoch's one step was undone
+                history.epoch_losses.append(epoch_sum / seen)
+                bar.set_postfix(loss=f"{history.epoch_losses[-1]:.4f}")
             if history.outcome is not None:
                 break
     history.checks = rule.checks

@@ -813,6 +813,14 @@ def title_page(metrics: dict) -> TextPage:
         ["    ".join(f"{k} {v:.2f}" for k, v in items[i : i + 4]) for i in range(0, len(items), 4)])
 
 
+EQUAL_FIT = 0.10  # a model stopped within 10% of the target loss counts as trained to equal fit (issue 25)
+
+
+def equal_fit_count(rows: list[dict], target: float) -> int:
+    """How many models ended with a training loss within EQUAL_FIT of the target, either side."""
+    return sum(abs(r["train_loss"] - target) <= EQUAL_FIT * target for r in rows)
+
+
 def sweep_title_page(metrics: dict) -> TextPage:
     """The sweep's first page: the outcome, the data and its size, the momentum, the stopping rule, how many
     models trained, and every model left out with the reason."""
@@ -829,11 +837,13 @@ def sweep_title_page(metrics: dict) -> TextPage:
          f"{tuple(cfg['sweep_widths'])} × seeds {tuple(sweep['seeds'])}, SGD with momentum {cfg['sweep_momentum']:g}.",
          f"Stopping rule: each model trained until its training cross-entropy on all its training examples, "
          + ("checked after every step" if cfg["sweep_check_every"] == 1 else f"checked every {cfg['sweep_check_every']} steps")
-         + f" once its recent mini-batch losses are within 2x of the target, is at most {cfg['sweep_target_loss']:g}, within "
+         + f" once its recent mini-batch losses are within 2x of the target, reached {cfg['sweep_target_loss']:g} (of the "
+         f"step that crossed it and the one before, the one closer to it), within "
          f"{cfg['sweep_max_steps']} steps; one whose mini-batch loss stays at chance for "
          f"{cfg['sweep_collapse_steps']} steps is stopped as collapsed"
          + (f"; the studied models ended at training losses {min(r['train_loss'] for r in rows):.4f} to "
-            f"{max(r['train_loss'] for r in rows):.4f}." if rows else "."),
+            f"{max(r['train_loss'] for r in rows):.4f}, {equal_fit_count(rows, cfg['sweep_target_loss'])} of "
+            f"{len(rows)} within {EQUAL_FIT:.0%} of the target." if rows else "."),
          f"{len(rows)} of {total} models reached the target ({sweep['trained_fraction']:.0%}) and are studied; "
          f"verdicts: Ψ's within-group permutation test, Holm's correction over {len(sweep['findings'])} measures "
          f"and baselines, at {sweep['alpha']:g}; intervals resample configurations."],

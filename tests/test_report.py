@@ -229,3 +229,8 @@ def test_tracking_numbers_say_what_each_curve_is_measured_on_and_how_many_checks
     assert "1 of 2 checks within tol 0.01" in line
     assert "over 8 mini-batches of 128 from all 4,000 training examples" in line
     assert report.tracking_numbers("0", {"records": []}, 128, 4000) == "seed 0: not tracked"
+
+
+def test_equal_fit_counts_the_models_within_ten_percent_of_the_target_either_side():
+    rows = [{"train_loss": v} for v in (0.0905, 0.0895, 0.1095, 0.1105, 0.1)]
+    assert report.equal_fit_count(rows, 0.1) == 3  # 0.0905, 0.1095 and 0.1 in; 0.0895 and 0.1105 out

@@ -175,11 +175,34 @@ def test_train_to_loss_stops_at_the_first_check_after_the_exact_training_loss_cr
                              callback=lambda m, step: exact.__setitem__(step, training.evaluate(m, x, y).loss),
                              callback_every=1)
     crossing = min(step for step, loss in exact.items() if loss <= 0.2)
+    last = history.steps + history.stepped_back  # the last check (one past the kept step when it was undone)
     assert history.outcome == "reached" and history.reached_target
-    assert history.steps - 5 < crossing <= history.steps
-    assert history.checks[-1] == (history.steps, exact[history.steps])
+    assert last - 5 < crossing <= last
+    assert history.checks[-1] == (last, exact[last])
     assert 0.9 * 0.2 <= history.checks[-1][1] <= 0.2
     assert all(loss > 0.2 for _, loss in history.checks[:-1])
+    assert abs(training.evaluate(model, x, y).loss - 0.2) <= 0.1 * 0.2
+
+
+@pytest.mark.parametrize("lr, seed, undone", [(0.3, 0, True), (0.5, 2, False)])
+def test_the_run_keeps_whichever_step_of_the_crossing_pair_is_closer_to_the_target(lr, seed, undone):
+    """Near the target every step is checked; when the crossing step's exact loss is farther below the target than
+    the step before was above it, the run keeps the step before (its weights restored exactly), else the crossing
+    step: equal fit. (lr 0.3, seed 0: 0.2014 before, 0.1984 after; lr 0.5, seed 2: 0.2085 before, 0.1992 after.)"""
+    x, y = teacher_data()
+    model = tiny_mlp(1, widths=(6, 16, 3))
+    exact = {}
+    history = training.train(model, x, y, max_steps=3000, lr=lr, momentum=0.0, batch_size=32, seed=seed,
+                             target_loss=0.2, check_every=1,
+                             callback=lambda m, step: exact.__setitem__(step, training.evaluate(m, x, y).loss),
+                             callback_every=1)
+    crossing = min(step for step, loss in exact.items() if loss <= 0.2)
+    assert history.outcome == "reached" and history.stepped_back is undone
+    assert history.checks[-2:] == [(crossing - 1, exact[crossing - 1]), (crossing, exact[crossing])]
+    kept = crossing - 1 if undone else crossing
+    assert history.steps == kept == len(history.step_losses)
+    assert abs(exact[kept] - 0.2) <= abs(exact[crossing - 1 if kept == crossing else crossing] - 0.2)
+    assert training.evaluate(model, x, y).loss == exact[kept]
 
 
 def test_a_run_that_misses_the_target_within_its_step_budget_is_too_slow():
