@@ -200,14 +200,17 @@ def negative_curvature_sentence(lambda_min: dict[str, tuple[float, float]]) -> s
             "at a local minimum.")
 
 
-def stability_sentence(seed: str, batch_sharpness: float, lambda_max: float, lr: float, momentum: float) -> str:
+def stability_sentence(seed: str, batch_sharpness: float, lambda_max: float, lr: float, momentum: float, *,
+                       examples: int) -> str:
     """Where the tracked batch sharpness ends relative to heavy-ball SGD's stability threshold 2(1+β)/η
-    (2/η without momentum), with EDGE_BAND either side counting as the edge; and whether full-batch λ_max is
-    below it, as Andreyev & Beneventano 2024 find under mini-batch SGD."""
+    (2/η without momentum), with EDGE_BAND either side counting as the edge; and whether λ_max (on the tracker's
+    `examples`, said so: Andreyev & Beneventano 2024 compare with the full batch's) is below it, as they find under
+    mini-batch SGD."""
     threshold = 2 * (1 + momentum) / lr
     name = "2(1+beta)/eta" if momentum else "2/eta"
+    on = f"lambda_max on the first {examples:,} training examples"
     if not np.isfinite(batch_sharpness):
-        return (f"seed {seed}: tracked lambda_max ends at {lambda_max / threshold:.1%} of {name} = "
+        return (f"seed {seed}: the {on} ends at {lambda_max / threshold:.1%} of {name} = "
                 f"{fmt(threshold)} (batch sharpness was not tracked).")
     ratio = batch_sharpness / threshold
     where = ("below the edge of stability" if ratio < 1 - EDGE_BAND else
@@ -216,7 +219,7 @@ def stability_sentence(seed: str, batch_sharpness: float, lambda_max: float, lr:
     order = ("below it, as Andreyev & Beneventano 2024 find under mini-batch SGD" if lambda_max < batch_sharpness
              else "not below it, unlike Andreyev & Beneventano 2024's finding under mini-batch SGD")
     return (f"seed {seed}: batch sharpness ends at {fmt(batch_sharpness)}, {ratio:.1%} of {name} = "
-            f"{fmt(threshold)}: {where}; full-batch lambda_max {fmt(lambda_max)} is {order}.")
+            f"{fmt(threshold)}: {where}; the {on}, {fmt(lambda_max)}, is {order}.")
 
 
 def noise_sentence(b_simple: dict[str, float], batch_size: int) -> str:
@@ -394,7 +397,8 @@ def tracking_section(metrics: dict) -> Section | None:
         "numbers": [tracking_numbers(s, m[s]["training"].get("tracking", {}), cfg["batch_size"],
                                      metrics["data"]["n_train"]) for s in seeds],
         "interpretation": " ".join(stability_sentence(s, final[s].get("batch_sharpness", math.nan),
-                                                      final[s]["lambda_max"], cfg["lr"], cfg["momentum"])
+                                                      final[s]["lambda_max"], cfg["lr"], cfg["momentum"],
+                                                      examples=m[s]["training"]["tracking"]["examples"])
                                    for s in seeds) if all(final.values()) else
                           "Tracking was switched off in this run.",
         "figure": "sharpness_during_training.png",

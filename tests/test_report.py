@@ -12,20 +12,22 @@ from experiment import report
 def test_stability_sentence_below_at_and_beyond_the_edge():
     """Threshold 2(1+β)/η = 2·1.9/0.1 = 38 (2/η = 20 without momentum); ±EDGE_BAND around it is the edge."""
     band = report.EDGE_BAND
-    below = report.stability_sentence("0", 38 * (1 - band) * 0.99, 1.0, 0.1, 0.9)
-    at_low = report.stability_sentence("0", 38 * (1 - band) * 1.01, 1.0, 0.1, 0.9)
-    at_high = report.stability_sentence("0", 38 * (1 + band) * 0.99, 1.0, 0.1, 0.9)
-    beyond = report.stability_sentence("0", 38 * (1 + band) * 1.01, 1.0, 0.1, 0.9)
+    below = report.stability_sentence("0", 38 * (1 - band) * 0.99, 1.0, 0.1, 0.9, examples=128)
+    at_low = report.stability_sentence("0", 38 * (1 - band) * 1.01, 1.0, 0.1, 0.9, examples=128)
+    at_high = report.stability_sentence("0", 38 * (1 + band) * 0.99, 1.0, 0.1, 0.9, examples=128)
+    beyond = report.stability_sentence("0", 38 * (1 + band) * 1.01, 1.0, 0.1, 0.9, examples=128)
     assert "below the edge" in below and "at the edge" in at_low and "at the edge" in at_high
     assert "beyond the edge" in beyond
-    assert "2/eta = 20" in report.stability_sentence("0", 19.0, 1.0, 0.1, 0.0)
+    assert "2/eta = 20" in report.stability_sentence("0", 19.0, 1.0, 0.1, 0.0, examples=128)
     assert "2(1+beta)/eta = 38" in below
 
 
 def test_stability_sentence_says_whether_lambda_max_is_below_batch_sharpness():
-    assert "is below it, as Andreyev" in report.stability_sentence("0", 5.0, 4.0, 0.1, 0.9)
-    assert "not below it, unlike" in report.stability_sentence("0", 5.0, 6.0, 0.1, 0.9)
-    assert "not tracked" in report.stability_sentence("0", math.nan, 6.0, 0.1, 0.9)
+    assert "is below it, as Andreyev" in report.stability_sentence("0", 5.0, 4.0, 0.1, 0.9, examples=128)
+    assert "not below it, unlike" in report.stability_sentence("0", 5.0, 6.0, 0.1, 0.9, examples=128)
+    assert "not tracked" in report.stability_sentence("0", math.nan, 6.0, 0.1, 0.9, examples=128)
+    assert "the lambda_max on the first 128 training examples, 4, is below" in report.stability_sentence(
+        "0", 5.0, 4.0, 0.1, 0.9, examples=128)  # says what λ_max is measured on: not the full batch
 
 
 def test_noise_sentence_above_below_and_mixed():
