@@ -482,24 +482,28 @@ def plot_edge_of_stability(metrics: dict, path: Path) -> Path:
     losses = list(dict.fromkeys(r["loss"] for r in dyn["runs"]))
     names = {"mse": "MSE", "cross_entropy": "cross-entropy"}
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(len(losses), 3, figsize=(15, 4.2 * len(losses)), squeeze=False)
+        fig, axes = plt.subplots(len(losses), 3, figsize=(15, 4.6 * len(losses)), squeeze=False)
+        fig.subplots_adjust(hspace=0.45)
         for row, loss in zip(axes, losses):
             runs = [r for r in dyn["runs"] if r["loss"] == loss]
             for family, ax in (("gd", row[0]), ("sgd", row[1])):
                 for i, r in enumerate(x for x in runs if x["family"] == family):
                     _draw_run(ax, row[2], r, PALETTE[(i + (0 if family == "gd" else 3)) % len(PALETTE)])
-            titles = (f"{names[loss]}: full-batch gradient descent, λ_max on all {dyn['examples']} examples",
-                      f"{names[loss]}: SGD, batch sharpness (—) and full-batch λ_max (···)",
-                      f"{names[loss]}: training loss on all {dyn['examples']} examples")
+            titles = (f"{names[loss]}, gradient descent (full batch)\nλ_max on all {dyn['examples']} examples",
+                      f"{names[loss]}, SGD\nbatch sharpness (—) and full-batch λ_max (···)",
+                      f"{names[loss]}: training loss\non all {dyn['examples']} examples, at the checks")
             for ax, title in zip(row, titles):
                 ax.set_title(title, fontsize=9)
                 ax.set_xlabel("step")
                 ax.set_yscale("log")
+                ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0), numticks=12))
                 ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
                 ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
                 if ax.get_legend_handles_labels()[0]:
                     ax.legend(fontsize=7, loc="best")
             row[0].set_ylabel("curvature")
+            row[1].set_ylabel("curvature")
+            row[2].set_ylabel(f"{names[loss]} loss")
         fig.suptitle(f"The edge of stability: MLP {'-'.join(map(str, dyn['hidden']))}, seed {dyn['seed']}; dashed: 2/η "
                      "of the run in the same colour", fontsize=10)
         return _save(fig, path)

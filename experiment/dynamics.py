@@ -183,10 +183,17 @@ def stage_count(cfg) -> int:
     return sum(len(gd_lrs(cfg, loss)) + len(cfg.dynamics_batch_sizes) for loss in cfg.dynamics_losses)
 
 
+def mlp_parameters(hidden: tuple[int, ...]) -> int:
+    """The parameters of SmallMLP(hidden) on 28x28 images and 10 classes, counted without building one (which
+    would draw its default initialisation from the global random state)."""
+    widths = [28 * 28, *hidden, models.NUM_CLASSES]
+    return sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+
+
 def summary(cfg, runs: list[dict]) -> dict:
     """The study's part of metrics.json: its data and model, the thresholds its readings used, and the runs."""
     return {"seed": cfg.seeds[0], "examples": runs[0]["examples"] if runs else 0, "hidden": list(cfg.dynamics_hidden),
-            "parameters": sum(p.numel() for p in models.SmallMLP(tuple(cfg.dynamics_hidden)).parameters()),
+            "parameters": mlp_parameters(tuple(cfg.dynamics_hidden)),
             "thresholds": {"band": report.EDGE_BAND, "rise": report.SHARPENING_RISE,
                            "min_inside": report.EOS_INSIDE, "min_held": report.EOS_HELD},
             "runs": runs}

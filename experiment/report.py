@@ -813,19 +813,22 @@ def gradient_descent_sentence(r: dict) -> str:
     if sharp["started_in_band"]:
         return (f"{where}: lambda_max started at {fmt(sharp['start'], 3)}, already at least {1 - EDGE_BAND:.0%} of "
                 f"2/eta: progressive sharpening not tested (nothing to sharpen towards).")
-    rise = (f"rose {sharp['ratio']:.2f}x from {fmt(sharp['start'], 3)} to {fmt(sharp['peak'], 3)}"
-            + (f", more than the {SHARPENING_RISE:g}x that counts as progressive sharpening" if sharp["rose"] else
-               f", not more than {SHARPENING_RISE:g}x: no progressive sharpening"))
+    path = f"went from {fmt(sharp['start'], 3)} to a peak of {fmt(sharp['peak'], 3)}"
+    words = (f"{sharp['ratio']:.2f}x its start: "
+             + (f"progressive sharpening, more than {SHARPENING_RISE:g}x" if sharp["rose"] else
+                f"no progressive sharpening, not more than {SHARPENING_RISE:g}x"))
     if onset["reached"] is None:
-        return (f"{where}: lambda_max {rise}, and did not reach {1 - EDGE_BAND:.0%} of 2/eta within {steps} steps "
-                f"(at the end {e['lambda_ratio']:.2f}x 2/eta over the last {EOS_HELD:.0%}): the edge of stability "
-                "not reached.")
-    head = f"{where}: lambda_max {rise} by step {onset['reached']}, where it first reached {1 - EDGE_BAND:.0%} of 2/eta"
+        return (f"{where}: lambda_max {path} ({words}) and did not reach {1 - EDGE_BAND:.0%} of 2/eta within "
+                f"{steps} steps (median {e['lambda_ratio']:.2f}x 2/eta over the last {EOS_HELD:.0%} of the run): the "
+                "edge of stability not reached.")
+    head = (f"{where}: lambda_max {path} by step {onset['reached']}, where it first reached {1 - EDGE_BAND:.0%} of "
+            f"2/eta ({words})")
     if onset["onset"] is None:
-        return f"{head}, but {_not_stayed(onset)}: median {e['lambda_ratio']:.2f}x 2/eta over the last {EOS_HELD:.0%}."
+        return (f"{head}; it {_not_stayed(onset)}, with a median of {e['lambda_ratio']:.2f}x 2/eta over the last "
+                f"{EOS_HELD:.0%} of the run.")
     verdict = ("progressive sharpening, then the edge of stability, as Cohen et al. 2021 find" if sharp["rose"] else
                "at the edge of stability without progressive sharpening")
-    return f"{head}, and stayed {_stayed(onset, threshold)}: {verdict}."
+    return f"{head}; it then stayed {_stayed(onset, threshold)}: {verdict}."
 
 
 def sgd_sentence(r: dict) -> str:
@@ -850,7 +853,8 @@ def sgd_sentence(r: dict) -> str:
                 f"{e['batch_ratio']:.2f}x over the last {EOS_HELD:.0%}); {lam_words}: the edge of stochastic "
                 "stability not reached.")
     return (f"{where}: batch sharpness reached {1 - EDGE_BAND:.0%} of 2/eta at step {batch['reached']} but "
-            f"{_not_stayed(batch)} (median {e['batch_ratio']:.2f}x over the last {EOS_HELD:.0%}); {lam_words}.")
+            f"{_not_stayed(batch)}, with a median of {e['batch_ratio']:.2f}x 2/eta over the last {EOS_HELD:.0%} of "
+            f"the run; {lam_words}.")
 
 
 def dynamics_sentences(metrics: dict) -> list[str]:
@@ -860,18 +864,25 @@ def dynamics_sentences(metrics: dict) -> list[str]:
 
 
 def dynamics_tally(metrics: dict) -> str:
-    """How many runs of each family show the claim: gradient descent sharpened and stayed at 2/η; SGD's batch
-    sharpness settled at 2/η with λ_max below the band."""
+    """How many runs of each family and loss show the claim: gradient descent sharpened and stayed at 2/η; SGD's
+    batch sharpness settled at 2/η with λ_max below the band."""
     runs = metrics["dynamics"]["runs"]
-    gd = [r for r in runs if r["family"] == "gd"]
-    sgd = [r for r in runs if r["family"] == "sgd"]
-    eos = sum(r["reading"]["sharpening"]["rose"] and r["reading"]["lambda_max"]["onset"] is not None for r in gd)
-    eoss = sum(r["reading"]["batch_sharpness"]["onset"] is not None and r["reading"]["lambda_ratio"] < 1 - EDGE_BAND
-               for r in sgd)
-    return (f"Gradient descent: in {eos} of {len(gd)} runs lambda_max rose by more than {SHARPENING_RISE:g}x and then "
-            f"stayed within ±{EDGE_BAND:.0%} of 2/eta (Cohen et al. 2021). SGD: in {eoss} of {len(sgd)} runs batch "
-            f"sharpness settled within ±{EDGE_BAND:.0%} of 2/eta while full-batch lambda_max stayed below "
-            f"{1 - EDGE_BAND:.0%} of it (Andreyev & Beneventano 2024).")
+    losses = list(dict.fromkeys(r["loss"] for r in runs))
+
+    def shows(r: dict) -> bool:
+        e = r["reading"]
+        if r["family"] == "gd":
+            return e["sharpening"]["rose"] and e["lambda_max"]["onset"] is not None
+        return e["batch_sharpness"]["onset"] is not None and e["lambda_ratio"] < 1 - EDGE_BAND
+
+    def counts(family: str) -> str:
+        return " and ".join(f"{sum(shows(r) for r in mine)} of {len(mine)} {LOSS_NAMES[loss]} runs" for loss in losses
+                            if (mine := [r for r in runs if r["family"] == family and r["loss"] == loss]))
+
+    return (f"Gradient descent: lambda_max rose by more than {SHARPENING_RISE:g}x and then stayed within ±{EDGE_BAND:.0%} "
+            f"of 2/eta in {counts('gd')} (Cohen et al. 2021). SGD: batch sharpness settled within ±{EDGE_BAND:.0%} of "
+            f"2/eta while full-batch lambda_max stayed below {1 - EDGE_BAND:.0%} of it in {counts('sgd')} (Andreyev & "
+            "Beneventano 2024).")
 
 
 def dynamics_rows_text(metrics: dict) -> tuple[list[str], list[list[str]]]:
@@ -915,7 +926,7 @@ def dynamics_title_page(metrics: dict) -> TextPage:
          f"at least {EOS_INSIDE:.0%} of the checks lie within ±{EDGE_BAND:.0%} of 2/eta over at least "
          f"{EOS_HELD:.0%} of the run.",
          f"Time: {seconds:.0f} s training and tracking over {len(runs)} runs."],
-        "runs:", [", ".join(row) for row in dynamics_rows_text(metrics)[1]])
+        "runs (" + ", ".join(dynamics_rows_text(metrics)[0]) + "):", [", ".join(row) for row in dynamics_rows_text(metrics)[1]])
 
 
 def dynamics_summary(metrics: dict) -> str:
@@ -936,7 +947,10 @@ def dynamics_document(metrics: dict) -> Document:
                 formula=r"$\lambda_{\max}(\theta_t)\ \mathrm{and}\ E_B\left[\frac{g_B^\top H_B g_B}{\|g_B\|^2}\right]"
                         r"\ \mathrm{vs}\ 2/\eta$",
                 interpretation=dynamics_tally(metrics), figure="edge_of_stability.png"),
-        TextPage("The edge of stability, run by run", dynamics_sentences(metrics))])
+        *[TextPage(f"The edge of stability: {words}, run by run",
+                   [text for r, text in zip(metrics["dynamics"]["runs"], dynamics_sentences(metrics))
+                    if r["family"] == family])
+          for family, words in (("gd", "gradient descent"), ("sgd", "SGD"))]])
 
 
 # ----------------------------------------------------------------------------- documents

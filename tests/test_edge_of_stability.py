@@ -37,7 +37,7 @@ def hovering(n: int, level: float = 10.0) -> list[float]:
 def test_gradient_descent_sentence_names_sharpening_and_the_onset_step():
     r = run_of("gd", [*np.linspace(2.0, 9.5, 20), *hovering(60)])
     text = report.gradient_descent_sentence(r)
-    assert "more than the 1.2x that counts as progressive sharpening" in text
+    assert "progressive sharpening, more than 1.2x" in text
     assert f"from step {r['reading']['lambda_max']['onset']} on" in text and "as Cohen et al. 2021 find" in text
     assert "2/eta = 10" in text and "1000 examples" in text
 
@@ -45,7 +45,7 @@ def test_gradient_descent_sentence_names_sharpening_and_the_onset_step():
 @pytest.mark.parametrize("start, sharpened", [(9.0 / 1.19, False), (9.0 / 1.21, True)])
 def test_gradient_descent_sentence_follows_the_rise_threshold(start, sharpened):
     text = report.gradient_descent_sentence(run_of("gd", [start, 9.0, *hovering(40)]))
-    assert ("counts as progressive sharpening" in text) == sharpened
+    assert ("progressive sharpening, more than 1.2x" in text) == sharpened
     assert ("no progressive sharpening" in text) == (not sharpened)
 
 
@@ -61,7 +61,7 @@ def test_gradient_descent_sentence_follows_the_share_inside_threshold(inside, st
     tail = [10.0] * round(20 * inside) + [15.0] * round(20 * (1 - inside))
     tail = [tail[0], *tail[-round(20 * (1 - inside)):], *tail[1:round(20 * inside)]]  # excursions early
     text = report.gradient_descent_sentence(run_of("gd", [*np.linspace(2.0, 8.0, 40), *tail]))
-    assert ("and stayed within" in text) == stays and ("did not stay within" in text) == (not stays)
+    assert ("it then stayed within" in text) == stays and ("did not stay within" in text) == (not stays)
 
 
 def test_a_gradient_descent_run_that_starts_in_the_band_is_not_tested_for_sharpening():
@@ -89,7 +89,7 @@ def test_the_tally_counts_the_runs_that_show_each_claim():
     runs = [run_of("gd", [*np.linspace(2.0, 9.5, 20), *hovering(60)]), run_of("gd", [2.0] * 40),
             run_of("sgd", [5.0] * 50, [*np.linspace(2.0, 9.5, 10), *hovering(40)])]
     text = report.dynamics_tally({"dynamics": {"runs": runs}})
-    assert "Gradient descent: in 1 of 2 runs" in text and "SGD: in 1 of 1 runs" in text
+    assert "2/eta in 1 of 2 MSE runs (Cohen" in text and "below 90% of it in 1 of 1 MSE runs" in text
 
 
 def test_dynamics_and_sweep_together_are_refused_with_one_line(capsys, tmp_path):
@@ -160,3 +160,9 @@ def test_the_mse_runs_train_on_the_loss_their_curvature_is_measured_on():
     import torch
     tracker = dynamics.CurvatureTracker(torch.zeros(8, 784), torch.zeros(8, dtype=torch.long), s)
     assert tracker.loss_fn is utils.loss_function("mse") is utils.squared_error_loss
+
+
+def test_the_parameter_count_in_metrics_is_the_built_models():
+    import models
+    for hidden in [(32, 32, 32), (16,), (5, 7)]:
+        assert dynamics.mlp_parameters(hidden) == sum(p.numel() for p in models.SmallMLP(hidden).parameters())
