@@ -105,6 +105,8 @@ def _dynamics_checks(cfg) -> list[tuple[bool, str, object]]:
         (not (cfg.dynamics and cfg.sweep), "--dynamics and --sweep are two different studies: choose one", "both"),
         (not (cfg.dynamics and (cfg.shard_data or cfg.shard_points)), "--dynamics runs in one process: drop "
          "--shard-data and --shard-points", "--dynamics"),
+        (not (cfg.dynamics and cfg.model != "mlp"), "--dynamics trains the MLP of --dynamics-hidden: drop --model",
+         cfg.model),
         (bool(cfg.dynamics_losses) and set(cfg.dynamics_losses) <= {"mse", "cross_entropy"}
          and len(set(cfg.dynamics_losses)) == len(cfg.dynamics_losses),
          "--dynamics-losses must be distinct names from mse, cross_entropy", cfg.dynamics_losses),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -106,6 +107,9 @@ class CurvatureTracker:
         try:
             with torch.no_grad():
                 loss = float(self.loss_fn(model(self.x), self.y))
+            if not math.isfinite(loss):  # the update before this check blew up: no curvature to measure
+                raise training.TrainingDiverged(s.seed, math.ceil(step * s.batch_size / self.x.shape[0]), step, loss,
+                                                s.lr)
             eig = utils.top_hessian_eigenvalue(model, self.x, self.y, loss_fn=self.loss_fn, tol=s.tol,
                                                max_iter=s.max_iter, seed=s.probe_seed, start=self.vector,
                                                memory_budget=s.budget)

@@ -98,6 +98,9 @@ def test_dynamics_and_sweep_together_are_refused_with_one_line(capsys, tmp_path)
     assert err.count("\n") == 1 and "--dynamics and --sweep are two different studies: choose one" in err
     assert main.main(["--dynamics", "--dynamics-losses", "hinge", "--out", str(tmp_path / "o")]) == 2
     assert "--dynamics-losses" in capsys.readouterr().err
+    assert main.main(["--dynamics", "--model", "cnn", "--out", str(tmp_path / "o")]) == 2
+    assert "--dynamics trains the MLP of --dynamics-hidden" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -166,3 +169,26 @@ def test_the_parameter_count_in_metrics_is_the_built_models():
     import models
     for hidden in [(32, 32, 32), (16,), (5, 7)]:
         assert dynamics.mlp_parameters(hidden) == sum(p.numel() for p in models.SmallMLP(hidden).parameters())
+
+
+def test_a_diverging_run_is_recorded_up_to_the_blow_up_and_reported():
+    """Gradient descent at η = 50 on an MSE problem whose λ_max at initialisation is ~20 (2/η = 0.04) blows up
+    within a few steps: the stage returns "diverged" with the checks before the blow-up (no curvature is measured
+    at non-finite weights), and the warning and the sentence name the step."""
+    import dataclasses
+
+    import torch
+
+    from experiment import outputs
+    from experiment.stages import Split
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 784, generator=g), torch.randint(0, 10, (64,), generator=g)
+    s = dynamics.DynamicsRunSettings("mse", "gd", 50.0, 64, 200, 1, (8,), 1e-3, 20, 1, 0, 0, 64, "cpu")
+    r = {**dataclasses.asdict(s), **dynamics.dynamics_trajectory(s, train=Split(x, y))}
+    assert r["outcome"] == "diverged" and 1 <= r["diverged_at"] <= 10
+    assert [rec["step"] for rec in r["records"]] == list(range(r["diverged_at"]))
+    assert all(np.isfinite(rec["lambda_max"]) for rec in r["records"])
+    r["reading"] = dynamics.reading(r)
+    assert outputs.dynamics_warnings(r) == [f"gd mse lr 50: diverged at step {r['diverged_at']}; its series stop there"]
+    assert f"diverged at step {r['diverged_at']})" in report.gradient_descent_sentence(r)
