@@ -157,11 +157,11 @@ def reading(result: dict) -> dict:
     records = result["records"]
     steps = [r["step"] for r in records]
     sgd = result["family"] == "sgd"
-    found = utils.edge_of_stability(steps, [r["lambda_max"] for r in records], result["threshold"],
-                                    band=report.EDGE_BAND, rise=report.SHARPENING_RISE,
-                                    min_inside=report.EOS_INSIDE, min_held=report.EOS_HELD,
+    thresholds = {"band": report.EDGE_BAND, "rise": report.SHARPENING_RISE, "min_inside": report.EOS_INSIDE,
+                  "min_held": report.EOS_HELD}
+    found = utils.edge_of_stability(steps, [r["lambda_max"] for r in records], result["threshold"], **thresholds,
                                     batch_sharpness=[r["batch_sharpness"] for r in records] if sgd else None)
-    return dataclasses.asdict(found)
+    return {**dataclasses.asdict(found), "thresholds": thresholds}
 
 
 def measure_all(run) -> list[dict]:
@@ -198,6 +198,4 @@ def summary(cfg, runs: list[dict]) -> dict:
     """The study's part of metrics.json: its data and model, the thresholds its readings used, and the runs."""
     return {"seed": cfg.seeds[0], "examples": runs[0]["examples"] if runs else 0, "hidden": list(cfg.dynamics_hidden),
             "parameters": mlp_parameters(tuple(cfg.dynamics_hidden)),
-            "thresholds": {"band": report.EDGE_BAND, "rise": report.SHARPENING_RISE,
-                           "min_inside": report.EOS_INSIDE, "min_held": report.EOS_HELD},
-            "runs": runs}
+            "thresholds": runs[0]["reading"]["thresholds"] if runs else {}, "runs": runs}

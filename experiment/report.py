@@ -792,14 +792,20 @@ def dynamics_run_name(r: dict) -> str:
     return f"{LOSS_NAMES[r['loss']]}, SGD eta {r['lr']:g}, batch {r['batch_size']}"
 
 
-def _stayed(onset: dict, threshold: float) -> str:
-    return (f"within ±{EDGE_BAND:.0%} of 2/eta = {fmt(threshold, 3)} from step {onset['onset']} on "
+def thresholds_of(reading: dict) -> dict:
+    """The thresholds a run's reading was made with (stored beside it, so a redraw words it as it was read)."""
+    return reading.get("thresholds") or {"band": EDGE_BAND, "rise": SHARPENING_RISE, "min_inside": EOS_INSIDE,
+                                         "min_held": EOS_HELD}
+
+
+def _stayed(onset: dict, threshold: float, t: dict) -> str:
+    return (f"within ±{t['band']:.0%} of 2/eta = {fmt(threshold, 3)} from step {onset['onset']} on "
             f"({onset['inside_share']:.0%} of the checks from there, over {onset['held_share']:.0%} of the run)")
 
 
-def _not_stayed(onset: dict) -> str:
-    return (f"did not stay within ±{EDGE_BAND:.0%} of it (at least {EOS_INSIDE:.0%} of the checks over at least "
-            f"{EOS_HELD:.0%} of the run)")
+def _not_stayed(onset: dict, t: dict) -> str:
+    return (f"did not stay within ±{t['band']:.0%} of it (at least {t['min_inside']:.0%} of the checks over at least "
+            f"{t['min_held']:.0%} of the run)")
 
 
 def gradient_descent_sentence(r: dict) -> str:
@@ -807,28 +813,29 @@ def gradient_descent_sentence(r: dict) -> str:
     the band (1 − EDGE_BAND)·2/η (progressive sharpening), and from which step did it stay within EDGE_BAND of 2/η
     (at least EOS_INSIDE of the checks over at least EOS_HELD of the run); "not reached within N steps" otherwise."""
     e, name, steps = r["reading"], dynamics_run_name(r), r["records"][-1]["step"]
+    t = thresholds_of(e)
     sharp, onset, threshold = e["sharpening"], e["lambda_max"], r["threshold"]
     where = (f"{name} ({r['examples']} examples, 2/eta = {fmt(threshold, 3)}"
              + (f", diverged at step {r['diverged_at']})" if r["outcome"] == "diverged" else f", {steps} steps)"))
     if sharp["started_in_band"]:
-        return (f"{where}: lambda_max started at {fmt(sharp['start'], 3)}, already at least {1 - EDGE_BAND:.0%} of "
+        return (f"{where}: lambda_max started at {fmt(sharp['start'], 3)}, already at least {1 - t['band']:.0%} of "
                 f"2/eta: progressive sharpening not tested (nothing to sharpen towards).")
     path = f"went from {fmt(sharp['start'], 3)} to a peak of {fmt(sharp['peak'], 3)}"
     words = (f"{sharp['ratio']:.2f}x its start: "
-             + (f"progressive sharpening, more than {SHARPENING_RISE:g}x" if sharp["rose"] else
-                f"no progressive sharpening, not more than {SHARPENING_RISE:g}x"))
+             + (f"progressive sharpening, more than {t['rise']:g}x" if sharp["rose"] else
+                f"no progressive sharpening, not more than {t['rise']:g}x"))
     if onset["reached"] is None:
-        return (f"{where}: lambda_max {path} ({words}) and did not reach {1 - EDGE_BAND:.0%} of 2/eta within "
-                f"{steps} steps (median {e['lambda_ratio']:.2f}x 2/eta over the last {EOS_HELD:.0%} of the run): the "
+        return (f"{where}: lambda_max {path} ({words}) and did not reach {1 - t['band']:.0%} of 2/eta within "
+                f"{steps} steps (median {e['lambda_ratio']:.2f}x 2/eta over the last {t['min_held']:.0%} of the run): the "
                 "edge of stability not reached.")
-    head = (f"{where}: lambda_max {path} by step {onset['reached']}, where it first reached {1 - EDGE_BAND:.0%} of "
+    head = (f"{where}: lambda_max {path} by step {onset['reached']}, where it first reached {1 - t['band']:.0%} of "
             f"2/eta ({words})")
     if onset["onset"] is None:
-        return (f"{head}; it {_not_stayed(onset)}, with a median of {e['lambda_ratio']:.2f}x 2/eta over the last "
-                f"{EOS_HELD:.0%} of the run.")
+        return (f"{head}; it {_not_stayed(onset, t)}, with a median of {e['lambda_ratio']:.2f}x 2/eta over the last "
+                f"{t['min_held']:.0%} of the run.")
     verdict = ("progressive sharpening, then the edge of stability, as Cohen et al. 2021 find" if sharp["rose"] else
                "at the edge of stability without progressive sharpening")
-    return f"{head}; it then stayed {_stayed(onset, threshold)}: {verdict}."
+    return f"{head}; it then stayed {_stayed(onset, threshold, t)}: {verdict}."
 
 
 def sgd_sentence(r: dict) -> str:
@@ -836,24 +843,25 @@ def sgd_sentence(r: dict) -> str:
     rule as λ_max's under gradient descent), and where is full-batch λ_max meanwhile (its median over the settled
     window against the band: below it, as they find, or not)."""
     e, name, steps = r["reading"], dynamics_run_name(r), r["records"][-1]["step"]
+    t = thresholds_of(e)
     batch, threshold = e["batch_sharpness"], r["threshold"]
     where = (f"{name} (2/eta = {fmt(threshold, 3)}"
              + (f", diverged at step {r['diverged_at']})" if r["outcome"] == "diverged" else f", {steps} steps)"))
     lam = e["lambda_ratio"]
-    lam_words = (f"full-batch lambda_max stayed below the band (median {lam:.2f}x 2/eta)" if lam < 1 - EDGE_BAND else
-                 f"full-batch lambda_max was in the band too (median {lam:.2f}x 2/eta)" if lam <= 1 + EDGE_BAND else
+    lam_words = (f"full-batch lambda_max stayed below the band (median {lam:.2f}x 2/eta)" if lam < 1 - t['band'] else
+                 f"full-batch lambda_max was in the band too (median {lam:.2f}x 2/eta)" if lam <= 1 + t['band'] else
                  f"full-batch lambda_max was above the band (median {lam:.2f}x 2/eta)")
     if batch["onset"] is not None:
-        agree = ("as Andreyev & Beneventano 2024 find" if lam < 1 - EDGE_BAND else
+        agree = ("as Andreyev & Beneventano 2024 find" if lam < 1 - t['band'] else
                  "so here batch sharpness does not single itself out from lambda_max")
-        return (f"{where}: batch sharpness settled {_stayed(batch, threshold)}, median {e['batch_ratio']:.2f}x; "
+        return (f"{where}: batch sharpness settled {_stayed(batch, threshold, t)}, median {e['batch_ratio']:.2f}x; "
                 f"{lam_words}: {agree}.")
     if batch["reached"] is None:
-        return (f"{where}: batch sharpness did not reach {1 - EDGE_BAND:.0%} of 2/eta within {steps} steps (median "
-                f"{e['batch_ratio']:.2f}x over the last {EOS_HELD:.0%}); {lam_words}: the edge of stochastic "
+        return (f"{where}: batch sharpness did not reach {1 - t['band']:.0%} of 2/eta within {steps} steps (median "
+                f"{e['batch_ratio']:.2f}x over the last {t['min_held']:.0%}); {lam_words}: the edge of stochastic "
                 "stability not reached.")
-    return (f"{where}: batch sharpness reached {1 - EDGE_BAND:.0%} of 2/eta at step {batch['reached']} but "
-            f"{_not_stayed(batch)}, with a median of {e['batch_ratio']:.2f}x 2/eta over the last {EOS_HELD:.0%} of "
+    return (f"{where}: batch sharpness reached {1 - t['band']:.0%} of 2/eta at step {batch['reached']} but "
+            f"{_not_stayed(batch, t)}, with a median of {e['batch_ratio']:.2f}x 2/eta over the last {t['min_held']:.0%} of "
             f"the run; {lam_words}.")
 
 
@@ -873,15 +881,16 @@ def dynamics_tally(metrics: dict) -> str:
         e = r["reading"]
         if r["family"] == "gd":
             return e["sharpening"]["rose"] and e["lambda_max"]["onset"] is not None
-        return e["batch_sharpness"]["onset"] is not None and e["lambda_ratio"] < 1 - EDGE_BAND
+        return e["batch_sharpness"]["onset"] is not None and e["lambda_ratio"] < 1 - thresholds_of(e)["band"]
 
     def counts(family: str) -> str:
         return " and ".join(f"{sum(shows(r) for r in mine)} of {len(mine)} {LOSS_NAMES[loss]} runs" for loss in losses
                             if (mine := [r for r in runs if r["family"] == family and r["loss"] == loss]))
 
-    return (f"Gradient descent: lambda_max rose by more than {SHARPENING_RISE:g}x and then stayed within ±{EDGE_BAND:.0%} "
-            f"of 2/eta in {counts('gd')} (Cohen et al. 2021). SGD: batch sharpness settled within ±{EDGE_BAND:.0%} of "
-            f"2/eta while full-batch lambda_max stayed below {1 - EDGE_BAND:.0%} of it in {counts('sgd')} (Andreyev & "
+    t = thresholds_of(runs[0]["reading"] if runs else {})
+    return (f"Gradient descent: lambda_max rose by more than {t['rise']:g}x and then stayed within ±{t['band']:.0%} "
+            f"of 2/eta in {counts('gd')} (Cohen et al. 2021). SGD: batch sharpness settled within ±{t['band']:.0%} of "
+            f"2/eta while full-batch lambda_max stayed below {1 - t['band']:.0%} of it in {counts('sgd')} (Andreyev & "
             "Beneventano 2024).")
 
 
@@ -904,7 +913,7 @@ def dynamics_rows_text(metrics: dict) -> tuple[list[str], list[list[str]]]:
 def dynamics_title_page(metrics: dict) -> TextPage:
     """The study's first page: data, model, runs, how each check measures, the thresholds, the time."""
     d, cfg, dyn = metrics["dynamics"], metrics["config"], metrics["dynamics"]
-    runs = d["runs"]
+    runs, t = d["runs"], thresholds_of({"thresholds": d.get("thresholds")})
     seconds = sum(r["seconds"] + r["tracking_seconds"] for r in runs)
     return TextPage(
         "The edge of stability: gradient descent and SGD against 2/eta",
@@ -921,10 +930,10 @@ def dynamics_title_page(metrics: dict) -> TextPage:
          f"{cfg['dynamics_tol']:g} |lambda| (at most {cfg['dynamics_max_iter']} products); batch sharpness "
          f"E_B[g_B' H_B g_B / ||g_B||^2] over {cfg['dynamics_batches']} batches (gradient descent: the full "
          "gradient's own curvature).",
-         f"Readings: progressive sharpening is lambda_max rising more than {SHARPENING_RISE:g}x from its start before "
-         f"it first reaches {1 - EDGE_BAND:.0%} of 2/eta; a series stays at the edge from the first check from which "
-         f"at least {EOS_INSIDE:.0%} of the checks lie within ±{EDGE_BAND:.0%} of 2/eta over at least "
-         f"{EOS_HELD:.0%} of the run.",
+         f"Readings: progressive sharpening is lambda_max rising more than {t['rise']:g}x from its start before "
+         f"it first reaches {1 - t['band']:.0%} of 2/eta; a series stays at the edge from the first check from which "
+         f"at least {t['min_inside']:.0%} of the checks lie within ±{t['band']:.0%} of 2/eta over at least "
+         f"{t['min_held']:.0%} of the run.",
          f"Time: {seconds:.0f} s training and tracking over {len(runs)} runs."],
         "runs (" + ", ".join(dynamics_rows_text(metrics)[0]) + "):", [", ".join(row) for row in dynamics_rows_text(metrics)[1]])
 

@@ -129,7 +129,10 @@ def test_quick_dynamics_writes_the_runs_the_figure_the_table_and_the_report(quic
         for rec in r["records"]:  # each λ_max converged to its stated residual
             assert rec["converged"] and rec["residual"] <= cfg["dynamics_tol"] * abs(rec["lambda_max"]) * 1.0001
         assert set(r["reading"]) == {"threshold", "sharpening", "lambda_max", "batch_sharpness", "window_start",
-                                     "lambda_ratio", "batch_ratio"}
+                                     "lambda_ratio", "batch_ratio", "thresholds"}
+        assert r["reading"]["thresholds"] == d["thresholds"] == {"band": report.EDGE_BAND, "rise": report.SHARPENING_RISE,
+                                                                 "min_inside": report.EOS_INSIDE,
+                                                                 "min_held": report.EOS_HELD}
         assert (r["reading"]["batch_sharpness"] is None) == (r["family"] == "gd")
     gd = runs[0]  # full batch: the loss before each step is the full-batch loss the check measured at that step
     assert gd["step_losses"][10] == pytest.approx(gd["records"][1]["loss"], rel=1e-5)
@@ -192,3 +195,10 @@ def test_a_diverging_run_is_recorded_up_to_the_blow_up_and_reported():
     r["reading"] = dynamics.reading(r)
     assert outputs.dynamics_warnings(r) == [f"gd mse lr 50: diverged at step {r['diverged_at']}; its series stop there"]
     assert f"diverged at step {r['diverged_at']})" in report.gradient_descent_sentence(r)
+
+
+def test_a_sentence_words_a_run_with_the_thresholds_it_was_read_with():
+    """A reading stored with a 20% band is worded with 20%, whatever the report's constant is now."""
+    r = run_of("gd", [*np.linspace(2.0, 9.5, 20), *hovering(60)])
+    r["reading"]["thresholds"] = {**r["reading"]["thresholds"], "band": 0.2}
+    assert "within ±20% of 2/eta" in report.gradient_descent_sentence(r)
