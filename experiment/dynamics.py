@@ -146,9 +146,9 @@ def dynamics_trajectory(s: DynamicsRunSettings, *, train: Split, progress: bool 
             tracker(model, h.steps)
     except training.TrainingDiverged as err:
         outcome, diverged_at = "diverged", err.step
-    return {"outcome": outcome, "diverged_at": diverged_at, "examples": int(x.shape[0]), "threshold": utils.stability_threshold(s.lr),
-            "records": tracker.records, "step_losses": losses, "seconds": round(seconds, 4),
-            "tracking_seconds": round(tracker.seconds, 4)}
+    return {"outcome": outcome, "diverged_at": diverged_at, "examples": int(x.shape[0]),
+            "threshold": utils.stability_threshold(s.lr), "records": tracker.records, "step_losses": losses,
+            "seconds": round(seconds, 4), "tracking_seconds": round(tracker.seconds, 4)}
 
 
 def reading(result: dict) -> dict:

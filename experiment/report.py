@@ -914,13 +914,15 @@ def dynamics_title_page(metrics: dict) -> TextPage:
     """The study's first page: data, model, runs, how each check measures, the thresholds, the time."""
     d, cfg, dyn = metrics["dynamics"], metrics["config"], metrics["dynamics"]
     runs, t = d["runs"], thresholds_of({"thresholds": d.get("thresholds")})
+    header, rows = dynamics_rows_text(metrics)
+    losses = ", ".join(LOSS_NAMES[x] for x in cfg["dynamics_losses"])
     seconds = sum(r["seconds"] + r["tracking_seconds"] for r in runs)
     return TextPage(
         "The edge of stability: gradient descent and SGD against 2/eta",
         [f"Data: {metrics['data']['source']}; every run trains and is measured on the first {dyn['examples']} "
          f"training examples (Cohen et al. 2021 used a 5,000-example subset of CIFAR-10).",
          f"Model: MLP 784-{'-'.join(map(str, dyn['hidden']))}-10 (ReLU, {dyn['parameters']} parameters) from seed "
-         f"{dyn['seed']}, the same initial weights for every run; losses {', '.join(LOSS_NAMES[x] for x in cfg['dynamics_losses'])} "
+         f"{dyn['seed']}, the same initial weights for every run; losses {losses} "
          "(MSE: 1/2 ||f(x) - onehot(y)||^2 summed over classes, mean over examples).",
          f"Runs: full-batch gradient descent (momentum 0) at each step size, SGD (momentum 0, batches drawn without "
          f"replacement each epoch) at batch sizes {', '.join(map(str, cfg['dynamics_batch_sizes']))}; "
@@ -935,7 +937,7 @@ def dynamics_title_page(metrics: dict) -> TextPage:
          f"at least {t['min_inside']:.0%} of the checks lie within ±{t['band']:.0%} of 2/eta over at least "
          f"{t['min_held']:.0%} of the run.",
          f"Time: {seconds:.0f} s training and tracking over {len(runs)} runs."],
-        "runs (" + ", ".join(dynamics_rows_text(metrics)[0]) + "):", [", ".join(row) for row in dynamics_rows_text(metrics)[1]])
+        f"runs ({', '.join(header)}):", [", ".join(row) for row in rows])
 
 
 def dynamics_summary(metrics: dict) -> str:
