@@ -23,7 +23,8 @@ from experiment.report import (SWEEP_LABELS, Document, Section, TextPage, docume
                                seeds_of, sorted_findings, summary_rows)
 from landscape.files import write_atomic  # noqa: E402
 
-__all__ = ["FIGURES", "SWEEP_FIGURES", "plot_all", "plot_batch_sharpness", "plot_connectivity_plane",
+__all__ = ["DYNAMICS_FIGURES", "FIGURES", "SWEEP_FIGURES", "plot_all", "plot_batch_sharpness", "plot_connectivity_plane",
+           "plot_edge_of_stability",
            "plot_flatness_stem", "plot_hessian_spectrum", "plot_loss_surface_3d", "plot_mode_connectivity",
            "plot_gap_temperature", "plot_reparametrisation", "plot_report", "plot_sharpness_during_training", "plot_stationary_covariance", "plot_summary_table",
            "plot_sweep_correlation", "plot_sweep_measures"]
@@ -474,6 +475,63 @@ def plot_batch_sharpness(metrics: dict, path: Path) -> Path:
         return _save(fig, path)
 
 
+def plot_edge_of_stability(metrics: dict, path: Path) -> Path:
+    """--dynamics: curvature against step on a log axis, one row per loss. Left, full-batch gradient descent:
+    λ_max per step size, its 2/η dashed in the run's colour (Cohen et al. 2021). Middle, SGD: batch sharpness
+    (solid) and full-batch λ_max (dotted) per batch size, against the one 2/η (Andreyev & Beneventano 2024).
+    Right: each run's full-batch training loss at the checks."""
+    dyn = metrics["dynamics"]
+    losses = list(dict.fromkeys(r["loss"] for r in dyn["runs"]))
+    names = {"mse": "MSE", "cross_entropy": "cross-entropy"}
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(losses), 3, figsize=(15, 4.6 * len(losses)), squeeze=False)
+        fig.subplots_adjust(hspace=0.45)
+        for row, loss in zip(axes, losses):
+            runs = [r for r in dyn["runs"] if r["loss"] == loss]
+            for family, ax in (("gd", row[0]), ("sgd", row[1])):
+                for i, r in enumerate(x for x in runs if x["family"] == family):
+                    _draw_run(ax, row[2], r, PALETTE[(i + (0 if family == "gd" else 3)) % len(PALETTE)])
+            titles = (f"{names[loss]}, gradient descent (full batch)\nλ_max on all {dyn['examples']} examples",
+                      f"{names[loss]}, SGD\nbatch sharpness (—) and full-batch λ_max (···)",
+                      f"{names[loss]}: training loss\non all {dyn['examples']} examples, at the checks")
+            for ax, title in zip(row, titles):
+                ax.set_title(title, fontsize=9)
+                ax.set_xlabel("step")
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0), numticks=12))
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=7, loc="best")
+            row[0].set_ylabel("curvature")
+            row[1].set_ylabel("curvature")
+            row[2].set_ylabel(f"{names[loss]} loss")
+        fig.suptitle(f"The edge of stability: MLP {'-'.join(map(str, dyn['hidden']))}, seed {dyn['seed']}; dashed: 2/η "
+                     "of the run in the same colour", fontsize=10)
+        return _save(fig, path)
+
+
+def _draw_run(curvature, loss_axis, r: dict, colour: str) -> None:
+    """One run's curves: λ_max (and, for SGD, batch sharpness), its 2/η dashed, and its loss."""
+    steps = [rec["step"] for rec in r["records"]]
+    lam = [np.nan if rec["lambda_max"] is None else rec["lambda_max"] for rec in r["records"]]
+    two_over_eta = f"2/η = {r['threshold']:.3g}"
+    if r["family"] == "gd":
+        curvature.plot(steps, lam, color=colour, lw=1.3, label=f"η = {r['lr']:g}: λ_max ({two_over_eta})")
+        curvature.axhline(r["threshold"], color=colour, ls="--", lw=1)
+        run_name = f"GD η = {r['lr']:g}"
+    else:
+        batch = [np.nan if rec["batch_sharpness"] is None else rec["batch_sharpness"] for rec in r["records"]]
+        curvature.plot(steps, batch, color=colour, lw=1.3, label=f"batch {r['batch_size']}: batch sharpness")
+        curvature.plot(steps, lam, color=colour, lw=1.2, ls=":", label=f"batch {r['batch_size']}: λ_max")
+        shared = f"η = {r['lr']:g}: {two_over_eta}"  # the SGD runs of a panel share their step size: label it once
+        curvature.axhline(r["threshold"], color="0.3", ls="--", lw=1,
+                          label=None if shared in curvature.get_legend_handles_labels()[1] else shared)
+        run_name = f"SGD b = {r['batch_size']}"
+    loss_axis.plot(steps, [np.nan if rec["loss"] is None else rec["loss"] for rec in r["records"]], color=colour,
+                   lw=1.2, ls="-" if r["family"] == "gd" else "-.", label=run_name)
+
+
 # ----------------------------------------------------------------------------- the reports' pages
 def _wrapped(text: str, fontsize: float) -> str:
     """Break a line to fit an A4 landscape page (cheaper than matplotlib's wrap=True)."""
@@ -558,8 +616,14 @@ SWEEP_FIGURES = {"sweep_measures.png": plot_sweep_measures, "sweep_correlation.p
                  "gap_temperature.png": plot_gap_temperature, "batch_sharpness.png": plot_batch_sharpness}
 
 
+DYNAMICS_FIGURES = {"edge_of_stability.png": plot_edge_of_stability}
+
+
 def figures_of(metrics: dict) -> dict:
-    """The figures a run's metrics have: the default run's, or the sweep's (none for a sweep with no model)."""
+    """The figures a run's metrics have: the default run's, the sweep's (none for a sweep with no model), or the
+    edge-of-stability study's."""
+    if metrics.get("kind", "run") == "dynamics":
+        return DYNAMICS_FIGURES if metrics["dynamics"]["runs"] else {}
     if metrics.get("kind", "run") != "sweep":
         return FIGURES
     return SWEEP_FIGURES if metrics["sweep"]["rows"] else {}

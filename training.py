@@ -224,6 +224,7 @@ def train(
     collapse_steps: int = 0,
     optimizer: str = "sgd",
     entropy_sgd: EntropySGDSettings | None = None,
+    loss: str = "cross_entropy",
 ) -> TrainHistory:
     """Train `model` in place with SGD on cross-entropy for `epochs` epochs or `max_steps` optimiser steps (the
     budget; give one); `callback(model, step)` runs every `callback_every` steps. With `target_loss` > 0 it trains
@@ -235,7 +236,13 @@ def train(
     optimizer="entropy-sgd" runs `EntropySGD` (settings `entropy_sgd`, default `EntropySGDSettings()`): each
     mini-batch is one inner Langevin step, an outer step every L batches and at the end of each epoch, so an epoch
     costs SGD's gradients; `steps`, `step_losses` and the callback then count outer steps, a step's loss being its
-    last inner batch's (at the Langevin iterate), and the epoch losses are over the inner iterates."""
+    last inner batch's (at the Langevin iterate), and the epoch losses are over the inner iterates.
+    loss="mse" trains on `utils.squared_error_loss` (½‖f(x) − onehot(y)‖² summed over classes, mean over examples;
+    Cohen et al. 2021) instead of cross-entropy; the stopping rule's target and chance are cross-entropies, so it
+    refuses `target_loss` and `collapse_steps` then. Full-batch gradient descent is batch_size = N, momentum 0."""
+    loss_fn = utils.loss_function(loss)
+    if loss != "cross_entropy" and (target_loss > 0 or collapse_steps > 0):
+        raise ValueError(f"target_loss and collapse_steps are cross-entropies: give neither with loss={loss!r}")
     if optimizer not in ("sgd", "entropy-sgd"):
         raise ValueError(f"optimizer must be 'sgd' or 'entropy-sgd', got {optimizer!r}")
     # its own stream, seed + 1, so that the batches are drawn as SGD draws them
@@ -262,12 +269,12 @@ def train(
             epoch_sum, seen = 0.0, 0
             for i in range(min(steps_per_epoch, budget - history.steps)):
                 idx = order[i * batch_size : (i + 1) * batch_size]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                value = loss.item()
+                batch_loss = loss_fn(model(x[idx]), y[idx])
+                value = batch_loss.item()
                 if not math.isfinite(value):
                     raise TrainingDiverged(seed, epoch + 1, history.steps + 1, value, lr)
                 model.zero_grad(set_to_none=True)
-                loss.backward()
+                batch_loss.backward()
                 if entropy is None:
                     sgd_step(params, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay)
                 elif not entropy.step(params, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,

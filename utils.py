@@ -40,7 +40,12 @@ This module is the public interface; the code lives in the package `landscape/`,
 12. Local entropy (`landscape.local_entropy`, Chaudhari et al. 2017): `local_entropy` (Langevin thermodynamic
    integration beside the Laplace approximation), `langevin_local_entropy`, `laplace_local_entropy`,
    `laplace_local_entropy_from_density`, `gradient_local_entropy`.
-13. Dynamics (`landscape.dynamics`): `stability_threshold` (2(1+β)/η), `gradient_descent_is_stable`.
+13. Dynamics (`landscape.dynamics`): `stability_threshold` (2(1+β)/η), `gradient_descent_is_stable`, and the
+   edge of stability read off a tracked curvature series (Cohen et al. 2021; Andreyev & Beneventano 2024):
+   `band_onset` (from which step it stays within a band around 2/η), `progressive_sharpening` (did it rise
+   before reaching the band), `edge_of_stability` (both, for one run).
+14. Losses by name (`landscape.losses`): `loss_function` ("cross_entropy", "mse"), `squared_error_loss`
+   (½‖f(x) − onehot(y)‖², Cohen et al.'s MSE), one definition for training and for every `loss_fn=`.
 
 Fast paths: three capabilities have one for plain MLPs (an `nn.Sequential` of distinct Linear and element-wise
 modules, nothing reused, no parameter shared, all parameters measured, such as `models.SmallMLP`): Hessian products (`MLPHessian`, the R-operator), many parameter
@@ -68,7 +73,9 @@ from landscape.spectrum import (EigenpairsResult, EigenResult, HessianSpectrum, 
                                 TraceResult, hessian_eigenpairs, hessian_spectral_density, hessian_spectrum,
                                 hessian_spectrum_ends, hessian_trace, layer_curvature, top_hessian_eigenvalue,
                                 trace_estimate)
-from landscape.dynamics import gradient_descent_is_stable, stability_threshold
+from landscape.dynamics import (BandOnset, EdgeOfStability, Sharpening, band_onset, edge_of_stability,
+                                gradient_descent_is_stable, progressive_sharpening, stability_threshold)
+from landscape.losses import LOSSES, loss_function, squared_error_loss
 from landscape.local_entropy import (LangevinEntropy, LocalEntropyResult, gradient_local_entropy, laplace_local_entropy,
                                      laplace_local_entropy_from_density, langevin_local_entropy, local_entropy)
 from landscape.stationary import (SGDTrajectory, StationaryResult, batch_means_variance,
@@ -78,6 +85,15 @@ from landscape.statistics import RankCorrelation, granulated_kendall_tau, kendal
 from landscape.surfaces import PlaneResult, SurfaceResult, loss_plane, loss_surface_2d, symmetric_grid
 
 __all__ = [
+    "BandOnset",
+    "EdgeOfStability",
+    "LOSSES",
+    "Sharpening",
+    "band_onset",
+    "edge_of_stability",
+    "loss_function",
+    "progressive_sharpening",
+    "squared_error_loss",
     "LangevinEntropy",
     "LocalEntropyResult",
     "SGDTrajectory",

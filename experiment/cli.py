@@ -34,7 +34,8 @@ def build_parser(config: type, description: str = "") -> argparse.ArgumentParser
             names = [meta["short"], flag] if "short" in meta else [flag]
             parser.add_argument(*names, action="store_true", default=None, help=f"{meta['help']} (default: off)")
             continue
-        kind = {"int": int, "float": float, "str": str, "tuple[int, ...]": int, "tuple[float, ...]": float}[f.type]
+        kind = {"int": int, "float": float, "str": str, "tuple[int, ...]": int, "tuple[float, ...]": float,
+                "tuple[str, ...]": str}[f.type]
         nargs = "+" if f.type.startswith("tuple") else None
         parser.add_argument(flag, type=kind, nargs=nargs, choices=meta.get("choices"), default=None,
                             metavar=f.name.upper() if not meta.get("choices") else None,
@@ -75,7 +76,7 @@ def validate(cfg) -> None:
     for name in COUNTS:
         if getattr(cfg, name) < 0:
             raise UsageError(f"{_flag(name)} must be 0 or a positive integer, got {getattr(cfg, name)}")
-    for ok, message, value in _checks(cfg):
+    for ok, message, value in [*_checks(cfg), *_dynamics_checks(cfg)]:
         if not ok:
             raise UsageError(f"{message}, got {show(value)}")
 
@@ -94,6 +95,33 @@ def _flag(name: str) -> str:
 
 def _in_seed_range(*seeds: int) -> bool:
     return all(SEED_RANGE[0] <= s <= SEED_RANGE[1] for s in seeds)
+
+
+def _dynamics_checks(cfg) -> list[tuple[bool, str, object]]:
+    """The checks of --dynamics's flags (and that it runs alone)."""
+    rates = (*cfg.dynamics_mse_lrs, *cfg.dynamics_cross_entropy_lrs, cfg.dynamics_mse_sgd_lr,
+             cfg.dynamics_cross_entropy_sgd_lr)
+    return [
+        (not (cfg.dynamics and cfg.sweep), "--dynamics and --sweep are two different studies: choose one", "both"),
+        (not (cfg.dynamics and (cfg.shard_data or cfg.shard_points)), "--dynamics runs in one process: drop "
+         "--shard-data and --shard-points", "--dynamics"),
+        (not (cfg.dynamics and cfg.model != "mlp"), "--dynamics trains the MLP of --dynamics-hidden: drop --model",
+         cfg.model),
+        (bool(cfg.dynamics_losses) and set(cfg.dynamics_losses) <= {"mse", "cross_entropy"}
+         and len(set(cfg.dynamics_losses)) == len(cfg.dynamics_losses),
+         "--dynamics-losses must be distinct names from mse, cross_entropy", cfg.dynamics_losses),
+        (all(math.isfinite(v) and v > 0 for v in rates), "--dynamics-mse-lrs, --dynamics-cross-entropy-lrs and the "
+         "two --dynamics-*-sgd-lr must be positive numbers", rates),
+        (all(b >= 1 for b in cfg.dynamics_batch_sizes), "--dynamics-batch-sizes must be positive integers",
+         cfg.dynamics_batch_sizes),
+        (bool(cfg.dynamics_hidden) and all(h >= 1 for h in cfg.dynamics_hidden),
+         "--dynamics-hidden widths must be positive integers", cfg.dynamics_hidden),
+        (cfg.dynamics_examples == 0 or cfg.dynamics_examples >= 2, "--dynamics-examples must be 0 (all) or at "
+         "least 2", cfg.dynamics_examples),
+        (0 < cfg.dynamics_tol < 1, "--dynamics-tol must be in (0, 1)", cfg.dynamics_tol),
+        *[(getattr(cfg, name) >= 1, f"{_flag(name)} must be a positive integer", getattr(cfg, name))
+          for name in ("dynamics_steps", "dynamics_check_every", "dynamics_max_iter", "dynamics_batches")],
+    ]
 
 
 def _checks(cfg) -> list[tuple[bool, str, object]]:

@@ -1,8 +1,9 @@
-"""metrics.json and the files beside it: the schema (one place for both kinds of run: the default run, "run",
-and the sweep, "sweep"), the tables and arrays derived from it, and the one writer that puts them on disk.
+"""metrics.json and the files beside it: the schema (one place for every kind of run: the default run, "run",
+the sweep, "sweep", and the edge-of-stability study, "dynamics"), the tables and arrays derived from it, and the
+one writer that puts them on disk.
 
-Written last, metrics.json means a complete run: figures and report, the table (metrics.csv or sweep.csv) and
-results.npz come first.
+Written last, metrics.json means a complete run: figures and report, the table (metrics.csv, sweep.csv or
+dynamics.csv) and results.npz come first.
 """
 
 from __future__ import annotations
@@ -89,6 +90,24 @@ def sweep_metrics(run: Run, sweep: dict) -> dict:
     return {**run_header(run, "sweep"), "sweep": sweep, "warnings": run.store.warnings, "timings": run.store.timings}
 
 
+def dynamics_metrics(run: Run, dynamics: dict) -> dict:
+    """The edge-of-stability study's metrics.json: `dynamics` is experiment.dynamics.summary's record (the data,
+    the model, the thresholds of the readings, and per run its settings, series and reading)."""
+    warnings = run.store.warnings + [w for r in dynamics["runs"] for w in dynamics_warnings(r)]
+    return {**run_header(run, "dynamics"), "dynamics": dynamics, "warnings": warnings, "timings": run.store.timings}
+
+
+def dynamics_warnings(r: dict) -> list[str]:
+    """What a reader of one dynamics run must know: a divergence, checks whose λ_max did not converge."""
+    name = f"{r['family']} {r['loss']} lr {r['lr']:g}" + (f" batch {r['batch_size']}" if r["family"] == "sgd" else "")
+    found = [f"{name}: diverged at step {r['diverged_at']}; its series stop there"] if r["outcome"] == "diverged" else []
+    loose = sum(not rec["converged"] for rec in r["records"])
+    if loose:
+        found.append(f"{name}: lambda_max did not reach --dynamics-tol {r['tol']:g} within {r['max_iter']} products "
+                     f"at {loose} of {len(r['records'])} checks; their residuals say how far")
+    return found
+
+
 def model_warnings(m: dict) -> list[str]:
     """What a reader of one model's numbers must know: unconverged solvers, notes of the noise estimate."""
     found = []
@@ -108,7 +127,7 @@ def model_warnings(m: dict) -> list[str]:
 
 
 def kind_of(metrics: dict) -> str:
-    """"run" or "sweep" (metrics written before the field existed are the default run's)."""
+    """"run", "sweep" or "dynamics" (metrics written before the field existed are the default run's)."""
     return metrics.get("kind", "run")
 
 
@@ -179,6 +198,36 @@ def sweep_arrays(metrics: dict) -> dict[str, list]:
     return {c: [row.get(c, math.nan) for row in rows] for c in columns}
 
 
+DYNAMICS_SERIES = ("step", "loss", "lambda_max", "residual", "batch_sharpness", "batch_sharpness_stderr")
+
+
+def dynamics_rows(metrics: dict) -> list[dict]:
+    """dynamics.csv: one row per run, its settings, λ_max at the start, peak and end against 2/η, and its reading."""
+    rows = []
+    for r in metrics["dynamics"]["runs"]:
+        e, first, last = r["reading"], r["records"][0], r["records"][-1]
+        rows.append({"loss": r["loss"], "family": r["family"], "lr": r["lr"], "batch_size": r["batch_size"],
+                     "steps": r["steps"], "outcome": r["outcome"], "threshold": r["threshold"],
+                     "lambda_max_start": first["lambda_max"], "lambda_max_peak": e["sharpening"]["peak"],
+                     "lambda_max_end": last["lambda_max"], "sharpening_ratio": e["sharpening"]["ratio"],
+                     "sharpened": e["sharpening"]["rose"], "reached_step": e["lambda_max"]["reached"],
+                     "onset_step": e["lambda_max"]["onset"],
+                     "batch_sharpness_onset_step": (e["batch_sharpness"] or {}).get("onset"),
+                     "lambda_max_over_threshold": e["lambda_ratio"], "batch_sharpness_over_threshold": e["batch_ratio"],
+                     "batch_sharpness_end": last["batch_sharpness"], "loss_start": first["loss"],
+                     "loss_end": last["loss"], "seconds": r["seconds"], "tracking_seconds": r["tracking_seconds"]})
+    return rows
+
+
+def dynamics_arrays(metrics: dict) -> dict[str, list]:
+    """results.npz of the study: each run's tracked series and per-step losses, named run<i>_<series>."""
+    arrays = {}
+    for i, r in enumerate(metrics["dynamics"]["runs"]):
+        arrays.update({f"run{i}_{name}": [rec[name] for rec in r["records"]] for name in DYNAMICS_SERIES})
+        arrays[f"run{i}_step_losses"] = r["step_losses"]
+    return arrays
+
+
 @dataclass(frozen=True)
 class Files:
     """What a kind of run writes beside metrics.json: its table (one row per model) and its arrays."""
@@ -189,7 +238,8 @@ class Files:
 
 
 FILES = {"run": Files("metrics.csv", model_rows, run_arrays),
-         "sweep": Files("sweep.csv", lambda metrics: metrics["sweep"]["rows"], sweep_arrays)}
+         "sweep": Files("sweep.csv", lambda metrics: metrics["sweep"]["rows"], sweep_arrays),
+         "dynamics": Files("dynamics.csv", dynamics_rows, dynamics_arrays)}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -239,12 +289,12 @@ def write_csv_atomic(rows: list[dict], path: Path) -> Path:
     return write_atomic(path, write)
 
 
-REQUIRED = {"run": ("models", "connectivity", "surface"), "sweep": ("sweep",)}  # what a complete metrics.json holds
+REQUIRED = {"run": ("models", "connectivity", "surface"), "sweep": ("sweep",), "dynamics": ("dynamics",)}  # what a complete metrics.json holds
 
 
 def redraw(cfg) -> dict:
     """--plot-only: every figure and the report redrawn from the metrics.json saved in --out (with --sweep, its
-    sweep/ folder), without training or measuring."""
+    sweep/ folder; with --dynamics, its dynamics/ folder), without training or measuring."""
     out = output_folder(cfg)
     source = out / "metrics.json"
     if not source.exists():

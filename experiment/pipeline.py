@@ -62,8 +62,10 @@ def resolve(path: str) -> Path:
 
 
 def output_folder(cfg) -> Path:
-    """Where a run writes: --out, and for a sweep its sweep/ subfolder, so that a sweep never overwrites the
-    default run's metrics.json."""
+    """Where a run writes: --out, and for a sweep (--dynamics) its sweep/ (dynamics/) subfolder, so that neither
+    overwrites the default run's metrics.json."""
+    if getattr(cfg, "dynamics", False):
+        return resolve(cfg.out) / "dynamics"
     return resolve(cfg.out) / "sweep" if cfg.sweep else resolve(cfg.out)
 
 

@@ -795,6 +795,193 @@ def sweep_summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- the edge of stability (--dynamics)
+# What the readings of a --dynamics run count (landscape.dynamics takes them as arguments; EDGE_BAND is the band):
+SHARPENING_RISE = 1.2  # λ_max more than 1.2x its start before it reaches the band: progressive sharpening
+EOS_INSIDE = 0.8  # "stays within the band" from a step: at least 80% of the checks from it on lie in the band ...
+EOS_HELD = 0.25  # ... and those checks span at least a quarter of the run's steps
+LOSS_NAMES = {"mse": "MSE", "cross_entropy": "cross-entropy"}
+
+
+def dynamics_run_name(r: dict) -> str:
+    """"MSE, gradient descent, eta 0.1" or "MSE, SGD eta 0.1, batch 32"."""
+    if r["family"] == "gd":
+        return f"{LOSS_NAMES[r['loss']]}, gradient descent, eta {r['lr']:g}"
+    return f"{LOSS_NAMES[r['loss']]}, SGD eta {r['lr']:g}, batch {r['batch_size']}"
+
+
+def thresholds_of(reading: dict) -> dict:
+    """The thresholds a run's reading was made with (stored beside it, so a redraw words it as it was read)."""
+    return reading.get("thresholds") or {"band": EDGE_BAND, "rise": SHARPENING_RISE, "min_inside": EOS_INSIDE,
+                                         "min_held": EOS_HELD}
+
+
+def _stayed(onset: dict, threshold: float, t: dict) -> str:
+    return (f"within ±{t['band']:.0%} of 2/eta = {fmt(threshold, 3)} from step {onset['onset']} on "
+            f"({onset['inside_share']:.0%} of the checks from there, over {onset['held_share']:.0%} of the run)")
+
+
+def _not_stayed(onset: dict, t: dict) -> str:
+    return (f"did not stay within ±{t['band']:.0%} of it (at least {t['min_inside']:.0%} of the checks over at least "
+            f"{t['min_held']:.0%} of the run)")
+
+
+def gradient_descent_sentence(r: dict) -> str:
+    """Cohen et al. 2021 for one gradient-descent run: did λ_max rise by more than SHARPENING_RISE before reaching
+    the band (1 − EDGE_BAND)·2/η (progressive sharpening), and from which step did it stay within EDGE_BAND of 2/η
+    (at least EOS_INSIDE of the checks over at least EOS_HELD of the run); "not reached within N steps" otherwise."""
+    e, name, steps = r["reading"], dynamics_run_name(r), r["records"][-1]["step"]
+    t = thresholds_of(e)
+    sharp, onset, threshold = e["sharpening"], e["lambda_max"], r["threshold"]
+    where = (f"{name} ({r['examples']} examples, 2/eta = {fmt(threshold, 3)}"
+             + (f", diverged at step {r['diverged_at']})" if r["outcome"] == "diverged" else f", {steps} steps)"))
+    if sharp["started_in_band"]:
+        return (f"{where}: lambda_max started at {fmt(sharp['start'], 3)}, already at least {1 - t['band']:.0%} of "
+                f"2/eta: progressive sharpening not tested (nothing to sharpen towards).")
+    path = f"went from {fmt(sharp['start'], 3)} to a peak of {fmt(sharp['peak'], 3)}"
+    words = (f"{sharp['ratio']:.2f}x its start: "
+             + (f"progressive sharpening, more than {t['rise']:g}x" if sharp["rose"] else
+                f"no progressive sharpening, not more than {t['rise']:g}x"))
+    if onset["reached"] is None:
+        return (f"{where}: lambda_max {path} ({words}) and did not reach {1 - t['band']:.0%} of 2/eta within "
+                f"{steps} steps (median {e['lambda_ratio']:.2f}x 2/eta over the last {t['min_held']:.0%} of the run): the "
+                "edge of stability not reached.")
+    head = (f"{where}: lambda_max {path} by step {onset['reached']}, where it first reached {1 - t['band']:.0%} of "
+            f"2/eta ({words})")
+    if onset["onset"] is None:
+        return (f"{head}; it {_not_stayed(onset, t)}, with a median of {e['lambda_ratio']:.2f}x 2/eta over the last "
+                f"{t['min_held']:.0%} of the run.")
+    verdict = ("progressive sharpening, then the edge of stability, as Cohen et al. 2021 find" if sharp["rose"] else
+               "at the edge of stability without progressive sharpening")
+    return f"{head}; it then stayed {_stayed(onset, threshold, t)}: {verdict}."
+
+
+def sgd_sentence(r: dict) -> str:
+    """Andreyev & Beneventano 2024 for one SGD run: does batch sharpness settle within EDGE_BAND of 2/η (the same
+    rule as λ_max's under gradient descent), and where is full-batch λ_max meanwhile (its median over the settled
+    window against the band: below it, as they find, or not)."""
+    e, name, steps = r["reading"], dynamics_run_name(r), r["records"][-1]["step"]
+    t = thresholds_of(e)
+    batch, threshold = e["batch_sharpness"], r["threshold"]
+    where = (f"{name} (2/eta = {fmt(threshold, 3)}"
+             + (f", diverged at step {r['diverged_at']})" if r["outcome"] == "diverged" else f", {steps} steps)"))
+    lam = e["lambda_ratio"]
+    lam_words = (f"full-batch lambda_max stayed below the band (median {lam:.2f}x 2/eta)" if lam < 1 - t['band'] else
+                 f"full-batch lambda_max was in the band too (median {lam:.2f}x 2/eta)" if lam <= 1 + t['band'] else
+                 f"full-batch lambda_max was above the band (median {lam:.2f}x 2/eta)")
+    if batch["onset"] is not None:
+        agree = ("as Andreyev & Beneventano 2024 find" if lam < 1 - t['band'] else
+                 "so here batch sharpness does not single itself out from lambda_max")
+        return (f"{where}: batch sharpness settled {_stayed(batch, threshold, t)}, median {e['batch_ratio']:.2f}x; "
+                f"{lam_words}: {agree}.")
+    if batch["reached"] is None:
+        return (f"{where}: batch sharpness did not reach {1 - t['band']:.0%} of 2/eta within {steps} steps (median "
+                f"{e['batch_ratio']:.2f}x over the last {t['min_held']:.0%}); {lam_words}: the edge of stochastic "
+                "stability not reached.")
+    return (f"{where}: batch sharpness reached {1 - t['band']:.0%} of 2/eta at step {batch['reached']} but "
+            f"{_not_stayed(batch, t)}, with a median of {e['batch_ratio']:.2f}x 2/eta over the last {t['min_held']:.0%} of "
+            f"the run; {lam_words}.")
+
+
+def dynamics_sentences(metrics: dict) -> list[str]:
+    """One sentence per run: gradient descent's read by Cohen et al.'s claim, SGD's by Andreyev & Beneventano's."""
+    return [gradient_descent_sentence(r) if r["family"] == "gd" else sgd_sentence(r)
+            for r in metrics["dynamics"]["runs"]]
+
+
+def dynamics_tally(metrics: dict) -> str:
+    """How many runs of each family and loss show the claim: gradient descent sharpened and stayed at 2/η; SGD's
+    batch sharpness settled at 2/η with λ_max below the band."""
+    runs = metrics["dynamics"]["runs"]
+    losses = list(dict.fromkeys(r["loss"] for r in runs))
+
+    def shows(r: dict) -> bool:
+        e = r["reading"]
+        if r["family"] == "gd":
+            return e["sharpening"]["rose"] and e["lambda_max"]["onset"] is not None
+        return e["batch_sharpness"]["onset"] is not None and e["lambda_ratio"] < 1 - thresholds_of(e)["band"]
+
+    def counts(family: str) -> str:
+        return " and ".join(f"{sum(shows(r) for r in mine)} of {len(mine)} {LOSS_NAMES[loss]} runs" for loss in losses
+                            if (mine := [r for r in runs if r["family"] == family and r["loss"] == loss]))
+
+    t = thresholds_of(runs[0]["reading"] if runs else {})
+    return (f"Gradient descent: lambda_max rose by more than {t['rise']:g}x and then stayed within ±{t['band']:.0%} "
+            f"of 2/eta in {counts('gd')} (Cohen et al. 2021). SGD: batch sharpness settled within ±{t['band']:.0%} of "
+            f"2/eta while full-batch lambda_max stayed below {1 - t['band']:.0%} of it in {counts('sgd')} (Andreyev & "
+            "Beneventano 2024).")
+
+
+def dynamics_rows_text(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """The runs as a text table: λ_max at the start, peak and end against 2/η, the steps the reading found."""
+    header = ["run", "2/eta", "lambda_max start", "peak", "end", "reached", "stays from", "batch sharpness end",
+              "settles from", "loss end"]
+    rows = []
+    for r in metrics["dynamics"]["runs"]:
+        e, last = r["reading"], r["records"][-1]
+        batch = e["batch_sharpness"]
+        step = lambda v: "-" if v is None else str(v)  # noqa: E731
+        rows.append([dynamics_run_name(r), fmt(r["threshold"], 3), fmt(e["sharpening"]["start"], 3),
+                     fmt(e["sharpening"]["peak"], 3), fmt(last["lambda_max"], 3), step(e["lambda_max"]["reached"]),
+                     step(e["lambda_max"]["onset"]), fmt(last["batch_sharpness"], 3),
+                     "n/a" if batch is None else step(batch["onset"]), fmt(last["loss"], 3)])
+    return header, rows
+
+
+def dynamics_title_page(metrics: dict) -> TextPage:
+    """The study's first page: data, model, runs, how each check measures, the thresholds, the time."""
+    d, cfg, dyn = metrics["dynamics"], metrics["config"], metrics["dynamics"]
+    runs, t = d["runs"], thresholds_of({"thresholds": d.get("thresholds")})
+    header, rows = dynamics_rows_text(metrics)
+    losses = ", ".join(LOSS_NAMES[x] for x in cfg["dynamics_losses"])
+    seconds = sum(r["seconds"] + r["tracking_seconds"] for r in runs)
+    return TextPage(
+        "The edge of stability: gradient descent and SGD against 2/eta",
+        [f"Data: {metrics['data']['source']}; every run trains and is measured on the first {dyn['examples']} "
+         f"training examples (Cohen et al. 2021 used a 5,000-example subset of CIFAR-10).",
+         f"Model: MLP 784-{'-'.join(map(str, dyn['hidden']))}-10 (ReLU, {dyn['parameters']} parameters) from seed "
+         f"{dyn['seed']}, the same initial weights for every run; losses {losses} "
+         "(MSE: 1/2 ||f(x) - onehot(y)||^2 summed over classes, mean over examples).",
+         f"Runs: full-batch gradient descent (momentum 0) at each step size, SGD (momentum 0, batches drawn without "
+         f"replacement each epoch) at batch sizes {', '.join(map(str, cfg['dynamics_batch_sizes']))}; "
+         f"{cfg['dynamics_steps']} steps each.",
+         f"Each check (step 0, every {cfg['dynamics_check_every']} steps, the last step): the full-batch loss; "
+         f"full-batch lambda_max by Lanczos warm-started from the last eigenvector, to ||Hv - lambda v|| <= "
+         f"{cfg['dynamics_tol']:g} |lambda| (at most {cfg['dynamics_max_iter']} products); batch sharpness "
+         f"E_B[g_B' H_B g_B / ||g_B||^2] over {cfg['dynamics_batches']} batches (gradient descent: the full "
+         "gradient's own curvature).",
+         f"Readings: progressive sharpening is lambda_max rising more than {t['rise']:g}x from its start before "
+         f"it first reaches {1 - t['band']:.0%} of 2/eta; a series stays at the edge from the first check from which "
+         f"at least {t['min_inside']:.0%} of the checks lie within ±{t['band']:.0%} of 2/eta over at least "
+         f"{t['min_held']:.0%} of the run.",
+         f"Time: {seconds:.0f} s training and tracking over {len(runs)} runs."],
+        f"runs ({', '.join(header)}):", [", ".join(row) for row in rows])
+
+
+def dynamics_summary(metrics: dict) -> str:
+    """The terminal's account of the study: the runs' table, the tally and one sentence per run."""
+    return "\n".join([format_table(*dynamics_rows_text(metrics)), "", textwrap.fill(dynamics_tally(metrics), 110),
+                      *(textwrap.fill(text, 110) for text in dynamics_sentences(metrics))])
+
+
+DYNAMICS_REPORT = "Dynamics_Report.pdf"
+
+
+def dynamics_document(metrics: dict) -> Document:
+    """The study's report: the title page, the figure with the tally, the sentences of every run."""
+    return Document(DYNAMICS_REPORT, "Edge of stability report", [
+        dynamics_title_page(metrics),
+        Section("The edge of stability", reference="Cohen et al. 2021, Gradient descent on neural networks "
+                "typically occurs at the edge of stability; Andreyev & Beneventano 2024, Edge of stochastic stability",
+                formula=r"$\lambda_{\max}(\theta_t)\ \mathrm{and}\ E_B\left[\frac{g_B^\top H_B g_B}{\|g_B\|^2}\right]"
+                        r"\ \mathrm{vs}\ 2/\eta$",
+                interpretation=dynamics_tally(metrics), figure="edge_of_stability.png"),
+        *[TextPage(f"The edge of stability: {words}, run by run",
+                   [text for r, text in zip(metrics["dynamics"]["runs"], dynamics_sentences(metrics))
+                    if r["family"] == family])
+          for family, words in (("gd", "gradient descent"), ("sgd", "SGD"))]])
+
+
 # ----------------------------------------------------------------------------- documents
 REPORT = "Loss_Landscape_Report.pdf"
 SWEEP_REPORT = "Sweep_Report.pdf"
@@ -876,6 +1063,8 @@ SWEEP_PAGES = (("sweep_correlation.png", "Ψ of every measure and baseline with 
 def document(metrics: dict) -> Document:
     """The report of a run's metrics: the default run's (a title page, one section per measure, the summary
     table) or the sweep's (the grid and what was left out, the findings, a page per figure)."""
+    if metrics.get("kind", "run") == "dynamics":
+        return dynamics_document(metrics)
     if metrics.get("kind", "run") == "sweep":
         return Document(SWEEP_REPORT, "Sweep report",
                         [sweep_title_page(metrics), TextPage("Findings", sweep_findings(metrics)),
@@ -886,4 +1075,6 @@ def document(metrics: dict) -> Document:
 
 def summary_text(metrics: dict) -> str:
     """What the terminal prints after a run: the summary tables of the default run, or the sweep's."""
+    if metrics.get("kind", "run") == "dynamics":
+        return dynamics_summary(metrics)
     return sweep_summary(metrics) if metrics.get("kind", "run") == "sweep" else format_summary(metrics)

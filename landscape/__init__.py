@@ -11,5 +11,7 @@ surfaces       2-D loss slices and planes through three points
 exact          the dense float64 answers that `--exact` sets beside every estimate
 distributed    data slices and point shares over torch.distributed processes (`DataShard`, `PointShare`)
 files          the one atomic writer every file of the project goes through
+dynamics       gradient descent's stability threshold and the edge of stability read off a curvature series
+losses         the training losses by name (cross-entropy, Cohen et al.'s MSE)
 store          the stage store: finished stages kept on disk, keyed by their settings, inputs and code
 """
