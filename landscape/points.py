@@ -86,7 +86,7 @@ class FunctionalPoints(PointEvaluator):
         correct = torch.zeros_like(sums)
         model = self.model if self.bn_copy is None else self.bn_copy
         for i, c in enumerate(coefficients):
-            params = split_flat(self.base + c @ self.directions, self.selection)
+            params = split_flat(self.base + self._step(c), self.selection)
             if self.bn_copy is not None:
                 recompute_batchnorm(self.bn_copy, self.selection, params, self.x)
             for part in row_chunks(self.x.shape[0], rows):
@@ -95,6 +95,15 @@ class FunctionalPoints(PointEvaluator):
                 if self.count_correct:
                     correct[i] += (logits.argmax(dim=-1) == self.y[part]).sum()
         return sums, correct if self.count_correct else torch.full_like(sums, math.nan)
+
+    def _step(self, c: torch.Tensor) -> torch.Tensor:
+        """c @ D over the directions the point moves along only: a flatness or PAC-Bayes point uses one of its K,
+        and reading all K for each point took as long as ResNet-18's forward pass (0.16 s of 11.2 M × 20). One
+        direction's c_k·d_k is c @ D bit for bit; more are summed by the same product."""
+        used = c.nonzero().flatten()
+        if used.numel() == 1:
+            return c[used[0]] * self.directions[used[0]]
+        return c @ self.directions if used.numel() == c.numel() else c[used] @ self.directions[used]
 
 
 def has_batchnorm(model: nn.Module) -> bool:
