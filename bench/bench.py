@@ -8,11 +8,14 @@ error of each against an exact float64 answer. The field's tools (PyHessian, hes
 loss-landscapes, from bench/requirements.txt) run beside them when installed; one that cannot run
 says why in its row's notes. Finally whole `python main.py` runs are timed (the median of `--runs`,
 with the share of each stage) beside this host's GEMM speed in the same minutes, which tells a slow
-spell of a shared machine from a slow run. `--only` runs some stages and writes nothing unless
+spell of a shared machine from a slow run. Then real architectures (bench/architectures.py: ResNet-18 and a
+small transformer language model, every measure beside the peers that have it, each run in its own process for
+its peak memory) fill their own section of RESULTS.md. `--only` runs some stages and writes nothing unless
 `--write` is given.
 
     make bench                      # or: .venv/bin/python bench/bench.py --reps 5
     .venv/bin/python bench/bench.py --only eigenvalue,trace --reps 3     # prints the two rows, writes nothing
+    .venv/bin/python bench/bench.py --only architectures --write         # reruns the architectures section alone
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import architectures  # noqa: E402
 import baselines  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
@@ -500,20 +504,22 @@ def main(argv=None) -> int:
     parser.add_argument("--no-run", action="store_true", help="skip timing whole main.py runs")
     parser.add_argument("--runs", type=int, default=3, help="whole main.py runs to time (the median is reported)")
     parser.add_argument("--only", type=lambda s: s.split(","), metavar="NAME,...",
-                        help=f"run only these stages ({', '.join(STAGES)}; 'run': the whole main.py runs); the partial "
-                             "table is printed, and written only with an explicit --write")
+                        help=f"run only these stages ({', '.join(STAGES)}; 'run': the whole main.py runs; "
+                             "'architectures': ResNet-18 and a transformer beside the peers, bench/architectures.py); "
+                             "the partial table is printed, and written only with an explicit --write")
     parser.add_argument("--write", type=Path, nargs="?", const=RESULTS, default=None,
                         help=f"where to write the table (default {RESULTS.relative_to(ROOT)}, unless --only is given)")
     args = parser.parse_args(argv)
-    chosen = list(STAGES) + ["run"] if args.only is None else args.only
-    unknown = sorted(set(chosen) - set(STAGES) - {"run"})
+    chosen = list(STAGES) + ["run", "architectures"] if args.only is None else args.only
+    unknown = sorted(set(chosen) - set(STAGES) - {"run", "architectures"})
     if unknown:
-        parser.error(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}, run")
+        parser.error(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}, run, architectures")
     torch.set_num_threads(args.threads)
-    ds = data.load_dataset("mnist", download=False)
-    model_a, model_b = trained_models(ds)
     rows = []
     with utils.numpy_blas_single_threaded():  # as main.main: numpy's spinning BLAS threads slow torch down
+        if set(chosen) & set(STAGES):
+            ds = data.load_dataset("mnist", download=False)
+            model_a, model_b = trained_models(ds)
         for name, stage in STAGES.items():
             if name in chosen:
                 rows.append(stage(model_a, model_b, ds, args.reps))
@@ -521,15 +527,23 @@ def main(argv=None) -> int:
     run = None
     if "run" in chosen and not args.no_run:
         run = {**whole_runs(max(1, args.runs)), "gemm": host_gemm_rate()}
+    real = None
+    if "architectures" in chosen:  # one thread per child process: two spun 7-10x slower beside other tenants
+        real = architectures.section(min(args.reps, 2), 1, host_gemm_rate)
+        print(real)
+        torch.set_num_threads(args.threads)
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
             "torch": torch.__version__, "threads": args.threads}
-    text = render(rows, run, meta)
-    print(text)
+    text = render(rows, run, meta) if rows or run else None
+    if text:
+        print(text)
     write = args.write or (RESULTS if args.only is None else None)
     if write is None:
-        print(f"--only: the partial table above is not written; --write writes it over {RESULTS.relative_to(ROOT)}")
+        print(f"--only: the partial results above are not written; --write writes them into {RESULTS.relative_to(ROOT)}")
     else:
-        write.write_text(with_table(write.read_text() if write.exists() else "", text))
+        document = write.read_text() if write.exists() else ""
+        document = with_table(document, text) if text else document
+        write.write_text(with_architectures(document, real) if real else document)
     return 0
 
 
@@ -558,6 +572,19 @@ def with_table(document: str, table: str) -> str:
         before, rest = document.split(START, 1)
         return f"{before}{START}\n{table}{END}{rest.split(END, 1)[1]}"
     return f"{START}\n{table}{END}\n"
+
+
+ARCH_START, ARCH_END = "<!-- architectures:start -->", "<!-- architectures:end -->"
+ARCH_HEADING = "## Real architectures (issue 26)"
+
+
+def with_architectures(document: str, section: str) -> str:
+    """`document` with the text between the architectures markers replaced by `section`; the heading and markers
+    appended when there are none. The notes after the end marker are kept."""
+    if ARCH_START in document and ARCH_END in document:
+        before, rest = document.split(ARCH_START, 1)
+        return f"{before}{ARCH_START}\n{section}{ARCH_END}{rest.split(ARCH_END, 1)[1]}"
+    return f"{document.rstrip()}\n\n{ARCH_HEADING}\n\n{ARCH_START}\n{section}{ARCH_END}\n"
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from landscape.distributed import DataShard, PointShare
 from landscape.plumbing import (DEFAULT_MEMORY_BUDGET, LossFn, ParamSpec, Selection, flat_parameters, functional_loss,
                                 gaussian, graph_bytes_per_example, is_integer_labels, mlp_layers, prepare,
                                 resolve_loss, row_chunks, select_parameters, split_flat)
-from landscape.points import losses_at_points, point_evaluator
+from landscape.points import batchnorm_copy, losses_at_points, point_evaluator, recompute_batchnorm
 
 
 def filter_normalize(direction: torch.Tensor, model: nn.Module, *, params: ParamSpec = None) -> torch.Tensor:
@@ -166,6 +166,7 @@ def worst_case_sharpness(
     loss_fn: LossFn | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     params: ParamSpec = None,
+    bn: str = "keep",
 ) -> WorstCaseResult:
     """max_{‖T⁻¹ε‖₂ ≤ ρ} L(θ + ε) − L(θ) by projected, normalised gradient ascent (Keskar et al. 2017;
     Andriushchenko et al. 2023), T = I (absolute) or T = diag(|θ|) (adaptive, Kwon et al. 2021).
@@ -173,7 +174,10 @@ def worst_case_sharpness(
     Ascent runs in u = T⁻¹ε: u ← Π_ρ(u + η·∇_u/‖∇_u‖) with ∇_u = T·∇L(θ + Tu); it starts from the best
     of `starts` random points on the sphere ‖u‖ = ρ, and η starts at ρ and halves whenever a step does not
     improve. The best point seen is returned, so the result is a lower bound on the true maximum and
-    at least the increase at any random point of the sphere it tried.
+    at least the increase at any random point of the sphere it tried. `bn` keeps the BatchNorm running statistics
+    (default) or recomputes them from x at every point it evaluates, θ included ("recompute", Garipov et al.
+    2018's update_bn, in a private copy); the ascent's gradient then holds the recomputed statistics fixed, as
+    buffers, while every loss compared is the policy's exact loss, so the result stays a lower bound.
     """
     if not rho > 0 or steps < 1:
         raise ValueError(f"rho must be > 0 and steps >= 1, got rho={rho}, steps={steps}")
@@ -183,9 +187,13 @@ def worst_case_sharpness(
     theta = flat_parameters(model, selection)
     scale = theta.abs() if adaptive else torch.ones_like(theta)
     rows = memory_budget // max(1.0, 2 * graph_bytes_per_example(model, x, y, loss_fn, selection))
+    recomputed = batchnorm_copy(model, bn)
 
     def loss_and_gradient(point: torch.Tensor, gradient: bool = True):
-        return _loss_and_gradient(model, selection, point, x, y, loss_fn, rows, gradient=gradient)
+        if recomputed is None:
+            return _loss_and_gradient(model, selection, point, x, y, loss_fn, rows, gradient=gradient)
+        recompute_batchnorm(recomputed, selection, split_flat(point, selection), x)
+        return _loss_and_gradient(recomputed, selection, point, x, y, loss_fn, rows, gradient=gradient)
 
     base = loss_and_gradient(theta, gradient=False)[0]
     generator = torch.Generator().manual_seed(seed)

@@ -103,8 +103,15 @@ def _lanczos_steps(matmat, starts, max_steps, done, outputs) -> list[_Lanczos]:
             bases[r][j + 1] = w / run.beta_next
             run.betas.append(run.beta_next)
     for run, basis in zip(runs, bases):
-        run.basis = basis[: len(run.alphas)].clone()
+        run.basis = _used_rows(basis, len(run.alphas))
     return runs
+
+
+def _used_rows(basis: torch.Tensor, used: int) -> torch.Tensor:
+    """The first `used` rows of a basis buffer: a view while the buffer holds at most twice that many rows (a copy
+    would hold the whole basis twice at the run's end, the peak memory of a large model's λ_max: ResNet-18's 12 rows
+    are 540 MB), else a copy, so that a short run does not keep a long buffer alive (on a GPU every row is held)."""
+    return basis[:used] if basis.shape[0] <= 2 * used else basis[:used].clone()
 
 
 

@@ -307,6 +307,19 @@ def test_hessian_operator_matmat_rows_equal_single_products_and_dense_H(seed, b,
     torch.testing.assert_close(rows, V @ H, rtol=1e-9, atol=1e-10)
 
 
+def test_general_products_are_zero_for_a_parameter_the_loss_does_not_use_and_dense_h_elsewhere():
+    """Rows of several products written in place: the unused head's columns stay zero, the rest are H·v."""
+    model = Wrapped(tiny_mlp(3))
+    model.unused = nn.Linear(2, 2).to(DT)
+    x, y = tiny_data(3, n=8)
+    used = sum(p.numel() for p in model.inner.parameters())
+    H = torch.tensor(dense_hessian(model.inner, x, y))
+    V = torch.randn(3, used + 6, generator=torch.Generator().manual_seed(4), dtype=DT)
+    rows = utils.hessian_operator(model, x, y, path="general").matmat(V)
+    torch.testing.assert_close(rows[:, :used], V[:, :used] @ H, rtol=1e-9, atol=1e-10)
+    assert torch.equal(rows[:, used:], torch.zeros(3, 6, dtype=DT))
+
+
 def test_hessian_operator_with_loss_fn_is_known_quadratic_form():
     """L = 1/2 theta^T Q theta through loss_fn: op(v) = Q v exactly, for any v."""
     Q = sym_with_spectrum_spectrum([3.0, 1.0, -0.5, -4.0, 0.25, 2.0], seed=1)

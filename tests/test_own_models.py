@@ -415,6 +415,7 @@ def every_recomputing_measurement(model, x, y, loss_fn, params):
     other = copy.deepcopy(model)
     theta = utils.flat_parameters(model, params)
     yield lambda: utils.perturbation_flatness(model, x, y, [0.1], samples=2, **kw)
+    yield lambda: utils.worst_case_sharpness(model, x, y, rho=0.1, steps=2, starts=1, **kw)
     yield lambda: utils.pac_bayes_flatness(model, x, y, samples=2, rounds=2, **kw, **(
         {} if labels else {"criterion": "loss", "max_loss_increase": 0.1}))
     yield lambda: utils.loss_surface_2d(model, x, y, steps=3, **kw)
@@ -471,9 +472,40 @@ def test_recomputed_statistics_differ_from_the_kept_ones_between_two_models():
     assert abs(kept - recomputed) > 1e-3
 
 
+@pytest.mark.parametrize("bn", ["keep", "recompute"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_worst_case_sharpness_batchnorm_policy_equals_the_hand_computed_forward_pass(bn, adaptive):
+    """The sharpness is L(θ + ε) − L(θ) at the perturbation ε it returns, both losses by the written-out network with
+    the policy's statistics (each point's own under "recompute", θ's included); ε lies in the ρ-ball; the model,
+    its statistics included, is unchanged."""
+    model = bn_mlp(11)
+    g = torch.Generator().manual_seed(13)
+    x, y = torch.randn(9, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (9,), generator=g)
+    before = model_state(model)
+    result = utils.worst_case_sharpness(model, x, y, rho=0.5, adaptive=adaptive, steps=5, starts=2, bn=bn)
+    assert_same_state(model, before)
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    moved = {k: v + e.view_as(v) for (k, v), e in zip(theta.items(), torch.split(result.perturbation,
+                                                                                  [v.numel() for v in theta.values()]))}
+    stats = (None, None) if bn == "recompute" else (model[1].running_mean, model[1].running_var)
+    hand = [float(F.cross_entropy(hand_forward(t, x, *stats), y)) for t in (moved, theta)]
+    assert result.sharpness == pytest.approx(hand[0] - hand[1], rel=1e-12, abs=1e-14)
+    scale = utils.flat_parameters(model).abs() if adaptive else 1.0
+    assert float((result.perturbation / scale).norm()) <= 0.5 * (1 + 1e-12)
+
+
+def test_worst_case_sharpness_with_recomputed_statistics_differs_from_the_kept_ones():
+    model = bn_mlp(11)
+    x, y = torch.randn(9, 3, dtype=torch.float64), torch.randint(0, 2, (9,))
+    kept = utils.worst_case_sharpness(model, x, y, rho=0.5, steps=3).sharpness
+    recomputed = utils.worst_case_sharpness(model, x, y, rho=0.5, steps=3, bn="recompute").sharpness
+    assert abs(kept - recomputed) > 1e-3
+
+
 def test_refuses_an_unknown_batchnorm_policy():
     model, x, y, _, _ = CASES["tanh_bn_cnn"]()
     assert refusal(lambda: utils.loss_surface_2d(model, x, y, steps=3, bn="update")).startswith("bn must be")
+    assert refusal(lambda: utils.worst_case_sharpness(model, x, y, rho=0.1, bn="update")).startswith("bn must be")
 
 
 # ----------------------------------------------------------------------------- costs

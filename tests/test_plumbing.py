@@ -190,6 +190,18 @@ def test_non_finite_parameters_are_refused():
         utils.top_hessian_eigenvalue(model, *tiny_data(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rademacher_draws_the_same_numbers_and_leaves_the_same_generator_state_as_int64_draws_cast(dtype):
+    """Drawn directly in the measurement's dtype (one buffer, not three): the ±1 of randint's int64 draws, cast."""
+    from landscape.plumbing import rademacher
+
+    drawn, reference = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    got = rademacher((7, 33), drawn, torch.zeros(1, dtype=dtype))
+    assert got.dtype == dtype
+    assert torch.equal(got, (torch.randint(0, 2, (7, 33), generator=reference) * 2 - 1).to(dtype))
+    assert torch.equal(torch.randint(0, 1000, (5,), generator=drawn), torch.randint(0, 1000, (5,), generator=reference))
+
+
 def test_a_tiny_memory_budget_chunks_without_changing_any_number():
     model = tiny_mlp(3)
     x, y = tiny_data(3, n=40)

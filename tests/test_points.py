@@ -203,6 +203,22 @@ def test_losses_at_points_general_path_on_cnn_and_relu_smallmlp_and_custom_loss(
             torch.testing.assert_close(res.accuracies, A, rtol=0, atol=0)
 
 
+def test_general_path_points_along_some_directions_equal_base_plus_the_full_combination():
+    """A point moving along one of K directions (flatness, PAC-Bayes) gives exactly the loss at base + c @ D summed
+    over all K; a point along two of three equals it to rounding; the base point (c = 0) is θ's loss."""
+    model = TinyCNN(4)
+    x, y = cnn_data(4)
+    base, D = flat(model), flat(model).numel()
+    dirs = torch.stack([rand_vec(D, 80 + k) for k in range(3)]) * 0.3
+    coefs = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.7, 0.0], [-1.3, 0.0, 0.0], [0.0, 0.0, 0.2], [0.5, 0.0, -0.4]],
+                         dtype=DT)
+    losses = utils.losses_at_points(model, x, y, base, dirs, coefs, path="general", accuracy=False).losses
+    full = torch.tensor([loss_at(model, base + c @ dirs, x, y) for c in coefs], dtype=DT)
+    assert torch.equal(losses[:4], full[:4])
+    torch.testing.assert_close(losses[4:], full[4:], rtol=1e-14, atol=0)
+    assert losses[0] == loss_at(model, base, x, y)
+
+
 @given(
     P=st.integers(1, 6),
     K=st.integers(1, 3),

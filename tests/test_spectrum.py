@@ -756,6 +756,23 @@ def test_lanczos_residual_is_the_true_residual_of_the_returned_pair():
     assert result.converged and result.residual <= 1e-3 * abs(result.eigenvalue)
 
 
+@pytest.mark.parametrize("steps", [3, 12, 20])  # a copy (buffer of 17 rows), a view of 17, a view of the grown 34
+def test_lanczos_basis_is_orthonormal_tridiagonalises_and_holds_at_most_twice_its_rows(steps):
+    """The basis a run returns is Q (m, D) with QQᵀ = I and QAQᵀ = T, its alphas and betas, whether kept as a view
+    of the working buffer or copied out of it; and the memory behind it is at most 2m rows."""
+    from landscape.spectrum import _lanczos_runs
+
+    a = torch.from_numpy(sym_with_spectrum(np.linspace(-1.0, 3.0, 40), seed=1))
+    start = torch.randn(1, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    run = _lanczos_runs(lambda vs: vs @ a, start, max_steps=steps)[0]
+    q, m = run.basis, len(run.alphas)
+    t = np.diag(run.alphas) + np.diag(run.betas[: m - 1], 1) + np.diag(run.betas[: m - 1], -1)
+    assert m == steps
+    torch.testing.assert_close(q @ q.T, torch.eye(m, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(q @ a @ q.T, torch.from_numpy(t), rtol=0, atol=1e-12)
+    assert q.untyped_storage().nbytes() <= 2 * m * 40 * q.element_size()
+
+
 def test_unconverged_solver_says_so():
     model = tiny_mlp(2, widths=(4, 8, 8, 3))
     x, y = tiny_data(2)
