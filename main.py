@@ -117,7 +117,7 @@ class Config:
     sweep_momentum: float = field(default=0.0, metadata={"help": "the sweep's heavy-ball momentum"})
     sweep_target_loss: float = field(default=0.1, metadata={"help": "training cross-entropy every sweep model is trained to (models compared at equal fit)"})
     sweep_max_steps: int = field(default=4000, metadata={"help": "optimiser-step budget of a sweep model; one that does not reach the target is reported and left out of the statistics"})
-    sweep_check_every: int = field(default=1, metadata={"help": "steps between the sweep's checks of the target loss (and of a collapse); the exact training loss is computed only once the recent mini-batch losses are within 2x of the target (with 10, 5 of 36 models overshot the target by over 10%% in one check interval)"})
+    sweep_check_every: int = field(default=1, metadata={"help": "steps between the sweep's checks of the target loss (and of a collapse); the exact training loss is computed from the first time the recent mini-batch losses are within 3x of the target (with 10, 5 of 36 models overshot the target by over 10%% in one check interval)"})
     sweep_collapse_steps: int = field(default=300, metadata={"help": "a sweep model whose mini-batch loss stays at chance this many steps is stopped as collapsed"})
     sweep_train_examples: int = field(default=1000, metadata={"help": "training examples of each sweep model (the first N); the rest of the training split joins the test split as held-out data, so the error gap is measured on more examples (0: all, no extra held-out data)"})
     # --dynamics: the edge of stability (Cohen et al. 2021) on one seed's narrow three-layer MLP, whose lambda_max at

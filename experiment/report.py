@@ -1028,7 +1028,8 @@ def sweep_title_page(metrics: dict) -> TextPage:
          f"{tuple(cfg['sweep_widths'])} × seeds {tuple(sweep['seeds'])}, SGD with momentum {cfg['sweep_momentum']:g}.",
          f"Stopping rule: each model trained until its training cross-entropy on all its training examples, "
          + ("checked after every step" if cfg["sweep_check_every"] == 1 else f"checked every {cfg['sweep_check_every']} steps")
-         + f" once its recent mini-batch losses are within 2x of the target, reached {cfg['sweep_target_loss']:g} (of the "
+         + f" from the first time its recent mini-batch losses were within {sweep['stopping_gate']:g}x of the target, "
+         f"reached {cfg['sweep_target_loss']:g} (of the "
          f"step that crossed it and the one before, the one closer to it), within "
          f"{cfg['sweep_max_steps']} steps; one whose mini-batch loss stays at chance for "
          f"{cfg['sweep_collapse_steps']} steps is stopped as collapsed"

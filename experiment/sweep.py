@@ -283,6 +283,7 @@ def summary(cfg, points: list[dict], rows: list[dict], pairs: list[dict], exclud
     total = len(points) * len(cfg.seeds)
     return {"grid": points, "seeds": list(cfg.seeds), "axes": list(AXES), "rows": rows, "pairs": pairs,
             "excluded": excluded, "outcome": OUTCOME, "secondary_outcome": SECONDARY,
+            "stopping_gate": training.StoppingRule.TARGET_GATE,
             "trained_fraction": len(rows) / total if total else math.nan,
             "findings": [dataclasses.asdict(r) for r in primary.records],
             "half_verdicts": {k: list(v) for k, v in primary.half_verdicts.items()},

@@ -205,6 +205,24 @@ def test_the_run_keeps_whichever_step_of_the_crossing_pair_is_closer_to_the_targ
     assert training.evaluate(model, x, y).loss == exact[kept]
 
 
+def test_the_exact_loss_is_checked_at_every_check_once_the_gate_has_opened_even_when_the_noisy_average_rises():
+    """The mini-batch average is noisy: once it has come within TARGET_GATE× of the target, every later check
+    computes the exact loss (at lr 0.2, batch 16 the average rose back above the gate and the run overshot)."""
+    y = torch.arange(10).repeat(10)
+    rule = training.StoppingRule.for_labels(y, target_loss=0.1, every=1, collapse_steps=0, batch_size=512)
+    gate = rule.TARGET_GATE * 0.1
+    asked = []
+
+    def exact(value):
+        return lambda: asked.append(value) or value
+
+    assert rule.decide([gate * 1.5], exact(0.5), last=False) is None and asked == []  # gate closed
+    assert rule.decide([gate * 1.5, gate * 0.5], exact(0.2), last=False) is None and asked == [0.2]  # opens
+    losses = [gate * 1.5, gate * 0.5, gate * 5.0]  # the window's mean is back above the gate
+    assert rule.decide(losses, exact(0.3), last=False) is None and asked == [0.2, 0.3]
+    assert rule.decide(losses + [gate * 5.0], exact(0.09), last=False) == "reached" and asked[-1] == 0.09
+
+
 def test_a_run_that_misses_the_target_within_its_step_budget_is_too_slow():
     x, y = teacher_data()
     history = training.train(tiny_mlp(1, widths=(6, 16, 3)), x, y, max_steps=23, lr=0.05, batch_size=32,
