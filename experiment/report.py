@@ -673,8 +673,9 @@ def baseline_sentence(findings: list[dict]) -> str:
              and math.isfinite(f["cmi"]) and f["cmi"] > best["cmi"]]
     head = (f"Beyond the hyper-parameters (Jiang et al. 2020's conditional mutual information, against the best "
             f"baseline, {label(best['measure'])} with CMI {best['cmi']:.3f}): ")
-    if beats:
-        return head + joined([label(f["measure"]) + f" (CMI {f['cmi']:.3f})" for f in beats]) + " beat it."
+    if beats:  # each with its verdict's replication: a finding the report states holds in both halves or says not
+        return head + joined([label(f["measure"]) + f" (CMI {f['cmi']:.3f}, " + (
+            "replicated" if f["replicated"] else "not replicated") + ")" for f in beats]) + " beat it."
     return head + "no predicting measure beats it, so none predicts beyond the hyper-parameters here."
 
 

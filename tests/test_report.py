@@ -133,7 +133,9 @@ def test_verdict_sentences_name_each_verdict_and_whether_it_replicated():
 def test_baseline_sentence_a_predicting_measure_must_beat_the_best_baselines_cmi():
     base = [finding("steps", kind="baseline", cmi=0.2), finding("lr", kind="baseline", cmi=0.0)]
     beats = report.baseline_sentence([*base, finding("lambda_max", "predicts", cmi=0.21)])
-    assert "steps to the target with CMI 0.200" in beats and "λ_max (CMI 0.210) beat it" in beats
+    assert "steps to the target with CMI 0.200" in beats and "λ_max (CMI 0.210, not replicated) beat it" in beats
+    assert "λ_max (CMI 0.210, replicated) beat it" in report.baseline_sentence(
+        [*base, finding("lambda_max", "predicts", cmi=0.21, replicated=True)])
     assert "none predicts beyond" in report.baseline_sentence([*base, finding("lambda_max", "predicts", cmi=0.2)])
     assert "none predicts beyond" in report.baseline_sentence([*base, finding("lambda_max", "no evidence", cmi=0.9)])
     assert "not tested here" in report.baseline_sentence([finding("lambda_max", "predicts")])
