@@ -12,6 +12,7 @@ from helpers import pdf_text
 
 import main
 import plotting
+import training
 import utils
 from experiment import report
 from experiment.sweep import BASELINES, MODEL_MEASURES, PAIR_MEASURES
@@ -57,8 +58,9 @@ def test_quick_sweep_writes_figures_csv_npz_and_statistics_that_agree(quick_swee
             if isinstance(value, float) and math.isfinite(value):
                 assert float(csv_row[key]) == value, key
                 assert arrays[key][i] == value, key
-    for row in s["rows"]:  # every model kept reached the common target
-        assert row["train_loss"] <= metrics["config"]["sweep_target_loss"]
+    target = metrics["config"]["sweep_target_loss"]
+    for row in s["rows"]:  # every model kept reached the common target, or stepped back to a step checked near it
+        assert row["train_loss"] <= training.StoppingRule.CLOSE * target
         assert row["gap_loss"] == row["test_loss"] - row["train_loss"]
     rows = s["rows"]
     assert s["outcome"] == "gap_error" and s["trained_fraction"] == len(rows) / 8
