@@ -686,8 +686,9 @@ def keskar_sentence(keskar: dict | None, alpha: float) -> str:
     if not keskar or keskar["p_value"] is None or not math.isfinite(keskar["p_value"]):
         return claim + "Not tested here (no group of models that differ in the batch size only)."
     numbers = (f"the mean τ(batch size, λ_max) within the {keskar['groups']} groups of models that share a learning "
-               f"rate, width and seed is {keskar['psi']:+.2f} (permutation p = {keskar['p_value']:.3g}, batch sizes "
-               "shuffled within each group)")
+               f"rate, width and seed is {keskar['psi']:+.2f} (permutation p = {keskar['p_value']:.3g}: whole "
+               "configurations, each with all its seeds, shuffled across the batch sizes within each learning rate "
+               "and width)")
     if keskar["p_value"] < alpha:
         return claim + (f"Here {numbers}: our data agree." if keskar["psi"] > 0 else
                         f"Here {numbers}: larger batches found flatter minima, our data disagree.")

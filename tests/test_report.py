@@ -145,8 +145,9 @@ def test_keskar_sentence_is_the_batch_size_axis_both_sides_of_alpha_and_untested
     assert "our data agree" in report.keskar_sentence({"psi": 0.5, "p_value": 0.049, "groups": 6}, 0.05)
     assert "flatter minima, our data disagree" in report.keskar_sentence({"psi": -0.5, "p_value": 0.01, "groups": 6}, 0.05)
     assert "no evidence either way" in report.keskar_sentence({"psi": 0.5, "p_value": 0.051, "groups": 6}, 0.05)
-    assert "within the 6 groups of models that share a learning rate, width and seed is +0.50" in report.keskar_sentence(
-        {"psi": 0.5, "p_value": 0.051, "groups": 6}, 0.05)
+    text = report.keskar_sentence({"psi": 0.5, "p_value": 0.051, "groups": 6}, 0.05)
+    assert "within the 6 groups of models that share a learning rate, width and seed is +0.50" in text
+    assert "whole configurations, each with all its seeds, shuffled" in text  # the permutation's unit
     assert "Not tested here" in report.keskar_sentence(None, 0.05)
 
 
